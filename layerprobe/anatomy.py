@@ -1,0 +1,205 @@
+"""Find the parts every metric needs in any causal LM: embeddings, the layer list, final norm, head.
+
+Known paths are tried first; otherwise the module list whose length matches the config's layer
+count is taken. `layers_path` (e.g. "transformer.h") overrides both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import LayerprobeError
+
+# (layers, final norm) paths of the architectures we test; others fall back to discovery.
+KNOWN_PATHS = [
+    ("model.layers", "model.norm"),  # Llama, Mistral, Qwen2/3, Gemma/2, Phi-3, layerprobe
+    ("model.layers", "model.final_layernorm"),  # Phi
+    ("model.decoder.layers", "model.decoder.final_layer_norm"),  # OPT
+    ("transformer.h", "transformer.ln_f"),  # GPT-2, GPT-J, GPT-Neo, Falcon, Bloom
+    ("gpt_neox.layers", "gpt_neox.final_layer_norm"),  # GPT-NeoX / Pythia
+    ("model.language_model.layers", "model.language_model.norm"),  # multimodal wrappers
+]
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+# Norm scheme by model_type, for models whose config does not say it.
+ARCH_NORM_SCHEME = {
+    **{t: "pre" for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gpt2",
+        "gptj", "gpt_neo", "gpt_neox", "falcon", "bloom", "gemma", "starcoder2", "stablelm", "olmo",
+        "cohere", "smollm3", "granite", "persimmon", "codegen", "internlm2", "mpt", "gpt_bigcode",
+    )},
+    **{t: "sandwich" for t in ("gemma2", "gemma3", "gemma3_text")},
+    "olmo2": "post-sublayer",
+}
+
+_NORM_RE = re.compile(r"(norm|^ln(_|$)|_ln(_|$)|^ln\d|layernorm)", re.IGNORECASE)
+
+
+def sublayer_kind(child_name: str) -> str:
+    """attention, mlp, norm or other, from the name of a layer's top-level child module."""
+    if _NORM_RE.search(child_name):
+        return "norm"
+    low = child_name.lower()
+    if "attn" in low or "attention" in low:
+        return "attention"
+    if any(k in low for k in ("mlp", "ffn", "feed_forward", "fc", "dense", "moe", "experts")):
+        return "mlp"
+    return "other"
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def num_layers_of(config) -> int | None:
+    for key in LAYER_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text = getattr(config, "text_config", None)
+    return num_layers_of(text) if text is not None else None
+
+
+@dataclass
+class Anatomy:
+    """Where things are in one model. Layer index is 0-based, as in the model's own module list."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    layers_path: str
+    final_norm: nn.Module | None
+    final_norm_path: str | None
+    embed: nn.Module | None
+    head: nn.Module | None
+    model_type: str
+    norm_scheme: str  # pre, post, mix, lns, deepnorm, sandwich, ... or "unknown"
+    norm_scheme_source: str  # how it was determined
+    post_ln_layers: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def sublayers(self, index: int) -> dict[str, tuple[str, nn.Module]]:
+        """Top-level children of layer `index` that hold parameters: name -> (kind, module)."""
+        out = {}
+        for name, child in self.layers[index].named_children():
+            if any(True for _ in child.parameters()):
+                out[name] = (sublayer_kind(name), child)
+        return out
+
+    def parameter_groups(self, index: int) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every trainable parameter of layer `index`, grouped by its top-level child ("(direct)" if none)."""
+        groups: dict[str, list] = {}
+        for pname, p in self.layers[index].named_parameters():
+            child = pname.split(".")[0] if "." in pname else "(direct)"
+            groups.setdefault(child, []).append((pname, p))
+        return groups
+
+
+def _scheme_from_config(config) -> tuple[str, str, int | None] | None:
+    scheme = getattr(config, "norm_scheme", None)
+    if isinstance(scheme, str) and scheme:
+        k = getattr(config, "post_ln_layers", None)
+        return scheme.lower(), "config (norm_scheme)", k if isinstance(k, int) else None
+    return None
+
+
+def _scheme_from_arch(config) -> tuple[str, str] | None:
+    model_type = getattr(config, "model_type", "") or ""
+    if model_type == "opt":
+        before = getattr(config, "do_layer_norm_before", True)
+        return ("pre" if before else "post"), "architecture (opt, do_layer_norm_before=%s)" % before
+    if model_type in ARCH_NORM_SCHEME:
+        return ARCH_NORM_SCHEME[model_type], f"architecture ({model_type})"
+    return None
+
+
+def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
+    config = model.config
+    expected = num_layers_of(config)
+    layers = None
+    path = None
+    final_norm_path = None
+    if layers_path:
+        layers = _get(model, layers_path)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise LayerprobeError(f"--layers-path {layers_path!r} does not name a list of layers in this model")
+        path = layers_path
+    else:
+        for lp, npath in KNOWN_PATHS:
+            cand = _get(model, lp)
+            if isinstance(cand, nn.ModuleList) and len(cand) > 0 and (expected is None or len(cand) == expected):
+                layers, path, final_norm_path = cand, lp, npath
+                break
+        if layers is None:
+            matches = [(n, m) for n, m in model.named_modules()
+                       if isinstance(m, nn.ModuleList) and len(m) > 0 and (expected is None or len(m) == expected)]
+            if not matches:
+                raise LayerprobeError(
+                    "could not find the list of transformer layers in this model; name it with --layers-path"
+                )
+            path, layers = max(matches, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+    final_norm = _get(model, final_norm_path) if final_norm_path else None
+    if final_norm is None:
+        parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+        parent = _get(model, parent_path) if parent_path else model
+        for n in FINAL_NORM_NAMES:
+            cand = getattr(parent, n, None)
+            if isinstance(cand, nn.Module):
+                final_norm, final_norm_path = cand, (f"{parent_path}.{n}" if parent_path else n)
+                break
+        else:
+            final_norm_path = None
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    post_ln_layers = None
+    found = _scheme_from_config(config)
+    if found is not None:
+        scheme, source, post_ln_layers = found
+    else:
+        arch = _scheme_from_arch(config)
+        scheme, source = arch if arch is not None else ("unknown", "not determined yet")
+    return Anatomy(model=model, layers=layers, layers_path=path, final_norm=final_norm,
+                   final_norm_path=final_norm_path, embed=embed, head=head,
+                   model_type=getattr(config, "model_type", "") or type(model).__name__,
+                   norm_scheme=scheme, norm_scheme_source=source, post_ln_layers=post_ln_layers)
+
+
+def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
+    """Turn per-layer placements ("pre"/"post"/"?") into a scheme name and a Post-LN prefix length."""
+    if not per_layer or any(p == "?" for p in per_layer):
+        return "unknown", None
+    if all(p == "pre" for p in per_layer):
+        return "pre", 0
+    if all(p == "post" for p in per_layer):
+        return "post", len(per_layer)
+    k = 0
+    while k < len(per_layer) and per_layer[k] == "post":
+        k += 1
+    if k > 0 and all(p == "pre" for p in per_layer[k:]):
+        return "mix", k
+    return "mixed", None
+
+
+def residual_tensor(x):
+    """The hidden-state tensor of a layer's input args or output (tuple or tensor)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    raise LayerprobeError("a layer returned something that is not a hidden-state tensor; set --layers-path")

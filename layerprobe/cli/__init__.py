@@ -1,0 +1,20 @@
+"""The `layerprobe` command: a thin layer over the Python API, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="layerprobe",
+    help="Which layers of a language model actually contribute, and why.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Each command lives in its own module; importing it registers it on `app`.
+from . import analyze  # noqa: E402,F401
+
+
+def main() -> None:
+    app()

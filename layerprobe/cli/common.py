@@ -1,0 +1,58 @@
+"""What every command shares: consoles, and turning user errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+
+from ..errors import LayerprobeError
+
+console = Console()  # results: tables go to stdout
+err_console = Console(stderr=True)  # progress bars and errors go to stderr
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(func):
+    """Run a command; LayerprobeError becomes `error: ...` with exit 2, Ctrl-C exit 130, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LayerprobeError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130)
+        except MemoryError:
+            fail("ran out of memory: lower --batch-size, --samples or --seq-len")
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower():
+                fail("ran out of GPU memory: lower --batch-size or --seq-len, or use --device-map auto")
+            raise
+
+    return wrapper
+
+
+def parse_int_list(text: str | None, what: str) -> list[int]:
+    """'20,21,22' or '20-22' -> [20, 21, 22]."""
+    if not text:
+        return []
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise LayerprobeError(f"{what} must be integers like 3,4,5 or 3-5 (got {text!r})") from None
+    return out
