@@ -1,3 +1,10 @@
 """layerprobe: which layers of a language model actually contribute, and why."""
 
 __version__ = "0.1.0"
+
+from .analysis import analyze  # noqa: E402
+from .errors import LayerprobeError  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .results import AnalysisResult, load  # noqa: E402
+
+__all__ = ["analyze", "load", "load_model", "AnalysisResult", "LayerprobeError", "__version__"]

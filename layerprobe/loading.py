@@ -144,6 +144,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a folder, a .gguf file or a layerprobe run."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is the one on screen
 
     _register_reference_models()
     dev = resolve_device(device)

@@ -12,6 +12,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Which layers of a language model actually contribute, and why."""
+
+
 # Each command lives in its own module; importing it registers it on `app`.
 from . import analyze  # noqa: E402,F401
 

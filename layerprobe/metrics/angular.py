@@ -1,0 +1,36 @@
+"""Angular distance between layer inputs (Gromov et al., arXiv 2403.17887).
+
+d(x^l, x^(l+n)) = arccos(cos(x^l, x^(l+n))) / pi, averaged over samples (and tokens with
+`tokens="all"`). x^0..x^(L-1) are the layer inputs, x^L the last layer's output before the
+final norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+
+def angular_distance_matrix(units: torch.Tensor) -> torch.Tensor:
+    """Sum over vectors of the pairwise angular distance.
+
+    `units`: [L+1, N, H] unit vectors (the same N tokens at every depth). Returns [L+1, L+1]
+    float64: entry (i, j) is the sum over the N tokens of arccos(<u_i, u_j>) / pi.
+    The cosines are formed in float64: arccos is steep near 1, where neighbouring layers sit.
+    """
+    u = units.double()
+    cos = torch.einsum("inh,jnh->nij", u, u).clamp_(-1.0, 1.0)
+    return (torch.arccos(cos) / math.pi).sum(0)
+
+
+def angular_long_table(mean_matrix: torch.Tensor) -> pd.DataFrame:
+    """The (L+1)x(L+1) mean matrix as rows (layer l, block size n, distance) for l + n <= L."""
+    size = mean_matrix.shape[0]
+    rows = [
+        (l, n, float(mean_matrix[l, l + n]))
+        for l in range(size - 1)
+        for n in range(1, size - l)
+    ]
+    return pd.DataFrame(rows, columns=["layer", "n", "angular_distance"])

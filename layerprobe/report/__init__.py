@@ -1,0 +1,1 @@
+"""Terminal tables, PNG figures and self-contained HTML pages."""

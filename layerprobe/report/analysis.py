@@ -1,0 +1,146 @@
+"""Figures and the terminal table for one `analyze` result."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from rich import box
+from rich.table import Table
+
+from .style import LAYER_AXIS, METRIC_COLORS, integer_ticks, new_figure, save_figure
+
+
+def _title(result, what: str) -> str:
+    return f"{result.summary.get('model', '')}: {what}"
+
+
+def plot_angular_heatmap(result, path: Path) -> None:
+    """The l x n map of Gromov et al.: where a block of n layers changes its input least."""
+    mat = result.angular_matrix()
+    L = int(result.summary["num_layers"])
+    grid = np.full((L, L), np.nan)  # rows: n - 1, columns: l
+    for n in mat.columns:
+        for l, v in mat[n].dropna().items():
+            grid[int(n) - 1, int(l)] = v
+    fig, ax = new_figure(7.5, 5.2)
+    ax.grid(False)
+    cmap = __import__("matplotlib").colormaps["viridis"].copy()
+    cmap.set_bad("#f2f2f2")
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=0,
+                   extent=(-0.5, L - 0.5, 0.5, L + 0.5), interpolation="nearest")
+    # For each block size, the start layer whose block is closest to the identity.
+    best_l = [int(np.nanargmin(grid[n - 1])) for n in range(1, L + 1) if np.isfinite(grid[n - 1]).any()]
+    ax.plot(best_l, range(1, len(best_l) + 1), "o", color="#D55E00", markersize=4, label="min over ℓ for each n")
+    ax.set_xlabel(f"first layer of the block, {LAYER_AXIS}")
+    ax.set_ylabel("block size n (layers)")
+    ax.set_title(_title(result, "angular distance d(x^ℓ, x^(ℓ+n)) between layer inputs"))
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("angular distance (fraction of π; 0 = same direction)")
+    ax.legend(loc="upper right", fontsize=8, frameon=True)
+    integer_ticks(ax, L)
+    save_figure(fig, path)
+
+
+def plot_layer_importance(result, path: Path) -> None:
+    df = result.layers
+    fig, ax = new_figure()
+    ax.plot(df["layer"], df["angular_distance"], "o-", color=METRIC_COLORS["angular_distance"], markersize=3.5,
+            label="angular distance, input → output (n = 1)")
+    ax.plot(df["layer"], df["block_influence"], "s-", color=METRIC_COLORS["block_influence"], markersize=3.5,
+            label="Block Influence = 1 − mean cos(input, output)")
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("how much the layer changes its input (0 = identity)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_title(result, "per-layer change of the residual stream"))
+    ax.legend(fontsize=8)
+    integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
+def plot_output_variance(result, path: Path) -> None:
+    df = result.layers
+    fig, ax = new_figure()
+    ax.semilogy(df["layer"], df["output_variance"], "o-", color=METRIC_COLORS["output_variance"], markersize=3.5,
+                label="variance of the layer's output (residual stream)")
+    ax.semilogy(df["layer"], df["update_variance"], "s--", color=METRIC_COLORS["update_variance"], markersize=3.5,
+                label="variance of the update the layer adds (output − input)")
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("variance over tokens and units (log scale)")
+    ax.set_title(_title(result, "output variance against depth"))
+    ax.legend(fontsize=8)
+    integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
+def plot_grad_norms(result, path: Path) -> None:
+    df = result.layers
+    fig, ax = new_figure()
+    styles = [("grad_norm", "o-", "whole layer"), ("grad_norm_attention", "^--", "attention"),
+              ("grad_norm_mlp", "s--", "MLP"), ("grad_norm_norm", "d:", "norms")]
+    for col, style, label in styles:
+        vals = df[col].astype(float)
+        if vals.notna().any() and (vals > 0).any():
+            ax.semilogy(df["layer"], vals.where(vals > 0), style, color=METRIC_COLORS[col], markersize=3.5,
+                        label=label, linewidth=1.8 if col == "grad_norm" else 1.1)
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("‖∂ mean LM loss / ∂θ‖₂ (log scale)")
+    ax.set_title(_title(result, "gradient norm against depth"))
+    ax.legend(fontsize=8, ncols=2)
+    integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
+def write_analysis_figures(result, folder: Path) -> list[dict]:
+    """Write the analyze PNGs; returns [{file, caption}] for the manifest and the HTML page."""
+    figures = [
+        ("angular_heatmap.png", plot_angular_heatmap,
+         "Angular distance between the input of layer ℓ and of layer ℓ+n, averaged over samples. Dark cells: "
+         "blocks that barely change the residual stream, the candidates for removal (Gromov et al.)."),
+        ("layer_importance.png", plot_layer_importance,
+         "Per-layer angular distance (n = 1) and Block Influence (ShortGPT). Low values: the layer is close to "
+         "the identity."),
+        ("output_variance.png", plot_output_variance,
+         "Variance of the residual stream after each layer. Under Pre-LN it grows with depth (Curse of Depth)."),
+    ]
+    if result.layers["grad_norm"].notna().any():
+        figures.append(("grad_norms.png", plot_grad_norms,
+                        "L2 norm of the gradient of the mean LM loss per layer and sublayer. Pre-LN shrinks deep "
+                        "layers' gradients, Post-LN early layers' (Mix-LN paper)."))
+    out = []
+    for name, plot, caption in figures:
+        plot(result, Path(folder) / name)
+        out.append({"file": name, "caption": caption})
+    return out
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, spec)
+    return str(v)
+
+
+def summary_table(result) -> Table:
+    s = result.summary
+    t = Table(title=f"{s.get('model')} — {s.get('num_layers')} layers, norm scheme {s.get('norm_scheme')} "
+                    f"({s.get('norm_scheme_source')})", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+              pad_edge=False, caption_justify="left")
+    cols = [("layer", "layer", "d"), ("angular_distance", "angular", ".3f"), ("block_influence", "BI", ".3f"),
+            ("output_variance", "out var", ".2e"), ("update_variance", "upd var", ".2e"),
+            ("grad_norm", "grad", ".2e"), ("grad_norm_attention", "∇attn", ".2e"), ("grad_norm_mlp", "∇mlp", ".2e"),
+            ("norm_placement", "norm", "")]
+    for _, header, _ in cols:
+        t.add_column(header, justify="right", no_wrap=True)
+    df = result.layers
+    lowest = set(df.nsmallest(max(1, len(df) // 4), "angular_distance")["layer"]) if len(df) else set()
+    for _, row in df.iterrows():
+        cells = [_fmt(row[c].item() if hasattr(row[c], "item") else row[c], spec) if c in row else "—"
+                 for c, _, spec in cols]
+        style = "bold cyan" if int(row["layer"]) in lowest else None
+        t.add_row(*cells, style=style)
+    t.caption = (f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens; "
+                 "cyan: the quarter of layers with the lowest angular distance")
+    return t

@@ -1,0 +1,61 @@
+"""One look for every figure: sizes, fonts, and one colour per norm scheme (colour-blind safe)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Okabe-Ito palette: distinguishable with the common colour-vision deficiencies.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+SCHEME_COLORS = {
+    "pre": "#0072B2",
+    "post": "#D55E00",
+    "mix": "#009E73",
+    "lns": "#CC79A7",
+    "deepnorm": "#E69F00",
+    "sandwich": "#56B4E9",
+    "unknown": "#555555",
+}
+METRIC_COLORS = {
+    "angular_distance": "#0072B2",
+    "block_influence": "#D55E00",
+    "output_variance": "#009E73",
+    "update_variance": "#CC79A7",
+    "grad_norm": "#000000",
+    "grad_norm_attention": "#0072B2",
+    "grad_norm_mlp": "#D55E00",
+    "grad_norm_norm": "#009E73",
+}
+LAYER_AXIS = "layer ℓ (0-based)"
+
+
+def scheme_color(scheme: str | None, fallback_index: int = 0) -> str:
+    if scheme and scheme.lower() in SCHEME_COLORS:
+        return SCHEME_COLORS[scheme.lower()]
+    return OKABE_ITO[fallback_index % len(OKABE_ITO)]
+
+
+def new_figure(width: float = 7.5, height: float = 4.2):
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.spines.top": False,
+                         "axes.spines.right": False})
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    return fig, ax
+
+
+def save_figure(fig, path) -> None:
+    """Write a PNG atomically and release the figure."""
+    from ..io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def integer_ticks(ax, n_layers: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 16)))
