@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from rich import box
 from rich.table import Table
 
@@ -26,8 +28,7 @@ def plot_angular_heatmap(result, path: Path) -> None:
             grid[int(n) - 1, int(l)] = v
     fig, ax = new_figure(7.5, 5.2)
     ax.grid(False)
-    cmap = __import__("matplotlib").colormaps["viridis"].copy()
-    cmap.set_bad("#f2f2f2")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2")
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=0,
                    extent=(-0.5, L - 0.5, 0.5, L + 0.5), interpolation="nearest")
     # For each block size, the start layer whose block is closest to the identity.
@@ -35,11 +36,12 @@ def plot_angular_heatmap(result, path: Path) -> None:
     ax.plot(best_l, range(1, len(best_l) + 1), "o", color="#D55E00", markersize=4, label="min over ℓ for each n")
     ax.set_xlabel(f"first layer of the block, {LAYER_AXIS}")
     ax.set_ylabel("block size n (layers)")
-    ax.set_title(_title(result, "angular distance d(x^ℓ, x^(ℓ+n)) between layer inputs"))
+    ax.set_title(_title(result, r"angular distance $d(x^{\ell}, x^{\ell+n})$ between layer inputs"))
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("angular distance (fraction of π; 0 = same direction)")
     ax.legend(loc="upper right", fontsize=8, frameon=True)
     integer_ticks(ax, L)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(L, 12)))
     save_figure(fig, path)
 
 

@@ -1,0 +1,202 @@
+"""Every analyze metric against an independent computation written here with plain loops.
+
+The reference side reads the residual stream from `output_hidden_states` (inputs of layers
+0..L-1) and a hook on the final norm's input (x^L, the last layer's output before the final
+norm), then computes each metric in float64 with explicit Python loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layerprobe
+from layerprobe.anatomy import find_anatomy
+from layerprobe.capture import LayerCapture
+from layerprobe.loading import load_model
+from tiny_models import make_tiny
+
+TOL = 1e-5
+SAMPLES, SEQ = 6, 24
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "opt"])
+def tiny(request, tmp_path_factory):
+    arch = request.param
+    folder = make_tiny(arch, tmp_path_factory.mktemp(arch) / "model")
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    ids = torch.randint(0, loaded.model.config.vocab_size, (SAMPLES, SEQ), generator=torch.Generator().manual_seed(1))
+    npy = tmp_path_factory.mktemp(f"{arch}-data") / "ids.npy"
+    np.save(npy, ids.numpy())
+    return arch, loaded, ids, str(npy)
+
+
+def residual_stream(loaded, ids) -> list[torch.Tensor]:
+    """x^0..x^L for every sample, float64: [L+1] tensors of [B, T, H]."""
+    model = loaded.model
+    anatomy = find_anatomy(model)
+    captured = {}
+    handle = anatomy.final_norm.register_forward_pre_hook(lambda m, args: captured.setdefault("xL", args[0]))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    handle.remove()
+    L = anatomy.num_layers
+    xs = [out.hidden_states[i].double() for i in range(L)] + [captured["xL"].double()]
+    return xs
+
+
+def reference_metrics(loaded, ids, tokens="last"):
+    xs = residual_stream(loaded, ids)
+    L = len(xs) - 1
+    B, T, _ = xs[0].shape
+    ang = np.zeros((L + 1, L + 1))
+    for i in range(L + 1):
+        for j in range(L + 1):
+            total, count = 0.0, 0
+            for b in range(B):
+                positions = [T - 1] if tokens == "last" else range(T)
+                for t in positions:
+                    u, v = xs[i][b, t], xs[j][b, t]
+                    c = float(torch.dot(u, v) / (u.norm() * v.norm()))
+                    total += math.acos(max(-1.0, min(1.0, c))) / math.pi
+                    count += 1
+            ang[i, j] = total / count
+    bi, out_var, upd_var = [], [], []
+    for l in range(L):
+        x, y = xs[l].reshape(-1, xs[l].shape[-1]), xs[l + 1].reshape(-1, xs[l].shape[-1])
+        cos = [float(torch.dot(x[r], y[r]) / (x[r].norm() * y[r].norm())) for r in range(x.shape[0])]
+        bi.append(1.0 - sum(cos) / len(cos))
+        vals = y.flatten()
+        mean = float(vals.sum()) / vals.numel()
+        out_var.append(float(((vals - mean) ** 2).sum()) / vals.numel())
+        d = (y - x).flatten()
+        dmean = float(d.sum()) / d.numel()
+        upd_var.append(float(((d - dmean) ** 2).sum()) / d.numel())
+    return ang, bi, out_var, upd_var
+
+
+def reference_grads(loaded, ids):
+    model = loaded.model
+    anatomy = find_anatomy(model)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits.double()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    per_layer, per_kind = [], []
+    for layer in anatomy.layers:
+        total = 0.0
+        kinds: dict[str, float] = {}
+        for name, p in layer.named_parameters():
+            sq = float((p.grad.double() ** 2).sum())
+            total += sq
+            child = name.split(".")[0]
+            kinds[child] = kinds.get(child, 0.0) + sq
+        per_layer.append(math.sqrt(total))
+        per_kind.append({k: math.sqrt(v) for k, v in kinds.items()})
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), per_layer, per_kind
+
+
+def test_metrics_match_plain_loops(tiny):
+    arch, loaded, ids, npy = tiny
+    result = layerprobe.analyze(loaded, data=npy, batch_size=4, progress=False)  # 6 samples: batches of 4 and 2
+    ang, bi, out_var, upd_var = reference_metrics(loaded, ids)
+    L = len(bi)
+
+    got = result.angular.set_index(["layer", "n"])["angular_distance"]
+    assert len(got) == L * (L + 1) // 2
+    for l in range(L):
+        for n in range(1, L - l + 1):
+            assert got[(l, n)] == pytest.approx(ang[l, l + n], abs=TOL), (arch, l, n)
+    np.testing.assert_allclose(result.layers["angular_distance"], [ang[l, l + 1] for l in range(L)], atol=TOL)
+    np.testing.assert_allclose(result.layers["block_influence"], bi, atol=TOL)
+    np.testing.assert_allclose(result.layers["output_variance"], out_var, rtol=TOL)
+    np.testing.assert_allclose(result.layers["update_variance"], upd_var, rtol=TOL)
+
+    loss, grad_layer, grad_child = reference_grads(loaded, ids)
+    assert result.summary["loss"] == pytest.approx(loss, rel=TOL)
+    assert result.summary["perplexity"] == pytest.approx(math.exp(loss), rel=TOL)
+    np.testing.assert_allclose(result.layers["grad_norm"], grad_layer, rtol=TOL)
+    for l in range(L):
+        rows = result.sublayers[result.sublayers["layer"] == l].set_index("module")["grad_norm"]
+        assert set(rows.index) == set(grad_child[l])
+        for child, norm in grad_child[l].items():
+            assert rows[child] == pytest.approx(norm, rel=TOL), (arch, l, child)
+
+
+def test_all_tokens_angular_distance(tiny):
+    arch, loaded, ids, npy = tiny
+    result = layerprobe.analyze(loaded, data=npy, batch_size=6, tokens="all", grad=False, progress=False)
+    ang, *_ = reference_metrics(loaded, ids, tokens="all")
+    got = result.angular.set_index(["layer", "n"])["angular_distance"]
+    for (l, n), v in got.items():
+        assert v == pytest.approx(ang[l, l + n], abs=TOL)
+
+
+def test_no_grad_and_batch_size_do_not_change_forward_metrics(tiny):
+    arch, loaded, ids, npy = tiny
+    a = layerprobe.analyze(loaded, data=npy, batch_size=1, grad=False, progress=False)
+    b = layerprobe.analyze(loaded, data=npy, batch_size=6, grad=True, progress=False)
+    cols = ["angular_distance", "block_influence", "output_variance", "update_variance"]
+    np.testing.assert_allclose(a.layers[cols].to_numpy(), b.layers[cols].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert a.layers["grad_norm"].isna().all() and b.layers["grad_norm"].notna().all()
+    assert a.summary["loss"] == pytest.approx(b.summary["loss"], rel=1e-6)
+
+
+def test_capture_keeps_no_per_sample_state(tmp_path):
+    """Memory for the streamed metrics does not grow with the number of samples."""
+    loaded = load_model(str(make_tiny("llama", tmp_path / "m")), device="cpu", dtype="float32")
+    anatomy = find_anatomy(loaded.model)
+    capture = LayerCapture(anatomy, tokens="all")
+
+    def state_bytes():
+        tensors = [capture.angular_sum] + [m.mean for m in capture.output_moments] + \
+                  [t for t in capture.cos_sum if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    sizes = []
+    with capture, torch.no_grad():
+        for step in range(5):
+            loaded.model(input_ids=torch.randint(0, 256, (3, 16)), use_cache=False)
+            capture.end_batch()
+            assert capture._inputs == {} and all(u is None for u in capture._units)
+            sizes.append(state_bytes())
+    assert len(set(sizes)) == 1
+    assert capture.angular_count == 5 * 3 * 16
+
+
+def test_norm_placement_is_measured(tmp_path):
+    pre = load_model(str(make_tiny("opt", tmp_path / "pre")), device="cpu", dtype="float32")
+    post = load_model(str(make_tiny("opt", tmp_path / "post", do_layer_norm_before=False)), device="cpu",
+                      dtype="float32")
+    ids = torch.randint(0, 256, (2, 16))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    r_pre = layerprobe.analyze(pre, data=str(tmp_path / "ids.npy"), grad=False, progress=False)
+    r_post = layerprobe.analyze(post, data=str(tmp_path / "ids.npy"), grad=False, progress=False)
+    assert list(r_pre.layers["norm_placement"]) == ["pre"] * r_pre.summary["num_layers"]
+    assert list(r_post.layers["norm_placement"]) == ["post"] * r_post.summary["num_layers"]
+    assert r_pre.summary["measured_norm_scheme"] == "pre" and r_post.summary["measured_norm_scheme"] == "post"
+    assert r_post.summary["norm_scheme"] == "post"
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    arch, loaded, ids, npy = tiny
+    result = layerprobe.analyze(loaded, data=npy, grad=True, progress=False)
+    result.save(tmp_path / "out")
+    for name in ("layers.csv", "angular.csv", "sublayers.csv", "manifest.json", "index.html",
+                 "angular_heatmap.png", "layer_importance.png", "output_variance.png", "grad_norms.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert not list((tmp_path / "out").glob(".*tmp*")), "temporary files left behind"
+    back = layerprobe.load(tmp_path / "out")
+    pd.testing.assert_frame_equal(back.layers, result.layers, check_dtype=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(back.angular, result.angular, check_dtype=False, rtol=1e-9)
+    assert back.summary["loss"] == result.summary["loss"]
+    assert back.summary["norm_scheme"] == result.summary["norm_scheme"]
+    assert back.manifest["seq_len"] == SEQ and back.manifest["samples"] == SAMPLES
+    for key in ("model", "dtype", "device", "data", "seed", "versions", "wall_time_s"):
+        assert key in back.manifest
