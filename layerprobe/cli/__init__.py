@@ -16,6 +16,11 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Which layers of a language model actually contribute, and why."""
+    from transformers.utils import logging as hf_logging
+
+    # Ours are the progress bars on screen; transformers' tqdm bars would interleave with them.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 # Each command lives in its own module; importing it registers it on `app`.
