@@ -21,13 +21,14 @@ from .results import AnalysisResult, package_versions
 
 
 def lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the batch, in float32."""
+    """Sum of next-token cross-entropies over the batch, in float32.
+
+    The labels are shifted, not the logits: slicing [B, T, V] logits would copy them.
+    """
     vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(),
-        input_ids[:, 1:].reshape(-1).to(logits.device),
-        reduction="sum",
-    )
+    ids = input_ids.to(logits.device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def _input_device(anatomy: Anatomy, model) -> torch.device:

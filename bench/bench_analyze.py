@@ -1,0 +1,150 @@
+"""analyze's cost over a bare pass on the same tokens (issue 2's targets: ≤ 1.10 in time).
+
+    python bench/bench_analyze.py [--model smollm2] [--samples 16] [--seq-len 256] [--batch-size 4]
+                                  [--repeats 3] [--dtype float32] [--device auto]
+
+Time: one process loads the model once, then alternates bare and analyze runs `--repeats` times
+and reports the median of each (alternating spreads any background load over both sides).
+  bare (grad):     forward + mean LM loss + backward, per batch — the least any gradient pass costs
+  analyze (grad):  layerprobe.analyze(..., grad=True) — includes data preparation and writing nothing
+  bare (no grad):  forward + loss under inference_mode
+  analyze (no grad): layerprobe.analyze(..., grad=False)
+Memory: each of the four runs again in its own subprocess; the peak resident set (VmHWM, reset
+after the model is loaded) and, on CUDA, torch.cuda.max_memory_allocated are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from layerprobe.analysis import analyze, lm_loss_sum
+from layerprobe.data import load_token_blocks
+from layerprobe.loading import load_model
+
+MODES = ("bare_grad", "analyze_grad", "bare_nograd", "analyze_nograd")
+
+
+def bare_pass(loaded, blocks, batch_size, grad):
+    model = loaded.model
+    device = next(model.parameters()).device
+    n_pred = blocks.shape[0] * (blocks.shape[1] - 1)
+    model.zero_grad(set_to_none=True)
+    for batch in torch.split(blocks, batch_size):
+        ids = batch.to(device)
+        if grad:
+            logits = model(input_ids=ids, use_cache=False).logits
+            (lm_loss_sum(logits, ids) / n_pred).backward()
+        else:
+            with torch.inference_mode():
+                logits = model(input_ids=ids, use_cache=False).logits
+                lm_loss_sum(logits, ids)
+        del logits
+    model.zero_grad(set_to_none=True)
+
+
+def run_mode(mode, loaded, blocks, args):
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    if mode.startswith("bare"):
+        bare_pass(loaded, blocks, args.batch_size, grad=mode == "bare_grad")
+    else:
+        analyze(loaded, data=args.npy, batch_size=args.batch_size, grad=mode == "analyze_grad", progress=False)
+    sync()
+    return time.perf_counter() - start
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+        f.write("5")
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--memory-only-mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--npy", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.npy is None:
+        import numpy as np
+        import tempfile
+
+        blocks = load_token_blocks("builtin", loaded.tokenizer, seq_len=args.seq_len, samples=args.samples, seed=0)
+        args.npy = os.path.join(tempfile.mkdtemp(), "tokens.npy")
+        np.save(args.npy, blocks.numpy())
+    blocks = torch.from_numpy(__import__("numpy").load(args.npy))
+
+    if args.memory_only_mode:
+        base = current_rss_mib()
+        reset_peak_rss()
+        if loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        run_mode(args.memory_only_mode, loaded, blocks, args)
+        out = {"rss_peak_over_loaded_mib": peak_rss_mib() - base}
+        if loaded.device.type == "cuda":
+            out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps(out))
+        return
+
+    run_mode("bare_nograd", loaded, blocks[: args.batch_size], args)  # warm-up
+    times = {m: [] for m in MODES}
+    for r in range(args.repeats):
+        for m in MODES:
+            times[m].append(run_mode(m, loaded, blocks, args))
+            print(f"repeat {r + 1}/{args.repeats} {m:15s} {times[m][-1]:8.2f} s", file=sys.stderr, flush=True)
+    med = {m: statistics.median(v) for m, v in times.items()}
+
+    mem = {}
+    for m in MODES:
+        cmd = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--npy", args.npy, "--memory-only-mode", m]
+        mem[m] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+    print(f"\nmodel {args.model} · {args.samples} samples × {args.seq_len} tokens · batch {args.batch_size} · "
+          f"{args.dtype} on {loaded.device} · torch {torch.__version__} · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
+    print(f"{'run':16s} {'median s':>9s} {'peak RSS over loaded (MiB)':>27s}" +
+          (f" {'CUDA peak MiB':>14s}" if loaded.device.type == "cuda" else ""))
+    for m in MODES:
+        line = f"{m:16s} {med[m]:9.2f} {mem[m]['rss_peak_over_loaded_mib']:27.0f}"
+        if "cuda_peak_mib" in mem[m]:
+            line += f" {mem[m]['cuda_peak_mib']:14.0f}"
+        print(line)
+    print(f"\nanalyze / bare, with gradients: {med['analyze_grad'] / med['bare_grad']:.3f}  (target ≤ 1.10)")
+    print(f"analyze / bare, no gradients:   {med['analyze_nograd'] / med['bare_nograd']:.3f}  (target ≤ 1.10)")
+
+
+if __name__ == "__main__":
+    main()
