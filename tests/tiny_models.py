@@ -83,11 +83,29 @@ def tiny_config(arch: str, **overrides):
     return config
 
 
-def make_tiny(arch: str, path, **overrides) -> Path:
+def tiny_tokenizer():
+    """A character-level fast tokenizer whose ids fit VOCAB: <pad>=0, <s>=1, </s>=2, <unk>=3, then
+    printable ASCII and newline. Enough to run text through a tiny model; it knows no merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per char
+    backend.decoder = decoders.Fuse()  # join characters back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny(arch: str, path, *, tokenizer: bool = False, **overrides) -> Path:
     """Build a seeded random fp32 `arch` causal LM and save it (safetensors) to `path`; return `path`.
 
     The same arch and overrides always give the same weights. `overrides` go to the config,
     e.g. `make_tiny("opt", p, do_layer_norm_before=False)` for a Post-LN OPT.
+    `tokenizer=True` also saves `tiny_tokenizer()` next to it.
     """
     from transformers import AutoModelForCausalLM
 
@@ -97,6 +115,8 @@ def make_tiny(arch: str, path, **overrides) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     model.save_pretrained(path)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
     return path
 
 
