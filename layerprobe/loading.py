@@ -330,6 +330,15 @@ class _Quiet:
         return False
 
 
+# Files a saved tokenizer leaves in a folder; without any of them, AutoTokenizer can only guess.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "merges.txt")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_model(
     spec: str,
     *,
@@ -413,7 +422,7 @@ def load_model(
     model.eval()
 
     tokenizer = None
-    if load_tokenizer:
+    if load_tokenizer and not (source in ("folder", "layerprobe") and not _has_tokenizer_files(Path(resolved.location))):
         try:
             with _Quiet():
                 tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
