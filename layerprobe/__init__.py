@@ -8,3 +8,6 @@ from .loading import load_model  # noqa: E402
 from .results import AnalysisResult, load  # noqa: E402
 
 __all__ = ["analyze", "load", "load_model", "AnalysisResult", "LayerprobeError", "__version__"]
+
+from .pruning import SweepResult, prune_sweep, save_pruned  # noqa: E402
+__all__ += ["prune_sweep", "save_pruned", "SweepResult"]

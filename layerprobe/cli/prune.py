@@ -1,0 +1,82 @@
+"""`layerprobe prune-sweep MODEL`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, err_console, parse_int_list, user_errors
+
+
+@app.command("prune-sweep")
+@user_errors
+def prune_sweep_command(
+    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file, a train-reference run, or 'smollm2'."),
+    mode: Optional[str] = typer.Option(None, help="layer (default) | block | greedy | ranked | all; several separated by commas."),
+    block_size: Optional[str] = typer.Option(None, help="Block mode: n, a list 2,4 or range 2-5, or all (default: every n, for the ℓ×n map)."),
+    steps: Optional[int] = typer.Option(None, help="Greedy / ranked: how many layers to remove, one at a time (default: half the depth)."),
+    by: Optional[str] = typer.Option(None, help="Ranked mode: angular | influence | last | angular-layer, several separated by commas (default angular,influence,last)."),
+    remove: Optional[str] = typer.Option(None, help="Measure the removal of these 0-based layers, e.g. 20,21,22 or 20-22 (with --save-pruned: the layers to drop)."),
+    save_pruned: Optional[Path] = typer.Option(None, help="Write the model without the --remove layers to this folder (from_pretrained loads it)."),
+    lm_eval_tasks: Optional[str] = typer.Option(None, help="Also score every candidate on these lm-evaluation-harness tasks (needs lm-eval and its data)."),
+    lm_eval_limit: Optional[int] = typer.Option(100, help="Examples per lm-eval task."),
+    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl .csv .parquet .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]"),
+    seq_len: int = typer.Option(256, help="Tokens per sample."),
+    samples: int = typer.Option(32, help="Number of samples (blocks of --seq-len tokens)."),
+    batch_size: int = typer.Option(4, help="Samples per forward pass."),
+    seed: int = typer.Option(0, help="Seed for the choice of blocks."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the text in .jsonl/.csv/.parquet/hf data."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+    device_map: Optional[str] = typer.Option(None, help="'auto' spreads a model larger than one GPU (accelerate)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
+    layers_path: Optional[str] = typer.Option(None, help="Dotted path of the layer list, e.g. transformer.h."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model-name>/)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
+    from ..errors import LayerprobeError
+    from ..io import ensure_writable_dir
+    from ..loading import load_model
+    from ..progress import status
+    from ..pruning import prune_sweep, save_pruned as save_pruned_model
+    from ..pruning.save import _check_target
+    from ..pruning.sweep import parse_by, parse_modes
+    from ..report.pruning import sweep_tables
+
+    removal = parse_int_list(remove, "--remove") if remove is not None else None
+    if remove is not None and not removal:
+        raise LayerprobeError("--remove names no layer; give 0-based layer indices like 20,21,22")
+    if save_pruned is not None and not removal:
+        raise LayerprobeError("--save-pruned needs --remove: the layers to drop, e.g. --remove 20,21,22")
+    modes = parse_modes(mode, removal)  # bad values fail before the model loads
+    if "ranked" in modes:
+        parse_by(by)
+    if save_pruned is not None:
+        _check_target(save_pruned.expanduser())
+    if out is not None:
+        ensure_writable_dir(out)
+    with status(f"loading {model}", not quiet):
+        loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code)
+    out = ensure_writable_dir(out or Path("reports") / loaded.name)
+    result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
+                         seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_column=text_column,
+                         device_map=device_map, layers_path=layers_path, analysis=out, lm_eval_tasks=lm_eval_tasks,
+                         lm_eval_limit=lm_eval_limit, progress=not quiet)
+    if save_pruned is not None:
+        with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
+            folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
+        result.manifest["saved_pruned"] = str(folder)
+    with status("writing sweep.csv, figures and index.html", not quiet):
+        result.save(out)
+    for table in sweep_tables(result):
+        console.print(table)
+    err_console.print(f"wrote {out}/ (sweep.csv, manifest.json, PNGs, index.html)", highlight=False)
+    if save_pruned is not None:
+        err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
+                          "load it with from_pretrained or layerprobe)", highlight=False)

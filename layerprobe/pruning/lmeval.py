@@ -1,0 +1,74 @@
+"""Downstream accuracy of each candidate through lm-evaluation-harness (optional).
+
+Runs only when `lm_eval` is installed and its task data can be fetched or is cached. Each row
+of the sweep (the full model and every candidate) is evaluated on the model pruned in place
+(no copy of the weights), with `limit` examples per task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pandas as pd
+
+from ..errors import LayerprobeError
+from ..progress import make_progress
+from .surgery import parse_removed, pruned
+
+
+def check_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LayerprobeError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval "
+                              "(its task data must be downloadable or already cached)")
+
+
+def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, float]:
+    """{'task:metric': value} for one model, stderr entries left out."""
+    check_lm_eval()
+    if tokenizer is None:
+        raise LayerprobeError("--lm-eval-tasks needs the model's tokenizer, and this model has none")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm-eval").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    except LayerprobeError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerprobeError(f"lm-evaluation-harness failed on {', '.join(tasks)} ({first}); check the task "
+                              "names and that their data can be downloaded or is cached") from None
+    out: dict[str, float] = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if "stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            out[f"lm_eval:{task}:{name}"] = float(value)
+    return out
+
+
+def add_lm_eval_columns(table: pd.DataFrame, model, tokenizer, tasks: list[str], limit: int | None,
+                        batch_size: int, layers_path: str | None, progress: bool = True) -> pd.DataFrame:
+    """One evaluation per distinct set of removed layers; its scores go on every row with that set."""
+    scores: dict[str, dict[str, float]] = {}
+    distinct = list(dict.fromkeys(table["removed"].astype(str)))
+    with make_progress(progress) as bar:
+        task = bar.add_task("lm-eval", total=len(distinct), info=", ".join(tasks))
+        for removed in distinct:
+            layers = parse_removed(removed)
+            if layers:
+                with pruned(model, layers, layers_path):
+                    scores[removed] = evaluate(model, tokenizer, tasks, limit, batch_size)
+            else:
+                scores[removed] = evaluate(model, tokenizer, tasks, limit, batch_size)
+            bar.update(task, advance=1)
+    columns = sorted({k for s in scores.values() for k in s})
+    table = table.copy()
+    for col in columns:
+        table[col] = [scores[str(r)].get(col, float("nan")) for r in table["removed"]]
+    return table

@@ -1,0 +1,104 @@
+"""Chunked next-token measures of pruned models against the full model.
+
+For every candidate: cross-entropy (loss), KL(full ‖ pruned) of the next-token distributions and
+top-1 agreement, summed over the predicted positions. Rows (batch × position) are processed in
+chunks, so batch × seq × vocab logits are never held at once; the full model's log-probabilities
+are computed once per chunk and shared by every candidate of the group.
+
+KL per row: Σ_v p(v) (log p(v) − log q(v)) with log q = z − lse(z), which is
+Σ p log p − p·z + lse(z): one dot product per row, no second vocab-sized buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 8M floats = 32 MiB in float32
+
+
+def chunk_rows_for(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // max(int(vocab), 1))
+
+
+@dataclass
+class Sums:
+    """Running sums over predicted tokens for one candidate (float64)."""
+
+    ce: float = 0.0
+    kl: float = 0.0
+    top1: int = 0
+    tokens: int = 0
+
+    def add(self, other: "Sums") -> None:
+        self.ce += other.ce
+        self.kl += other.kl
+        self.top1 += other.top1
+        self.tokens += other.tokens
+
+    @property
+    def loss(self) -> float:
+        return self.ce / self.tokens if self.tokens else float("nan")
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.tokens if self.tokens else float("nan")
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.top1 / self.tokens if self.tokens else float("nan")
+
+
+def predicted_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] hidden states -> [B·(T−1), H] rows that predict tokens 1..T−1."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    return input_ids[:, 1:].reshape(-1)
+
+
+def score(
+    logits_fn,
+    full_rows: torch.Tensor,
+    candidate_rows: list[torch.Tensor],
+    targets: torch.Tensor,
+    chunk_rows: int,
+    full_sums: Sums | None = None,
+) -> list[Sums]:
+    """Sums of CE, KL(full ‖ candidate) and top-1 agreement for each candidate's final hidden rows.
+
+    `logits_fn` maps [rows, H] final hidden states (after the final norm) to logits;
+    `full_rows` are the full model's. `full_sums`, when given, receives the full model's CE.
+    """
+    out = [Sums() for _ in candidate_rows]
+    n = targets.shape[0]
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        logits = logits_fn(full_rows[s:e]).float()
+        tgt = targets[s:e].to(logits.device)
+        lse_f = torch.logsumexp(logits, dim=-1)
+        top_f = logits.argmax(dim=-1)
+        if full_sums is not None:
+            ce = lse_f - logits.gather(1, tgt[:, None]).squeeze(1)
+            full_sums.ce += float(ce.sum(dtype=torch.float64))
+            full_sums.tokens += e - s
+            full_sums.top1 += e - s
+        logp_f = logits.sub_(lse_f[:, None])  # in place: the full logits are not needed any more
+        p_f = logp_f.exp()
+        plogp_f = torch.einsum("rv,rv->r", p_f, logp_f)
+        del logp_f, logits
+        for c, rows in enumerate(candidate_rows):
+            z = logits_fn(rows[s:e]).float()
+            lse = torch.logsumexp(z, dim=-1)
+            ce = lse - z.gather(1, tgt[:, None]).squeeze(1)
+            kl = plogp_f - torch.einsum("rv,rv->r", p_f, z) + lse
+            agree = z.argmax(dim=-1) == top_f
+            acc = out[c]
+            acc.ce += float(ce.sum(dtype=torch.float64))
+            acc.kl += float(kl.sum(dtype=torch.float64))
+            acc.top1 += int(agree.sum())
+            acc.tokens += e - s
+            del z
+    return out

@@ -1,0 +1,151 @@
+"""`save_pruned`: write a smaller model that `from_pretrained` loads, and prove it.
+
+The proof: the saved folder is reloaded (before it is moved into place) and its logits on a
+probe batch must equal what the sweep measures for the same removal (the original model's
+layer inputs, with the removed layers skipped). Models whose layers compute with their own
+index (LayerNorm Scaling's 1/√(ℓ+1), GPT-2's scale_attn_by_inverse_layer_idx, DeepNorm's α from
+the depth) change when re-indexed; that fails the proof and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..anatomy import find_anatomy
+from ..errors import LayerprobeError
+from ..loading import LoadedModel, context_length, load_model
+from .prefix import PrefixRunner
+from .surgery import check_removal, format_removed, pruned, removal_config_changes
+
+MARKER = "layerprobe_pruned.json"
+
+
+def _probe_ids(config, seed: int = 0) -> torch.Tensor:
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        raise LayerprobeError("the model config has no vocab_size; cannot make a probe batch")
+    seq = min(16, context_length(config) or 16)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (2, seq), generator=g)
+
+
+def removal_logits(model, remove: tuple[int, ...], input_ids: torch.Tensor, layers_path: str | None = None):
+    """Logits of `model` without the layers in `remove`, as the sweep measures them (all positions)."""
+    runner = PrefixRunner(model, find_anatomy(model, layers_path))
+    cap = runner.capture(input_ids)
+    start = min(remove)
+    with torch.inference_mode():
+        y = runner.run(cap.inputs[start], start, set(remove), cap.calls)
+        return runner.logits(runner.final_hidden(y))
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LayerprobeError(f"--save-pruned {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise LayerprobeError(f"--save-pruned folder {out} exists and holds other files; choose a new or empty folder")
+
+
+def save_pruned(
+    model,
+    remove: Iterable[int],
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    layers_path: str | None = None,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    check: bool = True,
+) -> Path:
+    """Write `model` without the layers in `remove` (0-based) to `out_dir`, loadable by `from_pretrained`.
+
+    `model` is a spec (as for `analyze`), a LoadedModel, or a transformers model. The folder
+    appears whole or not at all: it is written under a temporary name, reloaded and checked
+    against the in-memory removal, then renamed. Returns the folder.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(str(model), revision=revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+    elif isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = None
+    net = loaded.model if loaded is not None else model
+    tokenizer = tokenizer if tokenizer is not None else (loaded.tokenizer if loaded is not None else None)
+    source = loaded.spec if loaded is not None else getattr(net.config, "_name_or_path", "") or type(net).__name__
+    anatomy = find_anatomy(net, layers_path)
+    L = anatomy.num_layers
+    remove = check_removal(remove, L)
+    out = Path(out_dir).expanduser()
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    probe = _probe_ids(net.config).to(anatomy.embed.weight.device if anatomy.embed is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            expected = removal_logits(net, remove, probe, layers_path) if check else None
+        changes = removal_config_changes(net, remove, layers_path)
+        with pruned(net, remove, layers_path) as small, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small.save_pretrained(tmp)
+        if tokenizer is not None:
+            try:
+                tokenizer.save_pretrained(tmp)
+            except Exception as e:  # a GGUF tokenizer that cannot be written is not fatal for the weights
+                warnings.warn(f"the tokenizer could not be saved ({e}); the pruned model is saved without it")
+        info = {
+            "source": source,
+            "removed": list(remove),
+            "removed_text": format_removed(remove),
+            "kept": [i for i in range(L) if i not in set(remove)],
+            "original_num_layers": L,
+            "num_layers": L - len(remove),
+            "layers_path": anatomy.layers_path,
+            "config_changes": changes,
+        }
+        if check:
+            info["check"] = _prove(tmp, expected, probe, net)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _prove(folder: Path, expected: torch.Tensor, probe: torch.Tensor, net) -> dict:
+    dtype = next(net.parameters()).dtype
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "auto")
+    dev = expected.device.type
+    try:
+        reloaded = load_model(str(folder), dtype=dtype_name, device=dev, load_tokenizer=False).model
+    except LayerprobeError as e:
+        raise LayerprobeError(f"the pruned model does not reload: {e}") from None
+    with torch.inference_mode():
+        got = reloaded(input_ids=probe.to(reloaded.device), use_cache=False).logits
+    got, exp = got.float().to(expected.device), expected.float()
+    scale = float(exp.abs().max().clamp_min(1e-6))
+    err = float((got - exp).abs().max()) / scale
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    del reloaded
+    if not err <= tol:
+        raise LayerprobeError(
+            f"the saved pruned model does not compute what the removal measures (relative logit difference "
+            f"{err:.2e}): its layers depend on their index or depth; nothing was written"
+        )
+    return {"probe_shape": list(probe.shape), "max_relative_logit_difference": err, "tolerance": tol}
