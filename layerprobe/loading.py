@@ -146,9 +146,14 @@ def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
 
     endpoint = constants.ENDPOINT
     try:
-        get_session().head(endpoint, timeout=timeout)
+        response = get_session().head(endpoint, timeout=timeout)
     except Exception as e:  # the session's transport errors have library-specific types
         return f"{endpoint}: {_first_line(e)}"
+    # A 5xx (a proxy with no route, the hub down) is answered at once but downloads would be
+    # retried for as long as a dead network; 4xx still means the hub is there.
+    status = getattr(response, "status_code", 200)
+    if status >= 500:
+        return f"{endpoint} answered HTTP {status}"
     return None
 
 

@@ -220,6 +220,51 @@ def test_remote_code_needs_the_flag(tiny, tmp_path):
     assert "--trust-remote-code" in _error(folder)
 
 
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class MyLMConfig(LlamaConfig):
+    model_type = "mylm"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_mylm import MyLMConfig
+
+
+class MyLMForCausalLM(LlamaForCausalLM):
+    config_class = MyLMConfig
+"""
+
+
+def test_remote_code_loads_with_the_flag(tiny, tmp_path, monkeypatch):
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    # transformers copies the model's code into a modules cache and imports it from there: keep
+    # that cache, sys.path and sys.modules inside this test.
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        monkeypatch.delitem(sys.modules, name)  # a package imported from another cache would shadow ours
+
+    folder = tmp_path / "mylm"
+    shutil.copytree(tiny("llama"), folder)
+    (folder / "configuration_mylm.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_mylm.py").write_text(REMOTE_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mylm", architectures=["MyLMForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_mylm.MyLMConfig",
+                            "AutoModelForCausalLM": "modeling_mylm.MyLMForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+    assert "--trust-remote-code" in _error(folder)  # off by default
+    lm = load_model(str(folder), trust_remote_code=True, load_tokenizer=False)
+    assert type(lm.model).__name__ == "MyLMForCausalLM" and lm.config.model_type == "mylm"
+    an = find_anatomy(lm.model)  # found by its known path; the scheme is left to measurement
+    assert (an.layers_path, an.num_layers, an.norm_scheme) == ("model.layers", 3, "unknown")
+
+
 def test_unknown_model_type(tiny, tmp_path):
     folder = tmp_path / "future"
     shutil.copytree(tiny("llama"), folder)
@@ -258,6 +303,30 @@ def test_hub_id_unreachable_fails_fast(fresh_hub, monkeypatch):
     message = _error("gpt2")
     assert time.monotonic() - start < loading.HUB_PROBE_TIMEOUT_S
     assert "hub cannot be reached" in message and "127.0.0.1:9" in message
+
+
+def test_hub_answering_5xx_counts_as_unreachable(fresh_hub, monkeypatch):
+    # A proxy without a route answers 502/503 at once; transformers would retry it for ~25 s.
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert loading.hub_unreachable_reason().endswith("answered HTTP 503")
+        assert "answered HTTP 503" in _error("some-org/some-model")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _fake_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
