@@ -2,6 +2,11 @@
 
 Known paths are tried first; otherwise the module list whose length matches the config's layer
 count is taken. `layers_path` (e.g. "transformer.h") overrides both.
+
+Tested on Llama, Mistral, Qwen2/3, Gemma/2, Phi/Phi-3, GPT-2, GPT-J, GPT-Neo, GPT-NeoX, OPT,
+Falcon, Bloom and layerprobe's own models: in all of them a forward pre-hook on layer i sees the
+residual stream as its first positional argument (`layer_input`), and its forward hook sees it
+as the output or the output's first element (`residual_tensor`).
 """
 
 from __future__ import annotations
@@ -107,6 +112,8 @@ class Anatomy:
     norm_scheme: str  # pre, post, mix, lns, deepnorm, sandwich, ... or "unknown"
     norm_scheme_source: str  # how it was determined
     post_ln_layers: int | None = None
+    # parallel_residual: attention and MLP read the same input (GPT-J, Phi, NeoX, Falcon), None if
+    # unknown; config_num_layers: what the config promised (differs only with --layers-path).
     extra: dict = field(default_factory=dict)
 
     @property

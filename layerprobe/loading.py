@@ -317,6 +317,26 @@ def _hub_error(repo_id: str, e: Exception) -> LayerprobeError:
     return LayerprobeError(f"could not fetch {repo_id!r} from the Hugging Face hub ({text}); pass a local folder or .gguf file")
 
 
+def _config_error(e: Exception, resolved: ResolvedSpec) -> LayerprobeError:
+    """One line for a config that transformers could not read."""
+    if resolved.source == "hub":
+        return _hub_error(resolved.location, e)
+    text = _first_line(e)
+    if not isinstance(e, (ValueError, KeyError)) or "gguf" in text.lower():
+        return _friendly_load_error(e, resolved.where)  # unreadable files, including a broken .gguf
+    if "trust_remote_code" in text or "custom code" in text:
+        return _friendly_load_error(e, resolved.where)
+    if "does not recognize this architecture" in text:
+        import transformers
+
+        return LayerprobeError(
+            f"{resolved.where} has a model type ({_folder_model_type(resolved) or '?'}) that transformers "
+            f"{transformers.__version__} does not know; upgrade transformers, or pass --trust-remote-code "
+            "if the model ships its own code"
+        )
+    return LayerprobeError(f"could not read the model config in {resolved.where}: {text}")
+
+
 class _Quiet:
     """Silence transformers' logging and Python warnings while loading: we report problems ourselves."""
 
@@ -379,23 +399,10 @@ def load_model(
     try:
         with _Quiet():
             config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+    except MemoryError:
+        raise
     except Exception as e:  # ValueError/KeyError for bad configs, OSError for files, network types
-        if source == "hub":
-            raise _hub_error(spec_str, e) from None
-        if isinstance(e, (ValueError, KeyError)) and "gguf" not in _first_line(e).lower():
-            text = _first_line(e)
-            if "trust_remote_code" in text or "custom code" in text:
-                raise _friendly_load_error(e, where) from None
-            if "does not recognize this architecture" in text:
-                import transformers
-
-                raise LayerprobeError(
-                    f"{where} has a model type ({_folder_model_type(resolved) or '?'}) that transformers "
-                    f"{transformers.__version__} does not know; upgrade transformers, or pass --trust-remote-code "
-                    "if the model ships its own code"
-                ) from None
-            raise LayerprobeError(f"could not read the model config in {where}: {text}") from None
-        raise _friendly_load_error(e, where) from None
+        raise _config_error(e, resolved) from None
 
     _check_causal_lm(config, where, trust_remote_code)
     if getattr(config, "model_type", None) == "layerprobe":
@@ -407,6 +414,8 @@ def load_model(
     try:
         with _Quiet():
             model, info = AutoModelForCausalLM.from_pretrained(resolved.location, config=config, **load_kwargs)
+    except MemoryError:
+        raise
     except Exception as e:
         if source == "hub" and isinstance(e, OSError):
             raise _hub_error(spec_str, e) from None
