@@ -1,0 +1,116 @@
+"""`layerprobe train-reference`: train the models the papers compare, one per norm scheme."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, err_console, user_errors
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def summary_table(summary):
+    from rich import box
+    from rich.table import Table
+
+    # Narrow enough for an 80-column terminal; every number is also in OUT/summary.json.
+    table = Table(title=f"train-reference → {summary.out}", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
+    for col in ("scheme", "status", "steps", "eval ppl", "best@step", "out var ℓ0→last", "tok/s"):
+        table.add_column(col, justify="left" if col in ("scheme", "status") else "right", no_wrap=True)
+    for r in summary.runs:
+        status = {"diverged": f"[red]diverged@{r.diverged_at}[/]", "interrupted": "[yellow]stopped[/]",
+                  "completed": "done"}.get(r.status, r.status)
+        best = "—" if r.best_eval_loss is None else f"{_exp(r.best_eval_loss):.1f}@{r.best_step}"
+        var = r.layer_output_var
+        growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
+        table.add_row(r.scheme, status, f"{r.steps_done}/{r.total_steps}", _fmt(r.final_eval_ppl, ".1f"), best,
+                      growth, _fmt(r.tokens_per_s, ",.0f"))
+    return table
+
+
+def _exp(x):
+    import math
+
+    return math.exp(min(x, 700.0))
+
+
+@app.command("train-reference")
+@user_errors
+def train_reference_command(
+    norm: str = typer.Option("pre,post,mix,lns", help="Comma list of norm schemes: pre, post, mix, lns, deepnorm, sandwich (any case)."),
+    preset: str = typer.Option("tiny", help="micro | tiny (CPU) | 71m | 130m | 250m | 350m | 1b (the papers' sizes)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the preset's)."),
+    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl .csv .parquet, or token ids .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]"),
+    out: Path = typer.Option(Path("runs"), help="Output folder; each scheme trains in OUT/<scheme>/."),
+    layers: Optional[int] = typer.Option(None, help="Override the preset's number of layers."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", "--width", help="Override the width."),
+    ffn_size: Optional[int] = typer.Option(None, help="Override the FFN width (default ≈ 8/3 × width when --width changes)."),
+    heads: Optional[int] = typer.Option(None, help="Override the number of attention heads."),
+    kv_heads: Optional[int] = typer.Option(None, help="Key/value heads (grouped-query attention); default = --heads."),
+    seq_len: Optional[int] = typer.Option(None, help="Override the sequence length."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch: sequences per optimizer step, over all processes."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass and process; the rest is gradient accumulation."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of the steps spent in linear warmup."),
+    min_lr_ratio: float = typer.Option(0.1, help="The cosine decays to this fraction of the peak."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay on matrices (0 = Adam, as in the papers)."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this value (0: no clipping)."),
+    post_ln_ratio: float = typer.Option(0.25, "--post-ln-ratio", "--alpha", help="Mix-LN's α: the first ⌊αL⌋ layers are Post-LN."),
+    post_ln_layers: Optional[int] = typer.Option(None, help="Mix-LN: an explicit number of Post-LN layers (overrides α)."),
+    scaled_init: bool = typer.Option(False, "--scaled-init/--no-scaled-init", help="Residual output projections get std σ/√(2L)."),
+    norm_type: str = typer.Option("rmsnorm", help="rmsnorm | layernorm."),
+    vocab_size: Optional[int] = typer.Option(None, help="Size of the byte-level BPE trained on the data (default: the preset's)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Use this tokenizer (folder or hub id) instead of training one."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the text in .jsonl/.csv/.parquet/hf data."),
+    eval_every: Optional[int] = typer.Option(None, help="Held-out loss, per-layer gradient norms and output variance every K steps."),
+    eval_samples: int = typer.Option(64, help="Held-out blocks (at most 5% of the data)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps (default: --eval-every)."),
+    seed: int = typer.Option(0, help="Seed of the initial weights (the same for every scheme)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of the held-out split and batch order (default: --seed)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard weights, gradients and optimizer state (FSDP2) under torchrun."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the runs in OUT from their last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs in OUT that were made with other settings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train one LLaMA-style model per norm scheme with identical data order and seed; save HF checkpoints."""
+    from ..training import TrainSettings, train_reference
+
+    settings = TrainSettings(
+        norm=norm, preset=preset, steps=steps, data=data, text_column=text_column, out=str(out), layers=layers,
+        hidden_size=hidden_size, ffn_size=ffn_size, heads=heads, kv_heads=kv_heads, seq_len=seq_len,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup_ratio=warmup_ratio,
+        min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, post_ln_ratio=post_ln_ratio,
+        post_ln_layers=post_ln_layers, scaled_init=scaled_init, norm_type=norm_type, vocab_size=vocab_size,
+        tokenizer=tokenizer, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed,
+        data_seed=data_seed, device=device, dtype=dtype, compile=compile, fsdp=fsdp, resume=resume,
+        overwrite=overwrite, progress=not quiet,
+    )
+    summary = train_reference(settings)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one process reports
+    console.print(summary_table(summary))
+    for r in summary.runs:
+        if r.status == "diverged":
+            kept = (f"the last good checkpoint (step {r.checkpoint_step}) is kept in {r.path}"
+                    if r.checkpoint_step else "no checkpoint had been saved yet")
+            err_console.print(f"{r.scheme}: diverged at step {r.diverged_at} ({r.diverged_reason}); {kept}",
+                              highlight=False)
+    if summary.interrupted:
+        stopped = summary.runs[-1]
+        err_console.print(f"interrupted: {stopped.scheme} saved at step {stopped.steps_done}; "
+                          f"continue with the same command and --resume", highlight=False)
+        raise typer.Exit(130)
+    err_console.print(f"wrote {summary.out}/<scheme>/ (HF checkpoint, last/, best/, metrics.jsonl, run.json) "
+                      f"and {summary.out}/summary.json", highlight=False)
