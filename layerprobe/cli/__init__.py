@@ -26,6 +26,7 @@ def _root() -> None:
 # Each command lives in its own module; importing it registers it on `app`.
 from . import analyze  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
+from . import train  # noqa: E402,F401
 
 
 def main() -> None:
