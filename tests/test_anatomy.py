@@ -98,7 +98,10 @@ def test_layers_final_norm_and_sublayers(models, arch):
 def test_hooks_see_the_residual_stream(models, arch):
     """Layer 0's input is the embedding output, layer i's output is layer i+1's input, and the
     final norm turns the last layer's output into the model's last hidden state."""
-    model = models(arch)
+    _check_residual_stream(models(arch))
+
+
+def _check_residual_stream(model):
     an = find_anatomy(model)
     inputs, outputs, handles = [], [], []
     for layer in an.layers:
@@ -121,6 +124,30 @@ def test_hooks_see_the_residual_stream(models, arch):
     with torch.no_grad():
         torch.testing.assert_close(an.final_norm(outputs[-1]), out.hidden_states[-1])
     assert not torch.equal(outputs[-1], out.hidden_states[-1])
+
+
+# Variants whose block layout differs from the default tiny config of the same model_type.
+VARIANTS = {
+    "falcon-7b": ("falcon", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+                  {"input_layernorm": N, "self_attention": A, "mlp": M}, True),
+    "falcon-sequential": ("falcon", dict(new_decoder_architecture=False, parallel_attn=False),
+                          {"input_layernorm": N, "post_attention_layernorm": N, "self_attention": A, "mlp": M},
+                          False),
+    "falcon-alibi": ("falcon", dict(alibi=True), {"ln_attn": N, "ln_mlp": N, "self_attention": A, "mlp": M}, True),
+    "neox-sequential": ("gpt_neox", dict(use_parallel_residual=False),
+                        {"input_layernorm": N, "post_attention_layernorm": N, "attention": A, "mlp": M}, False),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_block_layout_variants(tmp_path, variant):
+    arch, overrides, kinds, parallel = VARIANTS[variant]
+    model = load_model(str(make_tiny(arch, tmp_path / variant, **overrides)), load_tokenizer=False).model
+    an = find_anatomy(model)
+    assert an.num_layers == 3 and an.final_norm_path == EXPECTED[arch][1]
+    assert {name: kind for name, (kind, _) in an.sublayers(0).items()} == kinds
+    assert an.extra["parallel_residual"] is parallel and an.norm_scheme == "pre"
+    _check_residual_stream(model)
 
 
 def test_post_ln_opt_has_no_final_norm(tmp_path):
