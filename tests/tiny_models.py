@@ -1,8 +1,13 @@
 """Tiny random causal LMs of many architectures, written with `save_pretrained`, for tests.
 
-Other test modules import this: keep `make_tiny(arch, path, **overrides) -> path` stable.
-Every model is float32, seeded, 2-3 layers, hidden 32-64 and vocab 256, so building one takes
-well under a second and a forward pass on a few tokens is instant on a CPU.
+Other test modules import this: keep these stable.
+- `ARCHS`: llama, mistral, qwen2, qwen3, gemma, gemma2, phi, phi3, gpt2, gptj, gpt_neo, gpt_neox,
+  opt, falcon, bloom
+- `make_tiny(arch, path, *, tokenizer=False, **config_overrides) -> path`
+- `tiny_config(arch, **overrides)`, `tiny_tokenizer()`, `random_ids(batch, seq, seed)`, `VOCAB`
+Every model is float32, seeded (the same arch and overrides give the same weights), 3 layers,
+hidden 32, vocab 256 (under 100k parameters), so building one takes well under a second and a
+forward pass on a few tokens is instant on a CPU.
 
     from tiny_models import ARCHS, make_tiny   # pytest puts tests/ on sys.path
     folder = make_tiny("llama", tmp_path / "llama")
