@@ -9,5 +9,11 @@ from .results import AnalysisResult, load  # noqa: E402
 
 __all__ = ["analyze", "load", "load_model", "AnalysisResult", "LayerprobeError", "__version__"]
 
+from .comparison import Comparison, compare  # noqa: E402
+__all__ += ["compare", "Comparison"]
+
 from .pruning import SweepResult, prune_sweep, save_pruned  # noqa: E402
 __all__ += ["prune_sweep", "save_pruned", "SweepResult"]
+
+from .demo import demo  # noqa: E402
+__all__ += ["demo"]

@@ -59,3 +59,31 @@ def integer_ticks(ax, n_layers: int) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 16)))
+
+
+# Several models with the same norm scheme share its colour; line style and marker tell them apart.
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DEPTH_AXIS = "normalised depth ℓ/(L−1) (0 = first layer, 1 = last)"
+
+
+def model_styles(models: list[tuple[str, str]]) -> dict[str, dict]:
+    """(label, scheme) pairs -> matplotlib style per label: the scheme's colour, then a line style and
+    marker per model within that scheme. Unknown schemes get the palette's colours no scheme uses."""
+    spare = [c for c in OKABE_ITO if c not in SCHEME_COLORS.values() and c != "#F0E442"] + ["#555555", "#999999"]
+    unknown: dict[str, str] = {}
+    used: dict[str, int] = {}
+    out = {}
+    for label, scheme in models:
+        key = (scheme or "unknown").lower()
+        if key in SCHEME_COLORS and key != "unknown":
+            color = SCHEME_COLORS[key]
+        else:
+            if key not in unknown:
+                unknown[key] = spare[len(unknown) % len(spare)]
+            color = unknown[key]
+        i = used.get(color, 0)
+        used[color] = i + 1
+        out[label] = {"color": color, "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                      "marker": MARKERS[i % len(MARKERS)]}
+    return out

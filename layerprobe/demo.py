@@ -1,0 +1,120 @@
+"""`demo`: the whole story offline, in one command.
+
+Train tiny Pre-LN, Post-LN, Mix-LN and LNS models on the builtin corpus (identical data, order
+and initial seed), analyse each and sweep its layer removals on the *held-out* blocks the trainer
+kept aside, and compare them in one report:
+
+    layerprobe demo                       # reports/demo/index.html; checkpoints in runs/demo/
+    layerprobe.demo(out="reports/demo")   # the same from Python
+
+Re-running it reuses finished training runs (the trainer's --resume) unless `fresh=True`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import LayerprobeError
+from .io import ensure_writable_dir
+
+DEMO_SCHEMES = "pre,post,mix,lns"
+HELDOUT_FILE = "heldout.npy"
+
+
+def _say(message: str, enabled: bool) -> None:
+    if enabled:
+        from .progress import _console
+
+        _console.rule(f"[bold]{message}", align="left")
+
+
+def heldout_blocks(run_dir: Path, path: Path, *, progress: bool = True) -> Path:
+    """The trainer's held-out blocks for the run in `run_dir`, rebuilt exactly as it split them
+    (same data, tokenizer, sequence length, batch size and data seed), saved as token ids in `path`."""
+    import numpy as np
+
+    from .io import atomic_path
+    from .loading import load_model
+    from .progress import status
+    from .training import checkpoint as ckpt
+    from .training.data import prepare_token_data
+
+    train = ((ckpt.read_run(run_dir) or {}).get("identity") or {}).get("train") or {}
+    needed = ("data", "seq_len", "batch_size", "data_seed", "eval_samples")
+    if any(train.get(k) is None for k in needed):
+        raise LayerprobeError(f"{run_dir}/run.json does not record how the run split its data ({', '.join(needed)})")
+    with status("rebuilding the held-out split", progress):
+        tokenizer = load_model(str(run_dir), device="cpu").tokenizer
+        data = prepare_token_data(train["data"], tokenizer, seq_len=int(train["seq_len"]),
+                                  batch_size=int(train["batch_size"]), eval_samples=int(train["eval_samples"]),
+                                  seed=int(train["data_seed"]), text_column=train.get("text_column"),
+                                  vocab_size=len(tokenizer) if tokenizer is not None else None)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, data.eval.numpy())
+    return path
+
+
+def demo(
+    out: str | Path = "reports/demo",
+    runs: str | Path = "runs/demo",
+    *,
+    norm: str = DEMO_SCHEMES,
+    preset: str = "tiny",
+    steps: int | None = None,
+    fresh: bool = False,
+    threshold: float | None = None,
+    block_sweep: bool = True,
+    progress: bool = True,
+    **train_options,
+):
+    """Train one tiny model per norm scheme, analyse and prune-sweep each, and write the comparison to `out`.
+
+    `train_options` go to `layerprobe.training.train_reference` (e.g. layers=, seq_len=, batch_size=).
+    Returns the `Comparison`; its `.html` is the report.
+    """
+    from .analysis import analyze
+    from .comparison import DEFAULT_THRESHOLD, compare
+    from .loading import load_model
+    from .pruning import prune_sweep
+    from .training import train_reference
+
+    started = time.perf_counter()
+    out, runs = Path(out), Path(runs)
+    ensure_writable_dir(out)
+    ensure_writable_dir(runs)
+    schemes = [s.strip() for s in norm.split(",") if s.strip()]
+    _say(f"1/3 training {len(schemes)} {preset} models ({', '.join(schemes)}) on the builtin corpus", progress)
+    summary = train_reference(norm=norm, preset=preset, steps=steps, data="builtin", out=str(runs),
+                              resume=not fresh, overwrite=fresh, progress=progress,
+                              **train_options)
+    if summary.interrupted:
+        raise KeyboardInterrupt
+    run_dirs = [Path(r.path) for r in summary.runs]
+    heldout = heldout_blocks(run_dirs[0], runs / HELDOUT_FILE, progress=progress)
+
+    import numpy as np
+
+    n, seq_len = np.load(heldout, mmap_mode="r").shape
+    result_dirs = []
+    for i, (run, run_dir) in enumerate(zip(summary.runs, run_dirs), 1):
+        _say(f"2/3 [{i}/{len(run_dirs)}] {run.scheme}: analyze and prune-sweep on the held-out blocks", progress)
+        loaded = load_model(str(run_dir), device="cpu", dtype="float32")
+        result = analyze(loaded, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8, progress=progress)
+        folder = result.save(out / run.scheme)
+        modes = "layer,block" if block_sweep else "layer"
+        sweep = prune_sweep(loaded, mode=modes, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8,
+                            analysis=result, progress=progress)
+        sweep.save(folder)
+        result_dirs.append(folder)
+
+    _say("3/3 comparing", progress)
+    title = f"layerprobe demo — {', '.join(schemes)} ({preset} preset, trained on the builtin corpus)"
+    comp = compare([*run_dirs, *result_dirs], out=out, title=title,
+                   threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress)
+    comp.seconds = time.perf_counter() - started
+    return comp
+
+
+__all__ = ["demo", "heldout_blocks", "DEMO_SCHEMES"]
