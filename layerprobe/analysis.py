@@ -149,7 +149,6 @@ def analyze(
         "block_influence": bi,
         "output_variance": [m.variance for m in capture.output_moments],
         "update_variance": [m.variance for m in capture.update_moments],
-        "input_variance": [m.variance for m in capture.input_moments],
     })
     if grad:
         sublayers, grad_rows = _gradient_tables(anatomy)

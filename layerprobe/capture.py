@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .anatomy import Anatomy, residual_tensor, summarize_measured_scheme
-from .metrics import RunningMoments, angular_distance_matrix, cosine_per_token
+from .metrics import RunningMoments, angular_distance_matrix
 
 TOKENS = ("last", "all")
 
@@ -40,11 +40,10 @@ class LayerCapture:
         self._placement_handles: list = []
         self.angular_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
         self.angular_count = 0
-        self.cos_sum = [0.0] * L  # per layer: sum over tokens of cos(input, output), float64 tensors
+        self.cos_sum = [0.0] * L  # per layer: sum over tokens of cos(input, output), float64 on device
         self.cos_count = [0] * L
         self.output_moments = [RunningMoments() for _ in range(L)]
         self.update_moments = [RunningMoments() for _ in range(L)]
-        self.input_moments = [RunningMoments() for _ in range(L)]
         self.detect_placement = detect_placement
         self.placement: list[str] | None = None
         self._norm_feeds_input = [False] * L  # a norm child reads the layer's input: Pre-LN
@@ -55,7 +54,8 @@ class LayerCapture:
     def _store_unit(self, depth: int, h: torch.Tensor) -> None:
         vecs = h[:, -1, :] if self.tokens == "last" else h.reshape(-1, h.shape[-1])
         # float64 on the CPU: arccos is steep near cos = 1, where neighbouring layers sit.
-        self._units[depth] = vecs.detach().to("cpu", torch.float64)
+        # Kept on the layer's device until the batch ends: no host sync inside the forward.
+        self._units[depth] = vecs.detach().to(torch.float64)
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -72,12 +72,22 @@ class LayerCapture:
             x = self._inputs.pop(index)
             with torch.no_grad():
                 x, y = x.detach(), y.detach()
-                cos = cosine_per_token(x, y)
-                self.cos_sum[index] = self.cos_sum[index] + cos.sum(dtype=torch.float64).cpu()
+                if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
+                    x, y = x.float(), y.float()
+                # Per-token dot products and norms, one pass each; the output's sum of squares
+                # then comes from the norms instead of another pass over the tensor.
+                dot = torch.linalg.vecdot(x, y)
+                x_norm = torch.linalg.vector_norm(x, dim=-1)
+                y_norm = torch.linalg.vector_norm(y, dim=-1)
+                cos = dot / (x_norm * y_norm).clamp_min(1e-30)
+                self.cos_sum[index] = self.cos_sum[index] + cos.sum(dtype=torch.float64)
                 self.cos_count[index] += cos.numel()
-                self.output_moments[index].update(y)
-                self.update_moments[index].update(y.float() - x.float())
-                self.input_moments[index].update(x)
+                self.output_moments[index].add_sums(
+                    y.numel(), y.sum(dtype=torch.float64), y_norm.double().square().sum()
+                )
+                # The update is small next to the stream in deep layers: form it, rather than
+                # expanding |y - x|^2, which would cancel catastrophically.
+                self.update_moments[index].update(y - x)
                 if index == self.num_layers - 1:
                     self._store_unit(self.num_layers, y)
                 if self._placement_handles:
@@ -123,7 +133,7 @@ class LayerCapture:
     def end_batch(self) -> None:
         if any(u is None for u in self._units):
             raise RuntimeError("a layer was not reached in this forward pass")
-        units = torch.stack(self._units)  # [L+1, N, H]
+        units = torch.stack([u.cpu() for u in self._units])  # [L+1, N, H]
         units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-300)
         self.angular_sum += angular_distance_matrix(units)
         self.angular_count += units.shape[1]

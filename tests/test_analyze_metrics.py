@@ -155,8 +155,8 @@ def test_capture_keeps_no_per_sample_state(tmp_path):
     capture = LayerCapture(anatomy, tokens="all")
 
     def state_bytes():
-        tensors = [capture.angular_sum] + [m.mean for m in capture.output_moments] + \
-                  [t for t in capture.cos_sum if isinstance(t, torch.Tensor)]
+        moments = capture.output_moments + capture.update_moments
+        tensors = [capture.angular_sum] + [t for m in moments for t in (m.s1, m.s2)] + list(capture.cos_sum)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     sizes = []
