@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .anatomy import Anatomy, find_anatomy, sublayer_kind
+from .anatomy import Anatomy, find_anatomy
 from .capture import TOKENS, LayerCapture
 from .data import load_token_blocks
 from .errors import LayerprobeError
@@ -42,10 +42,11 @@ def _gradient_tables(anatomy: Anatomy) -> tuple[pd.DataFrame, list[dict]]:
     sub_rows, layer_rows = [], []
     for i in range(anatomy.num_layers):
         groups = anatomy.parameter_groups(i)
+        kinds = {name: kind for name, (kind, _) in anatomy.sublayers(i).items()}
         norms = grad_norms_by_group({k: [p for _, p in v] for k, v in groups.items()})
         by_kind: dict[str, list] = {}
         for child, params in groups.items():
-            kind = "other" if child == "(direct)" else sublayer_kind(child)
+            kind = kinds.get(child, "other")
             by_kind.setdefault(kind, []).extend(p for _, p in params)
             sub_rows.append({"layer": i, "module": child, "kind": kind,
                              "params": sum(p.numel() for _, p in params), "grad_norm": norms[child]})
