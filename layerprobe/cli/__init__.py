@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 app = typer.Typer(
@@ -21,6 +23,7 @@ def _root() -> None:
     # Ours are the progress bars on screen; transformers' tqdm bars would interleave with them.
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's bar is plain tqdm
 
 
 # Each command lives in its own module; importing it registers it on `app`.
