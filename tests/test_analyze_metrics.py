@@ -200,3 +200,22 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     assert back.manifest["seq_len"] == SEQ and back.manifest["samples"] == SAMPLES
     for key in ("model", "dtype", "device", "data", "seed", "versions", "wall_time_s"):
         assert key in back.manifest
+
+
+@pytest.mark.parametrize("scheme,measured,post_k", [("pre", "pre", 0), ("post", "post", 8), ("mix", "mix", 2),
+                                                    ("lns", "pre", 0), ("deepnorm", "post", 8),
+                                                    ("sandwich", "pre", 0)])
+def test_reference_checkpoint_scheme_from_config_and_measured(tmp_path, scheme, measured, post_k):
+    """Our checkpoints say their scheme; the measured placement of the norms must agree with it."""
+    from layerprobe.reference.configuration import LayerprobeConfig
+    from layerprobe.reference.modeling import LayerprobeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LayerprobeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                           num_attention_heads=4, norm_scheme=scheme)
+    LayerprobeForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    np.save(tmp_path / "ids.npy", np.random.RandomState(0).randint(0, 128, (2, 16)))
+    r = layerprobe.analyze(str(tmp_path / "m"), data=str(tmp_path / "ids.npy"), grad=False, progress=False)
+    assert r.summary["norm_scheme"] == scheme and r.summary["norm_scheme_source"].startswith("config")
+    assert r.summary["measured_norm_scheme"] == measured
+    assert r.summary["measured_post_ln_layers"] == post_k
