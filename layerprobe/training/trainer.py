@@ -289,25 +289,29 @@ def lr_at(step: int, plan: Plan) -> float:
 # ---- interruption -----------------------------------------------------------------------------------------
 
 class StopFlag:
-    """The first Ctrl-C asks the loop to save and stop after the current step; a second one stops at once."""
+    """Ctrl-C (or SIGTERM from a scheduler) asks the loop to save and stop after the current step;
+    a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
         return False
 
 
