@@ -51,8 +51,8 @@ def plot_layer_damage(result, path: Path) -> None:
     ax.set_xlabel(f"removed {LAYER_AXIS}")
     ax.set_ylabel(f"nats per token ({scale})")
     full = result.summary
-    ax.set_title(_title(result, f"damage from removing one layer (full model: loss {full['full_loss']:.3f}, "
-                                f"ppl {full['full_perplexity']:.1f})"))
+    ax.set_title(_title(result, "damage from removing one layer") +
+                 f"\n(full model: loss {full['full_loss']:.3f} nats, perplexity {full['full_perplexity']:.1f})")
     ax.legend(fontsize=8)
     integer_ticks(ax, len(df))
     save_figure(fig, path)
@@ -113,6 +113,8 @@ def curves(result) -> list[tuple[str, str, pd.DataFrame]]:
         out.append((f"ranked: {RANKING_LABELS.get(by, by)}", RANKING_COLORS.get(by, OKABE_ITO[3]),
                     pd.concat([full, g[["n_removed", "perplexity"]]])))
     block = t[t["mode"] == "block"]
+    if out:  # beside greedy and the rankings, only as far as they go: the scale stays readable
+        block = block[block["block_size"] <= max(int(df["n_removed"].max()) for _, _, df in out)]
     if len(block) and block["block_size"].nunique() > 1:
         best = block.loc[block.groupby("block_size")["delta_loss"].idxmin()][["n_removed", "perplexity"]]
         out.append(("best contiguous block, exhaustive (block mode)", OKABE_ITO[2], pd.concat([full, best])))
@@ -180,14 +182,18 @@ def _cells(r) -> list[str]:
     return [_f(r.delta_loss, "+.4f"), _f(r.perplexity, ".2f"), _f(r.kl, ".4f"), _f(r.top1_agreement, ".3f")]
 
 
-def sweep_tables(result) -> list[Table]:
+def sweep_tables(result) -> list:
+    """A headline, then one rich Table per mode in the result."""
+    from rich.text import Text
+
     s = result.summary
-    head = (f"{s.get('model')} — {s.get('num_layers')} layers; full model loss {s['full_loss']:.4f}, "
-            f"perplexity {s['full_perplexity']:.2f} on {s['tokens_scored']} tokens")
-    tables = []
+    head = Text.assemble((f"{s.get('model')}", "bold"), f" — {s.get('num_layers')} layers; full model: loss ",
+                         (f"{s['full_loss']:.4f}", "bold"), ", perplexity ", (f"{s['full_perplexity']:.2f}", "bold"),
+                         f" on {s['tokens_scored']} tokens; Δloss and KL in nats per token")
+    tables: list = [head]
     layer = result.rows("layer")
     if len(layer):
-        t = _table(f"{head}\nremoving one layer", ("layer", "removed"))
+        t = _table("removing one layer", ("layer", "removed"))
         low = set(layer.nsmallest(max(1, len(layer) // 4), "delta_loss")["first_layer"])
         for r in layer.itertuples(index=False):
             t.add_row(str(r.first_layer), r.removed, *_cells(r),
@@ -215,8 +221,5 @@ def sweep_tables(result) -> list[Table]:
         t = _table(f"ranked by {RANKING_LABELS.get(by, by)}", ("k", "removed"))
         for r in g.itertuples(index=False):
             t.add_row(str(r.n_removed), r.removed, *_cells(r))
-        tables.append(t)
-    if not tables:
-        t = _table(head, ("layers", "removed"))
         tables.append(t)
     return tables
