@@ -440,9 +440,15 @@ def compare(
     title: str | None = None,
     depth: str = "auto",
     progress: bool = True,
+    command: str | None = None,
 ) -> Comparison:
     """Compare the results in `folders` (of analyze, prune-sweep, train-reference) and, unless `out` is None,
-    write the report there: index.html (self-contained), the figures as PNGs, headline.csv, per_layer.csv."""
+    write the report there: index.html (self-contained), the figures as PNGs, headline.csv, per_layer.csv
+    (and training.csv when runs are given).
+
+    threshold: nats of loss under which removing one layer counts as harmless. depth: the x axis of the
+    per-layer curves, "auto" (normalised depth ℓ/(L−1) when the models' depths differ), "layer" or
+    "normalised". command: how the page says it was made (default: the equivalent CLI command)."""
     from .progress import status
 
     started = time.perf_counter()
@@ -470,7 +476,8 @@ def compare(
         from .report.compare import write_report
 
         with status("drawing figures and writing the report", progress):
-            write_report(comp, Path(out), title=title, started=started, inputs=[str(f) for f in folders])
+            write_report(comp, Path(out), title=title, started=started, inputs=[str(f) for f in folders],
+                         command=command)
     comp.seconds = time.perf_counter() - started
     return comp
 

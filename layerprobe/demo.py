@@ -111,8 +111,12 @@ def demo(
 
     _say("3/3 comparing", progress)
     title = f"layerprobe demo — {', '.join(schemes)} ({preset} preset, trained on the builtin corpus)"
+    command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
+    command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
+    command += f" --threshold {threshold}" if threshold is not None else ""
     comp = compare([*run_dirs, *result_dirs], out=out, title=title,
-                   threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress)
+                   threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress,
+                   command=command)
     comp.seconds = time.perf_counter() - started
     return comp
 

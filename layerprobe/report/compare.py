@@ -36,13 +36,13 @@ PER_LAYER = [
     ("output_variance", "compare_output_variance.png",
      "variance of the layer's output (log scale)", True,
      "output variance of the residual stream against depth",
-     "Variance of the residual stream after each layer. Under Pre-LN it grows with depth, so deep layers "
-     "change it less and less (Curse of Depth); LNS and Post-LN keep it flatter."),
+     "Variance of the residual stream after each layer. The Curse of Depth paper reports that under Pre-LN it "
+     "grows with depth, so deep layers change it less and less, and that LNS keeps it in check."),
     ("grad_norm", "compare_grad_norm.png",
      "‖∂ mean LM loss / ∂θ_layer‖₂ (log scale)", True,
      "gradient norm of each layer's parameters",
-     "L2 norm of the gradient of the mean LM loss with respect to each layer's parameters. Pre-LN gives deep "
-     "layers small gradients, Post-LN early layers (Mix-LN paper)."),
+     "L2 norm of the gradient of the mean LM loss with respect to each layer's parameters. The Mix-LN paper "
+     "reports small gradients in deep layers under Pre-LN and in early layers under Post-LN."),
     ("delta_loss", "compare_delta_loss.png",
      "Δ loss when the layer is removed (nats)", "symlog",
      "cost of removing one layer",
@@ -321,7 +321,7 @@ def write_figures(comp, out: Path) -> list[dict]:
                                    "start ℓ and block size n, one panel per model on one colour scale. Dark cells: "
                                    "blocks of n layers that barely change the residual stream."})
     if plot_training_loss(comp, out / "compare_training_loss.png"):
-        figures.append({"file": "compare_training_loss.png", "section": "training",
+        figures.append({"file": "compare_training_loss.png", "section": "training", "wide": True,
                         "caption": "Training loss per optimizer step (faint: raw; solid: moving average) and "
                                    "loss on held-out data at each evaluation (markers)."})
     if plot_training_dynamics(comp, out / "compare_training_dynamics.png"):
@@ -365,9 +365,17 @@ def _fmt(v, spec) -> str:
     return str(v)
 
 
+def _repeats(df: pd.DataFrame, col: str, other: str) -> bool:
+    a, b = df[col].astype(float), df[other].astype(float)
+    return bool(np.allclose(a, b, rtol=1e-6, equal_nan=True))
+
+
 def _visible_columns(df: pd.DataFrame, terminal: bool = False):
+    """The headline columns that say something: no all-empty column, no column that repeats another (when
+    the analysis ran on the trainer's held-out split, its perplexity is the final held-out perplexity)."""
     return [(c, t if terminal else h, f) for c, h, t, f in HEADLINE_COLUMNS if c in df.columns and
-            (f is None or df[c].notna().any())]
+            (f is None or df[c].notna().any()) and
+            not (c == "final_eval_perplexity" and _repeats(df, c, "perplexity"))]
 
 
 def headline_table(comp) -> Table:
@@ -379,10 +387,11 @@ def headline_table(comp) -> Table:
         t.add_column(header, justify="left" if c in ("model", "norm_scheme") else "right")
     for _, row in comp.headline.iterrows():
         t.add_row(*[_fmt(row[c], f) for c, _, f in cols])
-    t.caption = (f"ppl: on the analysed data; train ppl: held-out, at the end of training; removable: layers whose "
-                 f"removal alone costs < {comp.threshold:g} nats; var slope: slope of ln(output variance) against "
-                 "depth ℓ/(L−1), var × = exp(slope); ∇ last/first: mean gradient norm of the last ⌈L/4⌉ layers over "
-                 "the first ⌈L/4⌉")
+    notes = {"perplexity": "ppl: on the analysed data", "final_eval_perplexity": "train ppl: held-out, at the end of training",
+             "removable_layers": f"removable: layers whose removal alone costs < {comp.threshold:g} nats",
+             "variance_growth": "var slope: slope of ln(output variance) against depth ℓ/(L−1), var × = exp(slope)",
+             "grad_ratio": "∇ last/first: mean gradient norm of the last ⌈L/4⌉ layers over the first ⌈L/4⌉"}
+    t.caption = "; ".join(text for c, text in notes.items() if c in {c for c, _, _ in cols})
     t.caption_justify = "left"
     return t
 
@@ -399,8 +408,9 @@ def _headline_html(comp, styles) -> str:
             if c == "model":
                 color = styles[row["model"]]["color"]
                 text = f'<span class="swatch" style="background:{color}"></span>{text}'
-            elif c == "removable_layers" and row.get("removable_which"):
-                text = f'{text} <span class="muted">(ℓ = {esc(row["removable_which"])})</span>'
+            elif c == "removable_layers" and isinstance(row.get("removable_which"), str) and row["removable_which"]:
+                which = ", ".join(row["removable_which"].split())
+                text = f'{text} <span class="muted">ℓ = {esc(which)}</span>'
             cells.append(f'<td class="t">{text}</td>' if f is None else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="headline"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -419,32 +429,29 @@ def _definitions_html(comp) -> str:
 
 
 def findings(comp) -> list[str]:
-    """Plain sentences read off the headline numbers (no judgement beyond the numbers)."""
+    """Plain sentences read off the headline numbers: each lists every model, ordered, nothing more."""
     df = comp.headline
     out = []
 
-    def extremes(col, fmt):
+    def ranked(col, fmt, descending=False, prefix=""):
         d = df.dropna(subset=[col]) if col in df else df.iloc[0:0]
         if len(d) < 2:
             return None
-        lo, hi = d.loc[d[col].idxmin()], d.loc[d[col].idxmax()]
-        return lo, hi, fmt
+        d = d.sort_values(col, ascending=not descending)
+        return ", ".join(f"{r['model']} {prefix}{format(r[col], fmt)}" for _, r in d.iterrows())
 
-    e = extremes("perplexity", ".2f")
-    if e:
-        lo, hi, f = e
-        out.append(f"Lowest perplexity: {lo['model']} ({lo['perplexity']:{f}}); highest: {hi['model']} "
-                   f"({hi['perplexity']:{f}}).")
-    e = extremes("variance_growth", ".2f")
-    if e:
-        lo, hi, _ = e
-        out.append(f"Output variance grows fastest with depth in {hi['model']} (×{hi['variance_growth_factor']:.3g} "
-                   f"from first to last layer) and slowest in {lo['model']} (×{lo['variance_growth_factor']:.3g}).")
-    e = extremes("grad_ratio", ".3g")
-    if e:
-        lo, hi, _ = e
-        out.append(f"Deep layers get the smallest gradients relative to early ones in {lo['model']} "
-                   f"(last/first quarter {lo['grad_ratio']:.3g}); the largest in {hi['model']} ({hi['grad_ratio']:.3g}).")
+    text = ranked("perplexity", ".2f")
+    if text:
+        out.append(f"Perplexity, lowest first: {text}.")
+    text = ranked("variance_growth_factor", ".3g", descending=True, prefix="×")
+    if text:
+        out.append(f"Fitted growth of the output variance from the first layer to the last: {text} "
+                   "(×1 = flat; Pre-LN's Curse of Depth shows as a large factor).")
+    text = ranked("grad_ratio", ".3g")
+    if text:
+        out.append(f"Gradient norm of the last quarter of layers over the first quarter: {text} "
+                   "(< 1: deep layers get smaller gradients, as the Mix-LN paper reports for Pre-LN; "
+                   "> 1: early layers do, as for Post-LN).")
     if "removable_layers" in df and df["removable_layers"].notna().sum() >= 1:
         d = df.dropna(subset=["removable_layers"])
         parts = [f"{r['model']} {int(r['removable_layers'])}/{int(r['layers'])}" for _, r in d.iterrows()]
@@ -516,7 +523,7 @@ def _section(title: str, figs: list[dict], out: Path, intro: str = "") -> str:
     return f"<h2>{esc(title)}</h2>{intro}<div class=\"grid\">{body}</div>"
 
 
-def render_html(comp, out: Path, title: str, inputs: list[str]) -> str:
+def render_html(comp, out: Path, title: str, inputs: list[str], command: str | None = None) -> str:
     styles = _styles(comp)
     figs = comp.figures
     by_section = {s: [f for f in figs if f["section"] == s] for s in ("per-layer", "angular", "training")}
@@ -527,6 +534,11 @@ def render_html(comp, out: Path, title: str, inputs: list[str]) -> str:
                 f"transformers {esc(versions.get('transformers', '?'))}")
     parts = ["<h2>At a glance</h2>", _headline_html(comp, styles)]
     facts = findings(comp)
+    specs = {(m.analysis.manifest.get("data"), m.analysis.manifest.get("seq_len"), m.analysis.manifest.get("samples"))
+             for m in comp.models if m.analysis is not None}
+    if len(specs) > 1:
+        facts.append("Note: the models were analysed on different data (or numbers of tokens), so their "
+                     "perplexities and Δloss are not directly comparable; the per-layer shapes are.")
     if facts:
         parts.append('<ul class="findings">' + "".join(f"<li>{esc(s)}</li>" for s in facts) + "</ul>")
     parts.append("<details open><summary>How each number is defined</summary>" + _definitions_html(comp) + "</details>")
@@ -536,14 +548,16 @@ def render_html(comp, out: Path, title: str, inputs: list[str]) -> str:
     parts.append(_section("Angular distance maps", by_section["angular"], out))
     parts.append(_section("Training", by_section["training"], out))
     parts.append("<h2>Inputs</h2>" + _inputs_html(comp, out, styles))
-    cmd = "layerprobe compare " + " ".join(inputs)
+    cmd = command or "layerprobe compare " + " ".join(inputs)
     parts.append(f"<p class=\"muted\">Made with <code>{esc(cmd)}</code>. Tables: <code>headline.csv</code>, "
-                 "<code>per_layer.csv</code> next to this file.</p>")
+                 "<code>per_layer.csv</code>" + (", <code>training.csv</code>" if any(m.training is not None for m in comp.models) else "")
+                 + " next to this file.</p>")
     html = page(title, subtitle, "".join(parts))
     return html.replace("</style>", EXTRA_CSS + "</style>", 1)
 
 
-def write_report(comp, out: Path, *, title: str | None, started: float, inputs: list[str]) -> Path:
+def write_report(comp, out: Path, *, title: str | None, started: float, inputs: list[str],
+                 command: str | None = None) -> Path:
     comp.out = out
     comp.figures = write_figures(comp, out)
     write_csv(out / "headline.csv", comp.headline)
@@ -555,9 +569,10 @@ def write_report(comp, out: Path, *, title: str | None, started: float, inputs: 
     if training:
         write_csv(out / "training.csv", pd.concat(training, ignore_index=True))
     title = title or "layerprobe — " + " vs ".join(m.label for m in comp.models)
-    write_text(out / "index.html", render_html(comp, out, title, inputs))
+    write_text(out / "index.html", render_html(comp, out, title, inputs, command))
     update_manifest(out, "compare", {
         "inputs": inputs,
+        "command": command or "layerprobe compare " + " ".join(inputs),
         "models": [{"label": m.label, "norm_scheme": m.norm_scheme, "folders": [str(f) for f in m.folders],
                     "results": m.kinds} for m in comp.models],
         "threshold_nats": comp.threshold,
