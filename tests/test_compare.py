@@ -323,3 +323,26 @@ def test_load_results_reads_a_sweep_only_folder(tmp_path, results):
     assert row["perplexity"] == pytest.approx(full["perplexity"]) and row["layers"] == 4
     assert math.isnan(row["variance_growth"])
     assert [f["file"] for f in comp.figures] == ["compare_delta_loss.png"]
+
+
+def test_diverged_run_and_missing_gradients(tmp_path, results):
+    """A run that diverged (loss null after some step) and an analysis without gradients still compare:
+    the numbers that cannot be computed are empty, the rest is there, and the page says the run diverged."""
+    run = tmp_path / "diverged"
+    shutil.copytree(results["run"], run)
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 5, "loss": None, "lr": 1e-3, "grad_norm": None, "diverged": True,
+                             "reason": "loss is nan"}) + "\n")
+    record = json.loads((run / "run.json").read_text())
+    record.update(status="diverged", diverged_at=5)
+    (run / "run.json").write_text(json.dumps(record))
+    nograd = layerprobe.analyze(layerprobe.load_model(str(results["root"] / "models" / "llama")),
+                                data=str(results["root"] / "tokens.npy"), seq_len=32, samples=8, grad=False,
+                                progress=False).save(tmp_path / "nograd")
+    comp = layerprobe.compare([run, nograd], out=tmp_path / "r", progress=False)
+    h = comp.headline.set_index("model")
+    assert math.isnan(h.loc["llama", "grad_ratio"]) and math.isfinite(h.loc["llama", "variance_growth"])
+    assert h.loc[comp.models[0].label, "trained_steps"] == 5
+    html = comp.html.read_text(encoding="utf-8")
+    assert "diverged at step 5" in html
+    assert "compare_training_loss.png" in {f["file"] for f in comp.figures}
