@@ -405,3 +405,30 @@ def test_smollm2_layer_sweep_equals_naive():
         assert_row_matches(layer.iloc[l], ref, full_loss)
     # The first layer matters far more than a middle one in a trained model.
     assert layer.iloc[0]["delta_loss"] > 5 * layer.iloc[15]["delta_loss"] > 0
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_each_row_on_a_local_task(tmp_path):
+    """Downstream accuracy through lm-evaluation-harness, on a task file with local data (no hub)."""
+    pytest.importorskip("lm_eval")
+    rows = [
+        {"question": "The capital of France is", "choices": [" Paris", " banana", " seven"], "answer": 0},
+        {"question": "In Python, a function is defined with the keyword", "choices": [" car", " def", " blue"],
+         "answer": 1},
+        {"question": "Two plus two equals", "choices": [" four", " green", " table"], "answer": 0},
+        {"question": "The opposite of hot is", "choices": [" run", " cold", " window"], "answer": 1},
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = tmp_path / "local_mc.yaml"
+    task.write_text(
+        "task: layerprobe_local_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    lm = load_model("smollm2", device="cpu")
+    result = prune_sweep(lm, remove=[0, 1, 2], samples=2, seq_len=32, batch_size=2, lm_eval_tasks=[str(task)],
+                         progress=False)
+    acc = result.table["lm_eval:layerprobe_local_mc:acc"]
+    assert list(result.table["mode"]) == ["full", "remove"]
+    assert acc.iloc[0] >= 0.75  # the whole model knows these
+    assert acc.between(0, 1).all() and "lm_eval:layerprobe_local_mc:sample_len" not in result.table

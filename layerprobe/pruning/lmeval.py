@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 
@@ -17,25 +20,81 @@ from ..progress import make_progress
 from .surgery import parse_removed, pruned
 
 
+NOT_SCORES = ("alias", "sample_len", "samples")
+
+
+@contextmanager
+def _quiet_bars():
+    """lm-eval and datasets draw their own tqdm bars; ours is the one on screen."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def check_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise LayerprobeError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval "
                               "(its task data must be downloadable or already cached)")
 
 
+def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """Task names, and the folders to include for tasks given as local YAML files (offline tasks)."""
+    names, include = [], []
+    for t in tasks:
+        path = Path(t).expanduser()
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise LayerprobeError(f"no such lm-eval task file: {t}")
+            import yaml
+
+            try:
+                config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise LayerprobeError(f"{t} is not valid YAML: {str(e).splitlines()[0]}") from None
+            if not isinstance(config, dict) or not config.get("task"):
+                raise LayerprobeError(f"{t} has no 'task:' name; it is not an lm-eval task file")
+            names.append(str(config["task"]))
+            if str(path.parent.resolve()) not in include:
+                include.append(str(path.parent.resolve()))
+        else:
+            names.append(t)
+    return names, include
+
+
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, float]:
-    """{'task:metric': value} for one model, stderr entries left out."""
+    """{'task:metric': value} for one model, stderr entries left out.
+
+    `tasks` are lm-eval task names or paths of local task YAML files.
+    """
     check_lm_eval()
     if tokenizer is None:
         raise LayerprobeError("--lm-eval-tasks needs the model's tokenizer, and this model has none")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm-eval").setLevel(logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    names, include = resolve_tasks(tasks)
+    device = str(next(model.parameters()).device)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+        with _quiet_bars():
+            manager = TaskManager(include_path=include or None)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager,
+                                              log_samples=False)
     except LayerprobeError:
         raise
     except Exception as e:
@@ -46,7 +105,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: 
     for task, metrics in (results or {}).get("results", {}).items():
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if "stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if ("stderr" in name or name in NOT_SCORES or not isinstance(value, (int, float))
+                    or isinstance(value, bool)):
                 continue
             out[f"lm_eval:{task}:{name}"] = float(value)
     return out

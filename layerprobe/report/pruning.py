@@ -222,4 +222,15 @@ def sweep_tables(result) -> list:
         for r in g.itertuples(index=False):
             t.add_row(str(r.n_removed), r.removed, *_cells(r))
         tables.append(t)
+    lm_cols = [c for c in result.table.columns if str(c).startswith("lm_eval:")]
+    if lm_cols:
+        t = Table(title="lm-evaluation-harness", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  pad_edge=False)
+        t.add_column("mode", no_wrap=True)
+        t.add_column("removed", justify="right", no_wrap=True)
+        for c in lm_cols:
+            t.add_column(c.split(":", 1)[1], justify="right", no_wrap=True)
+        for _, r in result.table.iterrows():
+            t.add_row(str(r["mode"]), str(r["removed"]), *[_f(r[c], ".3f") for c in lm_cols])
+        tables.append(t)
     return tables
