@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import layerprobe  # noqa: F401
+from fixtures_reference import one_thread  # noqa: F401  (a fixture)
 from layerprobe.reference import (
     NORM_SCHEMES,
     LayerprobeConfig,
@@ -18,6 +18,7 @@ from layerprobe.reference import (
 )
 
 D, HEADS, FFN, VOCAB = 32, 4, 48, 97
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(scheme="pre", layers=4, **kw) -> LayerprobeConfig:

@@ -76,6 +76,7 @@ def train_reference_command(
     data_seed: Optional[int] = typer.Option(None, help="Seed of the held-out split and batch order (default: --seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Shard weights, gradients and optimizer state (FSDP2) under torchrun."),
     resume: bool = typer.Option(False, "--resume", help="Continue the runs in OUT from their last checkpoint."),
@@ -92,7 +93,7 @@ def train_reference_command(
         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, post_ln_ratio=post_ln_ratio,
         post_ln_layers=post_ln_layers, scaled_init=scaled_init, norm_type=norm_type, vocab_size=vocab_size,
         tokenizer=tokenizer, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed,
-        data_seed=data_seed, device=device, dtype=dtype, compile=compile, fsdp=fsdp, resume=resume,
+        data_seed=data_seed, device=device, dtype=dtype, threads=threads, compile=compile, fsdp=fsdp, resume=resume,
         overwrite=overwrite, progress=not quiet,
     )
     summary = train_reference(settings)

@@ -51,7 +51,8 @@ def split_blocks(ids_or_blocks: torch.Tensor, seq_len: int, *, eval_samples: int
 
 def prepare_token_data(spec: str, tokenizer, *, seq_len: int, batch_size: int, eval_samples: int, seed: int,
                        text_column: str | None = None, vocab_size: int | None = None,
-                       needed_chars: int = 50_000_000) -> TokenData:
+                       needed_chars: int = 50_000_000, docs: list[str] | None = None) -> TokenData:
+    """Train and held-out blocks for a data spec (`docs`: its documents, when already read)."""
     spec = str(spec)
     if spec.endswith(".npy"):
         path = Path(spec).expanduser()
@@ -62,7 +63,8 @@ def prepare_token_data(spec: str, tokenizer, *, seq_len: int, batch_size: int, e
             raise LayerprobeError(f"{path} holds rows of {arr.shape[1]} tokens, shorter than --seq-len {seq_len}")
         return split_blocks(arr[:, :seq_len], seq_len, eval_samples=eval_samples, batch_size=batch_size,
                             seed=seed, spec=spec)
-    docs = read_training_text(spec, text_column, needed_chars)
+    if docs is None:
+        docs = read_training_text(spec, text_column, needed_chars)
     ids = tokenize_documents(docs, tokenizer) if docs else torch.empty(0, dtype=torch.long)
     return split_blocks(ids, seq_len, eval_samples=eval_samples, batch_size=batch_size, seed=seed, spec=spec)
 

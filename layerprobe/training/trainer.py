@@ -36,7 +36,7 @@ from ..reference import (
     reference_config,
 )
 from . import checkpoint as ckpt
-from .data import BatchOrder, TokenData, prepare_token_data
+from .data import BatchOrder, TokenData, prepare_token_data, read_training_text
 from .distributed import (
     DistEnv,
     all_reduce_sum,
@@ -49,9 +49,6 @@ from .distributed import (
 )
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
-# Settings that may change when a run is resumed: they do not change what a step computes.
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "micro_batch_size", "device", "dtype", "compile",
-                     "fsdp", "world_size", "progress"}
 # Model-config keys that define a run (the rest of a config's dict is transformers bookkeeping).
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings", "norm_type", "norm_eps", "rope_theta",
@@ -95,6 +92,7 @@ class TrainSettings:
     data_seed: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    threads: int | None = None  # CPU threads for torch (default: torch's choice)
     compile: bool = False
     fsdp: bool = False
     resume: bool = False
@@ -198,7 +196,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
                         ("--ffn-size", s.ffn_size), ("--heads", s.heads), ("--kv-heads", s.kv_heads),
                         ("--batch-size", s.batch_size), ("--micro-batch-size", s.micro_batch_size),
                         ("--lr", s.lr), ("--eval-every", s.eval_every), ("--eval-samples", s.eval_samples),
-                        ("--save-every", s.save_every), ("--vocab-size", s.vocab_size)):
+                        ("--save-every", s.save_every), ("--vocab-size", s.vocab_size), ("--threads", s.threads)):
         _positive(name, value)
     _positive("--grad-clip", s.grad_clip, allow_zero=True)
     _positive("--weight-decay", s.weight_decay, allow_zero=True)
@@ -254,7 +252,12 @@ def model_config(plan: Plan, scheme: str, vocab_size: int, tokenizer) -> Layerpr
 
 
 def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | None) -> dict:
-    """What a run folder must agree on before it can be resumed (or left alone)."""
+    """What a run folder must agree on before it can be resumed (or left alone).
+
+    Left out on purpose, because they do not change what a step computes: --steps (a run can be extended; the
+    cosine is then stretched from the resume point), --eval-every, --save-every, --micro-batch-size, the device,
+    dtype, threads, compile, FSDP and the number of processes.
+    """
     s = plan.settings
     return {
         "model": {k: getattr(config, k) for k in MODEL_KEYS},
@@ -420,7 +423,8 @@ class Run:
     # -- folder checks, done for every scheme before any training starts --
     def check_folder(self) -> None:
         s = self.plan.settings
-        ckpt.recover(self.dir) if self.env.is_main else None
+        if self.env.is_main:
+            ckpt.recover(self.dir)
         if not self.dir.exists() or not any(self.dir.iterdir()):
             return
         record = ckpt.read_run(self.dir)
@@ -522,28 +526,9 @@ class Run:
         if self.env.is_main:
             ckpt.save_checkpoint(self.dir, "best", core, self.tokenizer, state_dict=model_sd)
 
-    def train(self, stop: StopFlag, progress) -> RunResult:
+    def _setup(self):
+        """The model (wrapped for DDP/FSDP, compiled if asked) and its optimizer, restored when resuming."""
         plan, env, s = self.plan, self.env, self.plan.settings
-        if env.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        barrier(env)
-        start = self.state["step"] if self.state else 0
-        result = RunResult(scheme=self.scheme, path=str(self.dir), status="running", steps_done=start,
-                           total_steps=plan.steps, resumed_from=start if s.resume and self.state else None,
-                           checkpoint_step=start if self.state else None)
-        best_loss = self.state.get("best_eval_loss") if self.state else None
-        best_step = self.state.get("best_step") if self.state else None
-        elapsed_before = self.state.get("train_seconds", 0.0) if self.state else 0.0
-        tokens_before = self.state.get("tokens", 0) if self.state else 0
-        if self.state is not None:
-            old = ckpt.read_run(self.dir) or {}
-            for key in ("final_loss", "final_eval_loss", "final_eval_ppl", "layer_output_var"):
-                setattr(result, key, old.get(key))
-        if env.is_main:
-            # Steps after the checkpoint are redone, so their old metrics go.
-            ckpt.truncate_metrics(self.dir, start)
-            ckpt.write_run(self.dir, self._record(result, start))
-
         core = self._build_model()
         core.train()
         model = core
@@ -551,6 +536,7 @@ class Run:
             model = wrap_fsdp(core, env, mixed_bf16=plan.autocast_dtype is not None)
         elif env.distributed:
             model = wrap_ddp(core, env)
+        # Weight decay (0 by default, i.e. Adam) applies to matrices only, never to norms.
         decay = [p for p in core.parameters() if p.dim() >= 2]
         no_decay = [p for p in core.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -567,71 +553,101 @@ class Run:
             if "cuda_rng" in self.state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self.state["cuda_rng"])
         step_model = torch.compile(model) if s.compile else model
+        return core, model, step_model, opt
 
-        order = BatchOrder(len(self.data.train), plan.batch_size, plan.data_seed)
+    def _step(self, step: int, order: BatchOrder, model, step_model, opt, with_layers: bool):
+        """Forward and backward over the micro-batches of one global batch; returns (lr, loss, grad norm,
+        per-layer grad norms). The optimizer is not stepped: the caller checks the numbers first."""
+        plan, env, s = self.plan, self.env, self.plan.settings
+        lr = lr_at(step, plan)
+        for group in opt.param_groups:
+            group["lr"] = lr
         per_rank = plan.batch_size // env.world_size
+        rows = order.rows(step)[env.rank * per_rank:(env.rank + 1) * per_rank]
+        loss_acc = torch.zeros((), dtype=torch.float64, device=env.device)
+        for m in range(plan.accum):
+            ids = self.data.train[rows[m * plan.micro_batch_size:(m + 1) * plan.micro_batch_size]].to(env.device)
+            with self._sync(model, m == plan.accum - 1), _autocast(plan, env):
+                loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / plan.accum).backward()
+            loss_acc += loss.detach().double()
+        # Every micro-batch holds the same number of tokens, so the mean of the means is the batch mean.
+        loss_val = (all_reduce_sum(env, (loss_acc / plan.accum).reshape(1).cpu()) / env.world_size).item()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if s.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)  # the norm before clipping
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        per_layer = layer_grad_norms(_core(model), s.fsdp, env) if with_layers else None
+        return lr, loss_val, gnorm, per_layer
+
+    def train(self, stop: StopFlag, progress) -> RunResult:
+        plan, env, s = self.plan, self.env, self.plan.settings
+        if env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        barrier(env)
+        state = self.state or {}
+        start = state.get("step", 0)
+        result = RunResult(scheme=self.scheme, path=str(self.dir), status="running", steps_done=start,
+                           total_steps=plan.steps, resumed_from=start if s.resume and self.state else None,
+                           checkpoint_step=start if self.state else None)
+        best_loss, best_step = state.get("best_eval_loss"), state.get("best_step")
+        seconds_before, tokens_before = state.get("train_seconds", 0.0), state.get("tokens", 0)
+        if self.state is not None:
+            old = ckpt.read_run(self.dir) or {}
+            for key in ("final_loss", "final_eval_loss", "final_eval_ppl", "layer_output_var"):
+                setattr(result, key, old.get(key))
+        if env.is_main:
+            ckpt.truncate_metrics(self.dir, start)  # steps after the checkpoint are redone: their metrics go
+            ckpt.write_run(self.dir, self._record(result, start))
+
+        core, model, step_model, opt = self._setup()
+        order = BatchOrder(len(self.data.train), plan.batch_size, plan.data_seed)
         eval_blocks = self.data.eval[: (len(self.data.eval) // env.world_size) * env.world_size]
+        eval_model = model if s.fsdp else core  # FSDP's forward needs its wrapper; DDP's does not
         tokens_per_step = plan.batch_size * plan.seq_len
         task = progress.add_task(self.scheme, total=plan.steps, completed=start, loss=float("nan"),
                                  tps=0.0, ppl="") if progress is not None else None
         metrics = open(self.dir / ckpt.METRICS_FILE, "a", encoding="utf-8") if env.is_main else None
-        train_seconds, tokens = elapsed_before, tokens_before
-        step = start
-        saved_step = start
+        seconds, tokens, step = seconds_before, tokens_before, start
+
+        def save_last():
+            self._save_last(core, model, opt, step, result, {"best_eval_loss": best_loss, "best_step": best_step,
+                                                             "train_seconds": seconds, "tokens": tokens})
+            result.checkpoint_step = step
+
+        def log(record):
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+
         try:
             while step < plan.steps:
                 if any_process(env, stop.requested):
                     result.status = "interrupted"
                     break
                 t0 = time.perf_counter()
-                lr = lr_at(step, plan)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                rows = order.rows(step)[env.rank * per_rank:(env.rank + 1) * per_rank]
-                loss_acc = torch.zeros((), dtype=torch.float64, device=env.device)
-                for m in range(plan.accum):
-                    ids = self.data.train[rows[m * plan.micro_batch_size:(m + 1) * plan.micro_batch_size]]
-                    ids = ids.to(env.device, non_blocking=True)
-                    last_micro = m == plan.accum - 1
-                    with self._sync(model, last_micro), _autocast(plan, env):
-                        loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
-                    (loss / plan.accum).backward()
-                    loss_acc += loss.detach().double()
-                # Every micro-batch holds the same number of tokens, so the mean of the means is the batch mean.
-                loss_val = (all_reduce_sum(env, (loss_acc / plan.accum).reshape(1).cpu()) / env.world_size).item()
-                params = [p for p in model.parameters() if p.grad is not None]
-                if s.grad_clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-                else:
-                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
                 is_eval_step = (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps
-                per_layer_grad = layer_grad_norms(core, s.fsdp, env) if is_eval_step else None
-
+                lr, loss_val, gnorm, per_layer_grad = self._step(step, order, model, step_model, opt, is_eval_step)
                 if not (_finite(loss_val) and _finite(gnorm)):
                     # Stop before the update: the last checkpoint on disk is the last good state.
-                    result.status = "diverged"
-                    result.diverged_at = step + 1
-                    result.diverged_reason = (f"loss is {loss_val}" if not _finite(loss_val)
-                                              else f"gradient norm is {gnorm}")
-                    if metrics:
-                        metrics.write(json.dumps({"step": step + 1, "loss": None, "lr": lr, "grad_norm": None,
-                                                  "diverged": True, "reason": result.diverged_reason}) + "\n")
-                        metrics.flush()
+                    result.status, result.diverged_at = "diverged", step + 1
+                    result.diverged_reason = f"loss is {loss_val}" if not _finite(loss_val) else f"gradient norm is {gnorm}"
+                    log({"step": step + 1, "loss": None, "lr": lr, "grad_norm": None, "diverged": True,
+                         "reason": result.diverged_reason})
                     break
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
-                train_seconds += dt
-                tokens += tokens_per_step
-                step += 1
+                seconds, tokens, step = seconds + dt, tokens + tokens_per_step, step + 1
                 record = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
                           "tokens_per_s": tokens_per_step / dt, "tokens": tokens}
                 result.final_loss, result.steps_done = loss_val, step
                 if is_eval_step:
-                    eval_loss, variances = evaluate(core if not s.fsdp else model, eval_blocks, plan, env)
+                    eval_loss, variances = evaluate(eval_model, eval_blocks, plan, env)
                     ppl = math.exp(min(eval_loss, 700.0))
                     record.update(eval_loss=eval_loss, eval_ppl=ppl, layer_grad_norm=per_layer_grad,
                                   layer_output_var=variances)
@@ -640,33 +656,24 @@ class Run:
                         best_loss, best_step = eval_loss, step
                         self._save_best(core, model)
                     result.best_eval_loss, result.best_step = best_loss, best_step
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                log(record)  # before the checkpoint: a checkpoint never runs ahead of its metrics
                 _after_step(self.dir, step)
                 if step % plan.save_every == 0 or step == plan.steps:
-                    self._save_last(core, model, opt, step, result,
-                                    {"best_eval_loss": best_loss, "best_step": best_step,
-                                     "train_seconds": train_seconds, "tokens": tokens})
-                    saved_step = result.checkpoint_step = step
+                    save_last()
                 if task is not None:
                     progress.update(task, completed=step, loss=loss_val, tps=tokens_per_step / dt,
                                     ppl=f"{result.final_eval_ppl:.1f}" if result.final_eval_ppl else "")
             else:
                 result.status = "completed"
-            if result.status == "interrupted" and step > saved_step:
-                self._save_last(core, model, opt, step, result,
-                                {"best_eval_loss": best_loss, "best_step": best_step,
-                                 "train_seconds": train_seconds, "tokens": tokens})
-                saved_step = result.checkpoint_step = step
+            if result.status == "interrupted" and step != result.checkpoint_step:
+                save_last()
         finally:
             if metrics:
                 metrics.close()
-        result.seconds = train_seconds
-        result.tokens_per_s = (tokens - tokens_before) / (train_seconds - elapsed_before) \
-            if train_seconds > elapsed_before else None
+        result.seconds = seconds
+        result.tokens_per_s = (tokens - tokens_before) / (seconds - seconds_before) if seconds > seconds_before else None
         if env.is_main:
-            ckpt.write_run(self.dir, self._record(result, saved_step if result.status == "diverged" else step))
+            ckpt.write_run(self.dir, self._record(result, result.checkpoint_step or 0))
         barrier(env)
         return result
 
@@ -731,30 +738,31 @@ def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
 
     hf_logging.disable_progress_bar()
     plan = resolve_plan(s, env)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     out = Path(s.out).expanduser()
     if env.is_main:
         ensure_writable_dir(out)
     barrier(env)
 
     # The tokenizer and the data are shared by every scheme.
-    text_needed = plan.steps * plan.batch_size * plan.seq_len * 6
-    if s.tokenizer:
-        tokenizer = load_tokenizer(s.tokenizer)
-        vocab = len(tokenizer)
-    elif s.data.endswith(".npy"):
-        tokenizer, vocab = None, plan.vocab_size  # token ids given as they are
-    else:
-        from .data import read_training_text
-
+    text_needed = plan.steps * plan.batch_size * plan.seq_len * 6  # characters to stream from hf: datasets
+    docs = None
+    if not s.data.endswith(".npy"):
         docs = read_training_text(s.data, s.text_column, text_needed)
         if not docs:
             raise LayerprobeError(f"the data {s.data!r} holds no text")
+    if s.tokenizer:
+        tokenizer = load_tokenizer(s.tokenizer)
+    elif docs is None:
+        tokenizer = None  # token ids given as they are
+    else:
         tokenizer = train_bpe_tokenizer(docs, plan.vocab_size)
-        vocab = len(tokenizer)
+    vocab = len(tokenizer) if tokenizer is not None else plan.vocab_size
     fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     data = prepare_token_data(s.data, tokenizer, seq_len=plan.seq_len, batch_size=plan.batch_size,
                               eval_samples=s.eval_samples, seed=plan.data_seed, text_column=s.text_column,
-                              vocab_size=vocab, needed_chars=text_needed)
+                              vocab_size=vocab, docs=docs)
     if len(data.eval) < env.world_size:
         raise LayerprobeError(f"the held-out split has {len(data.eval)} blocks, fewer than the "
                               f"{env.world_size} processes; give more data")
