@@ -387,9 +387,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny, ids_file, tmp_path, args, messag
 
 
 # -- the real model ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", device="cpu")
+
+
 @pytest.mark.slow
-def test_smollm2_layer_sweep_equals_naive():
-    lm = load_model("smollm2", device="cpu")
+def test_smollm2_layer_sweep_equals_naive(smollm2):
+    lm = smollm2
     result = prune_sweep(lm, mode="layer", samples=2, seq_len=32, batch_size=2, progress=False)
     from layerprobe.data import load_token_blocks
 
@@ -408,7 +413,7 @@ def test_smollm2_layer_sweep_equals_naive():
 
 
 @pytest.mark.slow
-def test_lm_eval_scores_each_row_on_a_local_task(tmp_path):
+def test_lm_eval_scores_each_row_on_a_local_task(tmp_path, smollm2):
     """Downstream accuracy through lm-evaluation-harness, on a task file with local data (no hub)."""
     pytest.importorskip("lm_eval")
     rows = [
@@ -425,10 +430,28 @@ def test_lm_eval_scores_each_row_on_a_local_task(tmp_path):
         f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
-    lm = load_model("smollm2", device="cpu")
+    lm = smollm2
     result = prune_sweep(lm, remove=[0, 1, 2], samples=2, seq_len=32, batch_size=2, lm_eval_tasks=[str(task)],
                          progress=False)
     acc = result.table["lm_eval:layerprobe_local_mc:acc"]
     assert list(result.table["mode"]) == ["full", "remove"]
     assert acc.iloc[0] >= 0.75  # the whole model knows these
     assert acc.between(0, 1).all() and "lm_eval:layerprobe_local_mc:sample_len" not in result.table
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_saves_as_safetensors_and_generates(smollm2, tmp_path):
+    """A GGUF-loaded model carries a quantizer marker that save_pretrained refuses; the pruned copy is
+    written as plain safetensors with its tokenizer, and the GGUF model is left as it was."""
+    out = save_pruned(smollm2, [20, 21, 22], tmp_path / "smol27")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert smollm2.model.hf_quantizer is not None and len(smollm2.model.model.layers) == 30
+    small = load_model(str(out), device="cpu")
+    assert small.config.num_hidden_layers == 27 and small.tokenizer is not None
+    ids = small.tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        cached = small.model.generate(ids, **kw)
+        assert torch.equal(cached, small.model.generate(ids, use_cache=False, **kw))
+        with pruned(smollm2.model, [20, 21, 22]):
+            assert torch.equal(cached, smollm2.model.generate(ids, **kw))

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -95,9 +96,12 @@ def save_pruned(
         with torch.inference_mode():
             expected = removal_logits(net, remove, probe, layers_path) if check else None
         changes = removal_config_changes(net, remove, layers_path)
-        with pruned(net, remove, layers_path) as small, warnings.catch_warnings():
+        with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            small.save_pretrained(tmp)
+            try:
+                small.save_pretrained(tmp)
+            except ValueError as e:  # e.g. a quantization that transformers cannot write
+                raise LayerprobeError(f"the pruned model could not be saved: {str(e).splitlines()[0]}") from None
         if tokenizer is not None:
             try:
                 tokenizer.save_pretrained(tmp)
@@ -126,6 +130,28 @@ def save_pruned(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextmanager
+def _dequantized_gguf(model):
+    """A model read from a GGUF file holds plain dequantized tensors but keeps a GGUF marker that makes
+    save_pretrained refuse; drop the marker while saving so it writes ordinary safetensors."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        yield
+        return
+    had_config = "quantization_config" in model.config.__dict__
+    config_value = model.config.__dict__.get("quantization_config")
+    model.hf_quantizer = None
+    if had_config:
+        del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_config:
+            model.config.quantization_config = config_value
 
 
 def _prove(folder: Path, expected: torch.Tensor, probe: torch.Tensor, net) -> dict:
