@@ -1,8 +1,9 @@
 """Training throughput of the layerprobe reference model (Pre-LN) against transformers' LlamaForCausalLM.
 
 Same sizes, same batch, same optimizer step (forward + backward + AdamW), fp32 on the CPU. The two
-models are timed in alternation, round after round, and the median round of each is compared, so
-that load from other processes on a shared machine hits both alike.
+models are timed in alternation, round after round (who goes first alternates too); the ratio reported
+is the median over rounds of llama's time / ours in that round, so that load from other processes on a
+shared machine, which drifts over minutes, hits both alike.
 
     python bench/bench_train_throughput.py                      # tiny and 71m on the CPU
     python bench/bench_train_throughput.py --presets tiny --rounds 7 --json bench/results.json
@@ -87,9 +88,10 @@ def bench_cpu(preset: str, rounds: int, steps_per_round: int, warmup: int, batch
             per_round[name].append(time_steps(steps[name], steps_per_round))
     tokens = b * s
     tps = {k: tokens / statistics.median(v) for k, v in per_round.items()}
+    paired = [ll / lp for lp, ll in zip(per_round["layerprobe"], per_round["llama"])]
     return {"preset": preset, "batch": b, "seq_len": s, "params": sum(p.numel() for p in ours.parameters()),
             "layerprobe_tok_s": tps["layerprobe"], "llama_tok_s": tps["llama"],
-            "ratio": tps["layerprobe"] / tps["llama"],
+            "ratio": statistics.median(paired), "ratio_min": min(paired), "ratio_max": max(paired),
             "rounds_s_per_step": {k: [round(x, 4) for x in v] for k, v in per_round.items()}}
 
 
@@ -134,13 +136,15 @@ def main() -> None:
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print(f"# CPU fp32, forward+backward+AdamW, {info}")
-    print(f"{'preset':>6} {'params':>10} {'batch x seq':>12} {'layerprobe tok/s':>17} {'llama tok/s':>12} {'ratio':>6}")
+    print(f"{'preset':>6} {'params':>10} {'batch x seq':>12} {'layerprobe tok/s':>17} {'llama tok/s':>12} "
+          f"{'ratio':>6} {'(min-max over rounds)':>22}")
     results = {"info": info, "cpu": [], "gpu": []}
     for preset in args.presets.split(","):
         r = bench_cpu(preset.strip(), args.rounds, args.steps_per_round, args.warmup, args.batch, args.seq_len)
         results["cpu"].append(r)
         print(f"{r['preset']:>6} {r['params']:>10,} {r['batch']:>5} x {r['seq_len']:<5} "
-              f"{r['layerprobe_tok_s']:>17,.0f} {r['llama_tok_s']:>12,.0f} {r['ratio']:>6.2f}", flush=True)
+              f"{r['layerprobe_tok_s']:>17,.0f} {r['llama_tok_s']:>12,.0f} {r['ratio']:>6.2f} "
+              f"{r['ratio_min']:>14.2f}-{r['ratio_max']:.2f}", flush=True)
     if torch.cuda.is_available():
         print(f"# GPU bf16 autocast, compile={not args.no_compile}, peak {args.peak_tflops} TFLOP/s")
         for preset in args.gpu_presets.split(","):

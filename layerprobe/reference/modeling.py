@@ -300,8 +300,10 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            # Next-token loss, mean over every predicted token (-100 ignored), in float32.
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Next-token loss, mean over every predicted token (-100 ignored), in float32. Shifting the labels
+            # (not the logits) avoids copying a [batch, seq, vocab] tensor.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
 
