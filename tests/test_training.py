@@ -4,12 +4,10 @@ one-line errors for bad input, and data parallelism that reproduces the single-p
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,10 +161,13 @@ def test_position_in_the_scheme_list_changes_nothing(trained, tmp_path):
 
 def test_named_tokenizer_and_token_id_data(trained, tmp_path):
     out, _ = trained
-    result, text = run_cli("train-reference", *MICRO, "--norm", "post", "--steps", 2, "--tokenizer", out / "pre",
-                           "--out", tmp_path / "a")
+    result, text = run_cli("train-reference", *MICRO, "--norm", "DeepNorm,Peri-LN", "--steps", 2,
+                           "--tokenizer", out / "pre", "--out", tmp_path / "a")
     assert result.exit_code == 0, text
-    assert read_json(tmp_path / "a" / "post" / "config.json")["vocab_size"] == 384
+    for scheme in ("deepnorm", "sandwich"):
+        config = read_json(tmp_path / "a" / scheme / "config.json")
+        assert config["vocab_size"] == 384 and config["norm_scheme"] == scheme
+        assert read_json(tmp_path / "a" / scheme / "run.json")["status"] == "completed"
 
     ids = np.random.default_rng(0).integers(0, 300, size=(40, 33))
     np.save(tmp_path / "ids.npy", ids)

@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,6 +191,8 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         raise LayerprobeError(f"--post-ln-ratio (Mix-LN's α) must lie in [0, 1] (got {s.post_ln_ratio})")
     if s.resume and s.overwrite:
         raise LayerprobeError("--resume and --overwrite contradict each other; give one")
+    if str(s.norm_type).lower() not in ("rmsnorm", "layernorm"):
+        raise LayerprobeError(f"unknown --norm-type {s.norm_type!r}; use rmsnorm or layernorm")
     for name, value in (("--steps", s.steps), ("--layers", s.layers), ("--hidden-size", s.hidden_size),
                         ("--ffn-size", s.ffn_size), ("--heads", s.heads), ("--kv-heads", s.kv_heads),
                         ("--batch-size", s.batch_size), ("--micro-batch-size", s.micro_batch_size),
@@ -782,8 +783,7 @@ def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
         "lr": plan.lr, "seed": s.seed, "data_seed": plan.data_seed, "data": s.data, "vocab_size": vocab,
         "train_blocks": len(data.train), "eval_blocks": len(data.eval), "world_size": env.world_size,
         "device": str(env.device), "autocast": str(plan.autocast_dtype) if plan.autocast_dtype else "float32"})
-    with warnings.catch_warnings(), StopFlag() as stop, _make_progress(s.progress and env.is_main) as progress:
-        warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    with StopFlag() as stop, _make_progress(s.progress and env.is_main) as progress:
         for run in runs:
             if run.skip:
                 summary.runs.append(run.result)
