@@ -167,7 +167,7 @@ def plot_training_loss(comp, path: Path) -> bool:
     if not models:
         return False
     styles = _styles(comp)
-    fig, ax = new_figure(7.5, 4.4)
+    fig, ax = new_figure(10.5, 4.2)
     any_eval = False
     for m in models:
         t = m.training
@@ -219,7 +219,7 @@ def plot_training_layers(comp, metric: str, ylabel: str, path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 3.0 * rows + 0.6), dpi=120, squeeze=False,
                              sharey=True, constrained_layout=True)
     styles = _styles(comp)
-    for ax, m in zip(axes.flat, models):
+    for i_ax, (ax, m) in enumerate(zip(axes.flat, models)):
         d = _layer_metric_over_training(m, metric)
         d = d[d[metric] > 0]
         steps = sorted(d["step"].unique())
@@ -236,7 +236,8 @@ def plot_training_layers(comp, metric: str, ylabel: str, path: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.3, linewidth=0.6)
-        ax.legend(fontsize=7, title="light → dark: early → late", title_fontsize=7)
+        if i_ax == 0:
+            ax.legend(fontsize=7, title="light → dark: early → late", title_fontsize=7)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[n:]:
@@ -408,9 +409,15 @@ def _headline_html(comp, styles) -> str:
             if c == "model":
                 color = styles[row["model"]]["color"]
                 text = f'<span class="swatch" style="background:{color}"></span>{text}'
-            elif c == "removable_layers" and isinstance(row.get("removable_which"), str) and row["removable_which"]:
-                which = ", ".join(row["removable_which"].split())
-                text = f'{text} <span class="muted">ℓ = {esc(which)}</span>'
+            elif c == "removable_layers" and pd.notna(row["removable_layers"]) and pd.notna(row["layers"]):
+                which = [int(x) for x in str(row.get("removable_which") or "").split()]
+                rest = [ell for ell in range(int(row["layers"])) if ell not in which]
+                if which and rest and len(which) > len(rest):
+                    text += f' <span class="muted">all but ℓ = {esc(", ".join(map(str, rest)))}</span>'
+                elif which and rest:
+                    text += f' <span class="muted">ℓ = {esc(", ".join(map(str, which)))}</span>'
+                elif which:
+                    text += ' <span class="muted">all</span>'
             cells.append(f'<td class="t">{text}</td>' if f is None else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="headline"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -488,7 +495,7 @@ def _inputs_html(comp, out: Path, styles) -> str:
                 training += f", diverged at step {t['diverged_at']}"
         rows.append("<tr>" + "".join([
             f'<td><span class="swatch" style="background:{color}"></span>{esc(m.label)}</td>',
-            f"<td>{esc(m.norm_scheme)}" + (f' <span class="muted">({esc(src)})</span>' if src else "") + "</td>",
+            f"<td>{esc(m.norm_scheme)}" + (f' <span class="muted">· {esc(src)}</span>' if src else "") + "</td>",
             f"<td>{esc(', '.join(m.kinds))}</td>",
             f"<td>{esc(training)}</td>",
             f"<td>{esc(data)}</td>",

@@ -1,0 +1,106 @@
+"""`layerprobe demo` end to end on a micro configuration, and the committed demo report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import layerprobe
+from layerprobe.cli import app
+from layerprobe.results import FORMAT_VERSION
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_one_line_error(result, *needles):
+    text = result.output
+    assert result.exit_code not in (0, None), text
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def micro_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    args = ["demo", "--preset", "micro", "--steps", "6", "--norm", "pre,lns", "--no-block-sweep",
+            "--out", str(root / "report"), "--runs", str(root / "runs"), "-q"]
+    result = runner.invoke(app, args)
+    return root, args, result
+
+
+def test_demo_end_to_end(micro_demo):
+    root, _, result = micro_demo
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "index.html" in result.output
+    report = root / "report"
+    html = (report / "index.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 9
+    headline = pd.read_csv(report / "headline.csv")
+    assert list(headline["model"]) == ["pre", "lns"] and list(headline["norm_scheme"]) == ["pre", "lns"]
+    for col in ("perplexity", "final_eval_perplexity", "removable_layers", "variance_growth", "grad_ratio"):
+        assert headline[col].map(math.isfinite).all(), col
+    manifest = json.loads((report / "manifest.json").read_text())
+    for model in manifest["compare"]["models"]:
+        assert model["results"] == ["analyze", "prune-sweep", "train-reference"]
+    assert {f["file"] for f in manifest["compare"]["figures"]} >= {
+        "compare_training_loss.png", "compare_training_dynamics.png", "compare_delta_loss.png"}
+
+
+def test_demo_analyses_the_held_out_blocks(micro_demo):
+    """analyze runs on exactly the trainer's held-out split: its loss equals the last evaluation's."""
+    root, _, _ = micro_demo
+    for scheme in ("pre", "lns"):
+        run = json.loads((root / "runs" / scheme / "run.json").read_text())
+        analysis = json.loads((root / "report" / scheme / "manifest.json").read_text())["analyze"]
+        assert analysis["summary"]["loss"] == pytest.approx(run["final_eval_loss"], rel=1e-5)
+        assert analysis["data"].endswith("heldout.npy")
+
+
+def test_demo_rerun_reuses_the_trained_models(micro_demo):
+    root, args, _ = micro_demo
+    metrics = root / "runs" / "pre" / "metrics.jsonl"
+    before = metrics.read_text()
+    stamp = metrics.stat().st_mtime_ns
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert metrics.read_text() == before and metrics.stat().st_mtime_ns == stamp
+
+
+def test_demo_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["demo", "--preset", "micro", "--steps", "2", "--out", str(blocker / "r"),
+                                 "--runs", str(tmp_path / "runs")])
+    assert_one_line_error(result, "cannot write to output folder")
+
+
+def test_demo_unknown_scheme(tmp_path):
+    result = runner.invoke(app, ["demo", "--preset", "micro", "--steps", "2", "--norm", "pre,sideways",
+                                 "--out", str(tmp_path / "r"), "--runs", str(tmp_path / "runs")])
+    assert_one_line_error(result, "sideways")
+
+
+def test_committed_demo_report_is_current():
+    """reports/demo/ was made by this version of the code, from all four schemes."""
+    folder = REPO / "reports" / "demo"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["layerprobe_version"] == layerprobe.__version__
+    models = manifest["compare"]["models"]
+    assert [m["norm_scheme"] for m in models] == ["pre", "post", "mix", "lns"]
+    for m in models:
+        assert m["results"] == ["analyze", "prune-sweep", "train-reference"]
+        assert (folder / m["label"] / "layers.csv").is_file() and (folder / m["label"] / "sweep.csv").is_file()
+    for f in manifest["compare"]["figures"]:
+        assert (folder / f["file"]).is_file(), f["file"]
+    headline = pd.read_csv(folder / "headline.csv")
+    assert len(headline) == 4 and headline["perplexity"].map(math.isfinite).all()
