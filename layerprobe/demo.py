@@ -86,9 +86,13 @@ def demo(
     ensure_writable_dir(runs)
     schemes = [s.strip() for s in norm.split(",") if s.strip()]
     _say(f"1/3 training {len(schemes)} {preset} models ({', '.join(schemes)}) on the builtin corpus", progress)
-    summary = train_reference(norm=norm, preset=preset, steps=steps, data="builtin", out=str(runs),
-                              resume=not fresh, overwrite=fresh, progress=progress,
-                              **train_options)
+    try:
+        summary = train_reference(norm=norm, preset=preset, steps=steps, data="builtin", out=str(runs),
+                                  resume=not fresh, overwrite=fresh, progress=progress, **train_options)
+    except LayerprobeError as e:
+        # The trainer names its own flags; say what they are called here.
+        text = str(e).replace("pass --overwrite", "pass --fresh").replace("another --out", "another --runs")
+        raise LayerprobeError(text) from None
     if summary.interrupted:
         raise KeyboardInterrupt
     run_dirs = [Path(r.path) for r in summary.runs]

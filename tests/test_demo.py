@@ -75,6 +75,14 @@ def test_demo_rerun_reuses_the_trained_models(micro_demo):
     assert metrics.read_text() == before and metrics.stat().st_mtime_ns == stamp
 
 
+def test_demo_runs_of_another_config(micro_demo):
+    """Runs from another preset are not silently reused or replaced: the error names the demo's own flags."""
+    root, _, _ = micro_demo
+    result = runner.invoke(app, ["demo", "--preset", "tiny", "--steps", "2", "--norm", "pre,lns",
+                                 "--runs", str(root / "runs"), "--out", str(root / "other")])
+    assert_one_line_error(result, "different config", "--fresh", "--runs")
+
+
 def test_demo_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

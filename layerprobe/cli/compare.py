@@ -15,7 +15,7 @@ from .common import console, err_console, user_errors
 @user_errors
 def compare_command(
     folders: Optional[List[Path]] = typer.Argument(
-        None, metavar="DIR...", show_default=False,
+        None, metavar="DIR", show_default=False,
         help="Result folders written by analyze, prune-sweep and/or train-reference (one or more)."),
     out: Path = typer.Option(Path("reports/compare"), help="Report folder: index.html, PNGs, headline.csv, per_layer.csv."),
     threshold: float = typer.Option(0.05, help="A layer is 'removable' when removing it alone raises the loss by "
