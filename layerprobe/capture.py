@@ -21,6 +21,12 @@ def _hidden_from_inputs(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"]
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same memory seen the same way (a detached or re-wrapped view of one tensor counts)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
 class LayerCapture:
     """Context manager: while active, each forward through the model updates the statistics.
 
@@ -91,22 +97,22 @@ class LayerCapture:
                 if index == self.num_layers - 1:
                     self._store_unit(self.num_layers, y)
                 if self._placement_handles:
-                    self._is_post[index] = any(
-                        o.shape == y.shape and torch.equal(o, y) for o in self._norm_outputs[index]
-                    )
+                    self._is_post[index] = any(_same_tensor(o, y) for o in self._norm_outputs[index])
                     self._norm_outputs[index] = []
 
         return hook
 
     def _norm_hook(self, index: int):
+        # Placement is read from tensor identity, not values: a Pre-LN norm is handed the very
+        # tensor the layer received, and a Post-LN layer returns the very tensor its norm made.
         def hook(module, args, kwargs, output):
             if not isinstance(output, torch.Tensor):
                 return
             inp = _hidden_from_inputs(args, kwargs) if (args or "hidden_states" in kwargs) else None
             x = self._inputs.get(index)
-            if inp is not None and x is not None and inp.shape == x.shape and torch.equal(inp, x):
+            if inp is not None and x is not None and _same_tensor(inp, x):
                 self._norm_feeds_input[index] = True
-            self._norm_outputs[index].append(output.detach())
+            self._norm_outputs[index].append(output)
 
         return hook
 

@@ -19,7 +19,7 @@ import layerprobe
 from layerprobe.anatomy import find_anatomy
 from layerprobe.capture import LayerCapture
 from layerprobe.loading import load_model
-from tiny_models import make_tiny
+from tiny_models import ARCHS, make_tiny
 
 TOL = 1e-5
 SAMPLES, SEQ = 6, 24
@@ -219,3 +219,12 @@ def test_reference_checkpoint_scheme_from_config_and_measured(tmp_path, scheme, 
     assert r.summary["norm_scheme"] == scheme and r.summary["norm_scheme_source"].startswith("config")
     assert r.summary["measured_norm_scheme"] == measured
     assert r.summary["measured_post_ln_layers"] == post_k
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_measured_placement_on_every_architecture(tmp_path, arch):
+    """All tested archs put a norm before each sublayer: the identity-based measurement must say pre."""
+    loaded = load_model(str(make_tiny(arch, tmp_path / arch)), device="cpu", dtype="float32")
+    np.save(tmp_path / "ids.npy", np.random.RandomState(0).randint(0, 256, (2, 16)))
+    r = layerprobe.analyze(loaded, data=str(tmp_path / "ids.npy"), grad=False, progress=False)
+    assert list(r.layers["norm_placement"]) == ["pre"] * r.summary["num_layers"]
