@@ -234,13 +234,19 @@ def load_results(folder: str | Path) -> ModelResults:
     return res
 
 
-def _model_path(res: ModelResults) -> Path | None:
-    """The local folder the analysed / swept model was loaded from, if it was one."""
+def _model_paths(res: ModelResults) -> list[Path]:
+    """Where the analysed / swept model may live, if it was loaded from a local folder. A relative spec is
+    relative to the folder the command ran in, which is unknown here: try the current folder and every
+    folder above the results (results usually sit below the folder the command ran in)."""
+    out = []
     for section in ((res.analysis.manifest if res.analysis else {}), res.sweep_manifest):
         spec = section.get("model") if isinstance(section, dict) else None
-        if spec and Path(str(spec)).is_dir():
-            return Path(str(spec)).resolve()
-    return None
+        if not spec or "://" in str(spec):
+            continue
+        spec = Path(str(spec)).expanduser()
+        bases = [Path.cwd()] if spec.is_absolute() else [Path.cwd(), *res.folder.resolve().parents]
+        out += [(base / spec).resolve() for base in bases]
+    return out
 
 
 def _merge(a: ModelResults, b: ModelResults) -> ModelResults:
@@ -272,30 +278,40 @@ def collect(folders) -> list[ModelResults]:
     by_folder = {r.folder.resolve(): r for r in loaded}
     absorbed: set[int] = set()
     for r in loaded:
-        target = _model_path(r)
-        if target is not None and target in by_folder and by_folder[target] is not r:
+        if r.training is not None:
+            continue  # a run is the entry others join
+        target = next((by_folder[p] for p in _model_paths(r) if p in by_folder and by_folder[p].training is not None
+                       and by_folder[p] is not r), None)
+        if target is not None:
             absorbed.add(id(r))
-            _merge(by_folder[target], r)
+            _merge(target, r)
     merged = [r for r in loaded if id(r) not in absorbed]
     _unique_labels(merged)
     return merged
 
 
 def _unique_labels(models: list[ModelResults]) -> None:
-    counts: dict[str, int] = {}
+    """Each model's name, or where names clash, the name and the shortest tail of its folder that tells
+    the clashing models apart: "pre (runs/a/pre)", "pre (runs/b/pre)"."""
+    groups: dict[str, list[ModelResults]] = {}
     for m in models:
-        counts[m.name] = counts.get(m.name, 0) + 1
-    for m in models:
-        if counts[m.name] == 1:
-            m.label = m.name
-        else:
-            parent = m.folder.resolve().parent.name
-            m.label = f"{m.name} ({parent}/{m.folder.name})" if m.folder.name != m.name else f"{m.name} ({parent})"
-    labels: dict[str, int] = {}
-    for m in models:  # still clashing (same parent too): number them
-        labels[m.label] = labels.get(m.label, 0) + 1
-        if labels[m.label] > 1:
-            m.label = f"{m.label} #{labels[m.label]}"
+        groups.setdefault(m.name, []).append(m)
+    for name, group in groups.items():
+        if len(group) == 1:
+            group[0].label = name
+            continue
+        parts = [m.folder.resolve().parts for m in group]
+        for k in range(1, max(len(p) for p in parts) + 1):
+            tails = ["/".join(p[-k:]) for p in parts]
+            if len(set(tails)) == len(tails):
+                break
+        for m, tail in zip(group, tails):
+            m.label = f"{name} ({tail})"
+    seen: dict[str, int] = {}
+    for m in models:  # the same folder cannot be given twice, but stay safe
+        seen[m.label] = seen.get(m.label, 0) + 1
+        if seen[m.label] > 1:
+            m.label = f"{m.label} #{seen[m.label]}"
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -66,12 +66,14 @@ def demo(
     fresh: bool = False,
     threshold: float | None = None,
     block_sweep: bool = True,
+    threads: int | None = None,
     progress: bool = True,
     **train_options,
 ):
     """Train one tiny model per norm scheme, analyse and prune-sweep each, and write the comparison to `out`.
 
-    `train_options` go to `layerprobe.training.train_reference` (e.g. layers=, seq_len=, batch_size=).
+    `threads`: CPU threads for torch in every step (default: torch's choice; 1 is steadier on a machine shared
+    with other jobs). `train_options` go to `layerprobe.training.train_reference` (e.g. layers=, seq_len=).
     Returns the `Comparison`; its `.html` is the report.
     """
     from .analysis import analyze
@@ -81,6 +83,12 @@ def demo(
     from .training import train_reference
 
     started = time.perf_counter()
+    if threads is not None:
+        if threads < 1:
+            raise LayerprobeError(f"--threads must be at least 1 (got {threads})")
+        import torch
+
+        torch.set_num_threads(threads)
     out, runs = Path(out), Path(runs)
     ensure_writable_dir(out)
     ensure_writable_dir(runs)
@@ -88,7 +96,8 @@ def demo(
     _say(f"1/3 training {len(schemes)} {preset} models ({', '.join(schemes)}) on the builtin corpus", progress)
     try:
         summary = train_reference(norm=norm, preset=preset, steps=steps, data="builtin", out=str(runs),
-                                  resume=not fresh, overwrite=fresh, progress=progress, **train_options)
+                                  resume=not fresh, overwrite=fresh, progress=progress, threads=threads,
+                                  **train_options)
     except LayerprobeError as e:
         # The trainer names its own flags; say what they are called here.
         text = str(e).replace("pass --overwrite", "pass --fresh").replace("another --out", "another --runs")
@@ -118,6 +127,7 @@ def demo(
     command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
     command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
     command += f" --threshold {threshold}" if threshold is not None else ""
+    command += f" --threads {threads}" if threads else ""
     comp = compare([*run_dirs, *result_dirs], out=out, title=title,
                    threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress,
                    command=command)

@@ -346,3 +346,21 @@ def test_diverged_run_and_missing_gradients(tmp_path, results):
     html = comp.html.read_text(encoding="utf-8")
     assert "diverged at step 5" in html
     assert "compare_training_loss.png" in {f["file"] for f in comp.figures}
+
+
+def test_relative_model_path_pairs_from_another_folder(tmp_path, results, monkeypatch):
+    """analyze ran in a project folder with a relative run path; compare runs elsewhere with absolute paths:
+    the analysis still joins its run, and same-named models get labels that tell them apart."""
+    project = tmp_path / "project"
+    shutil.copytree(results["run"], project / "runs" / "lns")
+    monkeypatch.chdir(project)
+    layerprobe.analyze("runs/lns", data="builtin", seq_len=32, samples=4, grad=False,
+                       progress=False).save("reports/lns")
+    monkeypatch.chdir(tmp_path)
+    comp = layerprobe.compare([project / "runs" / "lns", project / "reports" / "lns", results["run-analysis"]],
+                              out=None, progress=False)
+    paired = [m for m in comp.models if m.training is not None]
+    assert len(paired) == 1 and paired[0].kinds == ["analyze", "train-reference"]
+    assert paired[0].folders == [project / "runs" / "lns", project / "reports" / "lns"]
+    labels = sorted(m.label for m in comp.models)
+    assert len(set(labels)) == 2 and all(label.startswith("lns (") for label in labels), labels

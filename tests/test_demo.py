@@ -32,7 +32,7 @@ def assert_one_line_error(result, *needles):
 def micro_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     args = ["demo", "--preset", "micro", "--steps", "6", "--norm", "pre,lns", "--no-block-sweep",
-            "--out", str(root / "report"), "--runs", str(root / "runs"), "-q"]
+            "--threads", "1", "--out", str(root / "report"), "--runs", str(root / "runs"), "-q"]
     result = runner.invoke(app, args)
     return root, args, result
 

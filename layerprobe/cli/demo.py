@@ -22,6 +22,7 @@ def demo_command(
     fresh: bool = typer.Option(False, "--fresh", help="Train again even where runs/ already holds finished runs."),
     threshold: float = typer.Option(0.05, help="'Removable' layers: removing one alone costs less than this many nats."),
     block_sweep: bool = typer.Option(True, "--block-sweep/--no-block-sweep", help="Also remove every contiguous block."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The whole story offline: train tiny Pre-LN, Post-LN, Mix-LN and LNS models, analyse and prune-sweep each, compare."""
@@ -29,7 +30,7 @@ def demo_command(
     from ..report.compare import headline_table
 
     comp = demo(out=out, runs=runs, norm=norm, preset=preset, steps=steps, fresh=fresh, threshold=threshold,
-                block_sweep=block_sweep, progress=not quiet)
+                block_sweep=block_sweep, threads=threads, progress=not quiet)
     console.print(headline_table(comp))
     err_console.print(f"wrote {comp.html} in {comp.seconds / 60:.1f} min (checkpoints in {runs}/, one folder "
                       f"per model in {out}/)", highlight=False)

@@ -94,7 +94,9 @@ def plot_per_layer(comp, metric: str, path: Path, ylabel: str, scale, title: str
     if scale is True:
         ax.set_yscale("log")
     elif scale == "symlog":
-        ax.set_yscale("symlog", linthresh=max(comp.threshold, 1e-3), linscale=0.6)
+        # Log above 1e-3 nats (removals cost from ~1e-3 to several nats); linear around 0, where a removal
+        # can even lower the loss a little.
+        ax.set_yscale("symlog", linthresh=1e-3, linscale=0.5)
         ax.axhline(comp.threshold, color="#555555", linestyle="--", linewidth=1)
         ax.axhline(0, color="#999999", linewidth=0.6)
         ax.annotate(f"threshold {comp.threshold:g} nats", xy=(1, comp.threshold), xycoords=("axes fraction", "data"),
