@@ -317,3 +317,14 @@ def test_console_error_is_caught(tmp_path):
                     '<h1>console</h1><script>console.error("boom")</script></body></html>')
     with pytest.raises(AssertionError, match="boom"):
         check_page(page, tmp_path)
+
+
+def test_network_request_is_caught(tmp_path):
+    """A page that loads anything over the network fails the check (the reports must not)."""
+    page = tmp_path / "network.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>t</title>'
+                    '<link rel="stylesheet" href="http://127.0.0.1:9/style.css"></head><body><h1>net</h1>'
+                    '<img src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQ'
+                    'DwAEhQGAhKmMIQAAAABJRU5ErkJggg=="></body></html>')
+    with pytest.raises(AssertionError, match="127.0.0.1:9"):
+        check_page(page, tmp_path)
