@@ -186,8 +186,7 @@ def plot_training_loss(comp, path: Path) -> bool:
             ax.plot(ev["step"], ev[col], color=st["color"], linestyle="none", marker=st["marker"], markersize=5,
                     markeredgecolor="white", markeredgewidth=0.6)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("next-token cross-entropy (nats, log scale)")
-    ax.set_yscale("log")
+    ax.set_ylabel("next-token cross-entropy (nats)")
     ax.set_title("training curves")
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="#555555", linewidth=1.4))
