@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import reference  # noqa: E402,F401  (registers our checkpoints with the transformers Auto classes)
 from .analysis import analyze  # noqa: E402
 from .errors import LayerprobeError  # noqa: E402
 from .loading import load_model  # noqa: E402

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from layerprobe.cli import app
+from cli_helpers import assert_one_line_error, run_cli  # noqa: F401  (re-exported for the training tests)
 
 REPO = Path(__file__).resolve().parents[1]
 # Seconds-long runs: 4 layers of width 32, 8 sequences of 32 tokens per step.
 MICRO = ["--preset", "micro", "--device", "cpu", "--quiet"]
 
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=False)
@@ -31,18 +29,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.output  # click >= 8.2: stdout and stderr interleaved
-
-
-def assert_one_line_error(result, text, *needles):
-    assert result.exit_code not in (0, None), text
-    assert "Traceback" not in text, text
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, text
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

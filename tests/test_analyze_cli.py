@@ -7,17 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
-
-from layerprobe.cli import app
+from cli_helpers import assert_one_line_error, run_cli
 from tiny_models import make_tiny
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +36,6 @@ def text_llama_dir(tmp_path_factory):
     return folder
 
 
-def run_cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.output  # click >= 8.2: stdout and stderr interleaved
-
-
-def assert_one_line_error(result, text, *needles):
-    assert result.exit_code not in (0, None), text
-    assert "Traceback" not in text, text
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, text
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_missing_path(tmp_path):

@@ -228,3 +228,22 @@ def test_measured_placement_on_every_architecture(tmp_path, arch):
     np.save(tmp_path / "ids.npy", np.random.RandomState(0).randint(0, 256, (2, 16)))
     r = layerprobe.analyze(loaded, data=str(tmp_path / "ids.npy"), grad=False, progress=False)
     assert list(r.layers["norm_placement"]) == ["pre"] * r.summary["num_layers"]
+
+
+def test_import_layerprobe_registers_reference_checkpoints(tmp_path):
+    """`import layerprobe` alone is enough for AutoModelForCausalLM to load our checkpoints."""
+    import subprocess
+    import sys
+
+    from layerprobe.reference.configuration import LayerprobeConfig
+    from layerprobe.reference.modeling import LayerprobeForCausalLM
+
+    cfg = LayerprobeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, norm_scheme="LNS")
+    LayerprobeForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    code = ("import layerprobe; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}); "
+            "print(type(m).__name__, m.config.norm_scheme)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["LayerprobeForCausalLM", "lns"]

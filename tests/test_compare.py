@@ -12,29 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 import layerprobe
-from layerprobe.cli import app
 from layerprobe.comparison import (DEFAULT_THRESHOLD, grad_ratio, load_results, quarter, variance_growth)
 from layerprobe.report.style import SCHEME_COLORS, model_styles
+from cli_helpers import assert_one_line_error, run_cli
 from tiny_models import make_tiny
 
-runner = CliRunner()
 
 
-def run_cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.output
-
-
-def assert_one_line_error(result, text, *needles):
-    assert result.exit_code not in (0, None), text
-    assert "Traceback" not in text, text
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, text
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

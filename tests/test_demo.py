@@ -13,19 +13,11 @@ from typer.testing import CliRunner
 import layerprobe
 from layerprobe.cli import app
 from layerprobe.results import FORMAT_VERSION
+from cli_helpers import assert_one_line_error
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
-
-def assert_one_line_error(result, *needles):
-    text = result.output
-    assert result.exit_code not in (0, None), text
-    assert "Traceback" not in text, text
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, text
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def test_demo_runs_of_another_config(micro_demo):
     root, _, _ = micro_demo
     result = runner.invoke(app, ["demo", "--preset", "tiny", "--steps", "2", "--norm", "pre,lns",
                                  "--runs", str(root / "runs"), "--out", str(root / "other")])
-    assert_one_line_error(result, "different config", "--fresh", "--runs")
+    assert_one_line_error(result, result.output, "different config", "--fresh", "--runs")
 
 
 def test_demo_unwritable_out(tmp_path):
@@ -88,13 +80,13 @@ def test_demo_unwritable_out(tmp_path):
     blocker.write_text("not a folder")
     result = runner.invoke(app, ["demo", "--preset", "micro", "--steps", "2", "--out", str(blocker / "r"),
                                  "--runs", str(tmp_path / "runs")])
-    assert_one_line_error(result, "cannot write to output folder")
+    assert_one_line_error(result, result.output, "cannot write to output folder")
 
 
 def test_demo_unknown_scheme(tmp_path):
     result = runner.invoke(app, ["demo", "--preset", "micro", "--steps", "2", "--norm", "pre,sideways",
                                  "--out", str(tmp_path / "r"), "--runs", str(tmp_path / "runs")])
-    assert_one_line_error(result, "sideways")
+    assert_one_line_error(result, result.output, "sideways")
 
 
 def test_committed_demo_report_is_current():

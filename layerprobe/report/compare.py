@@ -16,10 +16,10 @@ from rich import box
 from rich.table import Table
 
 from .. import __version__
-from ..comparison import HEADLINE_DEFINITIONS, grad_ratio, normalised_depth, variance_growth
+from ..comparison import HEADLINE_DEFINITIONS, grad_ratio, variance_growth
 from ..io import write_csv, write_text
 from ..results import package_versions, update_manifest
-from .html import esc, fmt_cell, img_tag, page
+from .html import esc, img_tag, page
 from .style import DEPTH_AXIS, LAYER_AXIS, model_styles, new_figure, save_figure
 
 # metric column -> (file, y label, log scale, title, caption)
