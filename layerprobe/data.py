@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +42,18 @@ def _module_docs(module_name: str) -> str:
     except Exception:  # a module missing from a trimmed Python just shrinks the corpus
         return ""
     parts = [inspect.getdoc(mod) or ""]
-    for name in sorted(vars(mod)):
-        if name.startswith("_"):
-            continue
-        obj = getattr(mod, name)
-        if getattr(obj, "__module__", None) != mod.__name__:
-            continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80:
-                parts.append(f"{name}\n{doc}")
+    with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn when touched
+        warnings.simplefilter("ignore")
+        for name in sorted(vars(mod)):
+            if name.startswith("_"):
+                continue
+            obj = getattr(mod, name)
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    parts.append(f"{name}\n{doc}")
     return "\n\n".join(p for p in parts if p)
 
 

@@ -79,8 +79,7 @@ def plot_block_heatmap(result, path: Path) -> None:
         norm, scale = SymLogNorm(linthresh=lin, vmin=-bound, vmax=bound), f"symmetric log colour scale, linear below {lin:g}"
     fig, ax = new_figure(7.5, 5.2)
     ax.grid(False)
-    cmap = matplotlib.colormaps["magma_r" if (finite > 0).all() else "RdBu_r"].copy()
-    cmap.set_bad("#f2f2f2")
+    cmap = matplotlib.colormaps["magma_r" if (finite > 0).all() else "RdBu_r"].with_extremes(bad="#f2f2f2")
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
                    extent=(-0.5, L - 0.5, min(sizes) - 0.5, max(sizes) + 0.5))
     best = [(int(np.nanargmin(grid[i])), sizes_i) for i, sizes_i in enumerate(range(min(sizes), max(sizes) + 1))
