@@ -22,7 +22,7 @@ h1{font-size:1.6em;margin:0 0 4px} h2{margin-top:32px;border-bottom:1px solid #d
 .sub{color:#555;margin-bottom:16px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 16px;background:#fff}
 th,td{border:1px solid #e0e0e0;padding:3px 8px;text-align:right} th{background:#f0f0f0}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child{text-align:left} table.kv td{text-align:left}
 figure{margin:16px 0;background:#fff;border:1px solid #e6e6e6;padding:8px;border-radius:6px}
 figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{color:#444;font-size:13px;margin-top:6px}
@@ -71,7 +71,7 @@ def table_html(df: pd.DataFrame, max_rows: int = 500) -> str:
 
 def key_value_table(items: dict) -> str:
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{fmt_cell(v)}</td></tr>" for k, v in items.items() if v is not None)
-    return f"<table>{rows}</table>"
+    return f'<table class="kv">{rows}</table>'
 
 
 def page(title: str, subtitle: str, body: str) -> str:
