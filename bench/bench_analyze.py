@@ -69,20 +69,21 @@ def reset_peak_rss():
         f.write("5")
 
 
-def peak_rss_mib():
+def _proc_status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (e.g. VmHWM, VmRSS) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mib():
+    return _proc_status_mib("VmHWM")
 
 
 def current_rss_mib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _proc_status_mib("VmRSS")
 
 
 def main():

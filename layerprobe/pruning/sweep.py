@@ -44,30 +44,28 @@ GROUP_BYTES = 512 << 20  # final hidden states of the candidates scored together
 
 
 # -- options ----------------------------------------------------------------------------------
+def _parse_choices(value: str | Iterable[str], allowed, option: str, hint: str) -> list[str]:
+    """Comma-separated (or iterable) choices, "all" for every one; returned in `allowed`'s order."""
+    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if items == ["all"]:
+        return list(allowed)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise LayerprobeError(f"unknown {option} {', '.join(bad) or repr(value)}; use {hint} "
+                              "(several separated by commas) or all")
+    return [v for v in allowed if v in items]
+
+
 def parse_modes(mode: str | Iterable[str] | None, remove=None) -> list[str]:
     if mode is None:
         return [] if remove else ["layer"]
-    items = [m.strip().lower() for m in (mode.split(",") if isinstance(mode, str) else mode) if m.strip()]
-    if items == ["all"]:
-        return list(MODES)
-    bad = [m for m in items if m not in MODES]
-    if bad or not items:
-        raise LayerprobeError(f"unknown --mode {', '.join(bad) or repr(mode)}; use layer, block, greedy, ranked "
-                              "(several separated by commas) or all")
-    return [m for m in MODES if m in items]
+    return _parse_choices(mode, MODES, "--mode", "layer, block, greedy, ranked")
 
 
 def parse_by(by: str | Iterable[str] | None) -> list[str]:
     if by is None:
         return ["angular", "influence", "last"]
-    items = [b.strip().lower() for b in (by.split(",") if isinstance(by, str) else by) if b.strip()]
-    if items == ["all"]:
-        return list(RANKINGS)
-    bad = [b for b in items if b not in RANKINGS]
-    if bad or not items:
-        raise LayerprobeError(f"unknown --by {', '.join(bad) or repr(by)}; use angular, influence, last, "
-                              "angular-layer (several separated by commas) or all")
-    return [b for b in RANKINGS if b in items]
+    return _parse_choices(by, RANKINGS, "--by", "angular, influence, last, angular-layer")
 
 
 def parse_block_sizes(block_size, num_layers: int) -> list[int]:
