@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from . import app
-from .common import console, err_console, user_errors
+from .common import (
+    BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
+    RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    console, err_console, user_errors,
+)
 
 
 @app.command("analyze")
 @user_errors
 def analyze_command(
-    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file, a train-reference run, or 'smollm2'."),
-    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl .csv .parquet .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]"),
-    seq_len: int = typer.Option(256, help="Tokens per sample."),
-    samples: int = typer.Option(32, help="Number of samples (blocks of --seq-len tokens)."),
-    batch_size: int = typer.Option(4, help="Samples per forward pass."),
-    seed: int = typer.Option(0, help="Seed for the choice of blocks."),
+    model: ModelArg,
+    data: DataOpt = "builtin",
+    seq_len: SeqLenOpt = 256,
+    samples: SamplesOpt = 32,
+    batch_size: BatchSizeOpt = 4,
+    seed: SeedOpt = 0,
     tokens: str = typer.Option("last", help="Angular distance on the 'last' token of each sample or on 'all' tokens."),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="--no-grad skips the backward pass (no gradient norms)."),
-    text_column: Optional[str] = typer.Option(None, help="Column holding the text in .jsonl/.csv/.parquet/hf data."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
-    device_map: Optional[str] = typer.Option(None, help="'auto' spreads a model larger than one GPU (accelerate)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-    layers_path: Optional[str] = typer.Option(None, help="Dotted path of the layer list, e.g. transformer.h."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model-name>/)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    text_column: TextColumnOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    layers_path: LayersPathOpt = None,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Measure every layer in one pass: angular distance (ℓ×n), Block Influence, output variance, gradient norms."""
     from ..analysis import analyze

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -56,3 +58,21 @@ def parse_int_list(text: str | None, what: str) -> list[int]:
     except ValueError:
         raise LayerprobeError(f"{what} must be integers like 3,4,5 or 3-5 (got {text!r})") from None
     return out
+
+
+# Options every model-reading command takes, declared once so analyze and prune-sweep agree.
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, a train-reference run, or 'smollm2'.")]
+DataOpt = Annotated[str, typer.Option(help="builtin | file (.txt .jsonl .csv .parquet .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sample.")]
+SamplesOpt = Annotated[int, typer.Option(help="Number of samples (blocks of --seq-len tokens).")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Samples per forward pass.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the choice of blocks.")]
+TextColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the text in .jsonl/.csv/.parquet/hf data.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="'auto' spreads a model larger than one GPU (accelerate).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own code.")]
+LayersPathOpt = Annotated[Optional[str], typer.Option(help="Dotted path of the layer list, e.g. transformer.h.")]
+OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<model-name>/).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

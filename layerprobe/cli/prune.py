@@ -8,13 +8,17 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, parse_int_list, user_errors
+from .common import (
+    BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
+    RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    console, err_console, parse_int_list, user_errors,
+)
 
 
 @app.command("prune-sweep")
 @user_errors
 def prune_sweep_command(
-    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file, a train-reference run, or 'smollm2'."),
+    model: ModelArg,
     mode: Optional[str] = typer.Option(None, help="layer (default) | block | greedy | ranked | all; several separated by commas."),
     block_size: Optional[str] = typer.Option(None, help="Block mode: n, a list 2,4 or range 2-5, or all (default: every n, for the ℓ×n map)."),
     steps: Optional[int] = typer.Option(None, help="Greedy / ranked: how many layers to remove, one at a time (default: half the depth)."),
@@ -23,20 +27,20 @@ def prune_sweep_command(
     save_pruned: Optional[Path] = typer.Option(None, help="Write the model without the --remove layers to this folder (from_pretrained loads it)."),
     lm_eval_tasks: Optional[str] = typer.Option(None, help="Also score every candidate on these lm-evaluation-harness tasks (needs lm-eval and its data)."),
     lm_eval_limit: Optional[int] = typer.Option(100, help="Examples per lm-eval task."),
-    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl .csv .parquet .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]"),
-    seq_len: int = typer.Option(256, help="Tokens per sample."),
-    samples: int = typer.Option(32, help="Number of samples (blocks of --seq-len tokens)."),
-    batch_size: int = typer.Option(4, help="Samples per forward pass."),
-    seed: int = typer.Option(0, help="Seed for the choice of blocks."),
-    text_column: Optional[str] = typer.Option(None, help="Column holding the text in .jsonl/.csv/.parquet/hf data."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
-    device_map: Optional[str] = typer.Option(None, help="'auto' spreads a model larger than one GPU (accelerate)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-    layers_path: Optional[str] = typer.Option(None, help="Dotted path of the layer list, e.g. transformer.h."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model-name>/)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    data: DataOpt = "builtin",
+    seq_len: SeqLenOpt = 256,
+    samples: SamplesOpt = 32,
+    batch_size: BatchSizeOpt = 4,
+    seed: SeedOpt = 0,
+    text_column: TextColumnOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    layers_path: LayersPathOpt = None,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
     from ..errors import LayerprobeError
