@@ -3,6 +3,7 @@
 from .angular import angular_distance_matrix, angular_long_table
 from .gradients import grad_norms_by_group
 from .influence import cosine_per_token
+from .loss import next_token_loss_sum, perplexity, predicted_tokens
 from .variance import RunningMoments
 
 __all__ = [
@@ -10,5 +11,8 @@ __all__ = [
     "angular_long_table",
     "cosine_per_token",
     "grad_norms_by_group",
+    "next_token_loss_sum",
+    "perplexity",
+    "predicted_tokens",
     "RunningMoments",
 ]
