@@ -35,7 +35,8 @@ The paper's "Post-Norm in the FFN" could also read N(h + FFN(h)); the code is wh
 by the heads) and before RoPE and the KV cache; we do the same. HybridNorm* (README:
 norm_pos_special_config "{0:{'attn_norm':True,'ffn_residual':False}}") makes block 0 Pre-LN; the
 QKV-norm flags are global, so block 0 keeps its q, k, v norms. The final norm (OLMo's ln_f) stays.
-Their runs use Megatron init (std/√(2L) on output projections): our `scaled_init=True`.
+Their runs use Megatron init (σ/√(2L) on the output projections, truncated at 3σ): our `scaled_init=True`
+is the untruncated equivalent; it stays a separate choice here, off by default as for every scheme.
 
 Module names follow the analyzer's conventions: `self_attn`, `mlp`, and norms whose names contain
 "norm" (`attn_norm` and `mlp_norm` belong to the attention and MLP sublayers whatever side of the
