@@ -111,7 +111,12 @@ def hand_block(x, layer, scheme, index, num_layers, post_ln_layers=0):
 
 # ---- blocks and whole models against the formulas ----------------------------------------------------
 
-@pytest.mark.parametrize("scheme", NORM_SCHEMES)
+# The papers' placements; DyT and HybridNorm have theirs in test_norm_schemes.py, which checks the two lists
+# together cover NORM_SCHEMES.
+PAPER_SCHEMES = ("pre", "post", "mix", "lns", "deepnorm", "sandwich")
+
+
+@pytest.mark.parametrize("scheme", PAPER_SCHEMES)
 @pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
 def test_every_block_matches_its_formula(scheme, norm_type):
     config = cfg(scheme, layers=4, post_ln_ratio=0.5, norm_type=norm_type)
@@ -213,7 +218,9 @@ def test_alpha_outside_unit_interval_is_refused(bad):
 
 
 def test_post_ln_layers_recorded_for_every_scheme():
-    expected = {"pre": 0, "post": 6, "mix": 1, "lns": 0, "deepnorm": 0, "sandwich": 0}
+    expected = {"pre": 0, "post": 6, "mix": 1, "lns": 0, "deepnorm": 0, "sandwich": 0, "dyt": 0, "hybrid": 0,
+                "hybrid_star": 0}
+    assert expected.keys() == set(NORM_SCHEMES)
     for scheme, k in expected.items():
         assert cfg(scheme, layers=6).post_ln_layers == k, scheme
 
@@ -227,7 +234,8 @@ def test_scheme_names_are_case_insensitive(name, canon):
 
 
 def test_upper_case_lns_really_scales():
-    """The papers' bug: 'LNS' vs 'lns' silently trained Pre-LN. Here both give the scaled model."""
+    """The papers' bug: their code lower-cases the name, then compares it with 'LNS', so LNS blocks get no norms
+    at all. Here 'LNS' and 'lns' both give the scaled model."""
     upper, lower, pre = (build(cfg(s, layers=3)) for s in ("LNS", "lns", "pre"))
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():

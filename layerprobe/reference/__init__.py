@@ -1,4 +1,5 @@
-"""Reference models: a LLaMA-style decoder with Pre-LN, Post-LN, Mix-LN, LNS, DeepNorm or Peri-LN blocks.
+"""Reference models: a LLaMA-style decoder with Pre-LN, Post-LN, Mix-LN, LNS, DeepNorm, Peri-LN, DyT, HybridNorm
+or HybridNorm* blocks.
 
 Importing this package registers the model with the transformers Auto classes, so that
 `AutoModelForCausalLM.from_pretrained(folder)` loads checkpoints written by `layerprobe train-reference`.
@@ -12,6 +13,7 @@ from .configuration import (
     canonical_scheme,
     deepnorm_alpha,
     deepnorm_beta,
+    dyt_alpha_init,
     mix_post_ln_layers,
 )
 from .modeling import LayerprobeDecoderLayer, LayerprobeForCausalLM, LayerprobeModel, LayerprobePreTrainedModel
@@ -24,5 +26,5 @@ AutoModelForCausalLM.register(LayerprobeConfig, LayerprobeForCausalLM, exist_ok=
 __all__ = [
     "NORM_SCHEMES", "LayerprobeConfig", "LayerprobeDecoderLayer", "LayerprobeForCausalLM", "LayerprobeModel",
     "LayerprobePreTrainedModel", "PRESETS", "Preset", "canonical_scheme", "deepnorm_alpha", "deepnorm_beta",
-    "get_preset", "mix_post_ln_layers", "reference_config",
+    "dyt_alpha_init", "get_preset", "mix_post_ln_layers", "reference_config",
 ]

@@ -1,4 +1,4 @@
-"""Configuration of the layerprobe reference models: one LLaMA-style decoder, six norm schemes.
+"""Configuration of the layerprobe reference models: one LLaMA-style decoder, nine norm schemes.
 
 The config records everything needed to rebuild a model (`norm_scheme`, the resolved
 `post_ln_layers`, `scaled_init`, ...); derived constants (DeepNorm's α and β, the LNS factors)
@@ -11,15 +11,40 @@ import math
 
 from transformers import PretrainedConfig
 
-# Canonical scheme names. Users may write any case and the papers' spellings ("Pre-LN", "Peri-LN", ...):
-# the papers' public LNS code compared names case-sensitively and silently trained Pre-LN instead.
-NORM_SCHEMES = ("pre", "post", "mix", "lns", "deepnorm", "sandwich")
-_ALIASES = {"peri": "sandwich", "deepnet": "deepnorm", "layernorm_scaling": "lns", "scaled": "lns"}
+# Canonical scheme names. Users may write any case and the papers' spellings ("Pre-LN", "Peri-LN", "DyT",
+# "HybridNorm*", ...). The Curse-of-Depth paper's public code (lmsdss/LayerNorm-Scaling,
+# peft_pretraining/modeling_llama.py, LlamaDecoderLayer) lower-cases NORM_TYPE and then compares it with
+# 'LNS': no branch matches, so its blocks get no norms at all. With the shipped configs (use_cache: true)
+# the first forward fails (present_key_value is never assigned); with the cache off every block returns
+# its input unchanged. Here names are matched case-insensitively, once, in `canonical_scheme`.
+NORM_SCHEMES = ("pre", "post", "mix", "lns", "deepnorm", "sandwich", "dyt", "hybrid", "hybrid_star")
+_ALIASES = {"peri": "sandwich", "deepnet": "deepnorm", "layernorm_scaling": "lns", "scaled": "lns",
+            "dynamic_tanh": "dyt", "dynamictanh": "dyt", "hybridnorm": "hybrid", "hybrid*": "hybrid_star",
+            "hybridnorm*": "hybrid_star", "hybridnorm_star": "hybrid_star"}
 NORM_TYPES = ("rmsnorm", "layernorm")
+# Schemes whose attention normalises queries, keys and values per head (HybridNorm's QKV-norm).
+QKV_NORM_SCHEMES = ("hybrid", "hybrid_star")
+
+# DyT's α0 (attention / other) by model width, LLaMA recipe (Zhu et al. 2025, arXiv 2503.10622): Table 12
+# (widths 1024-8192, "model depth has negligible influence") and Table 11 / the official LLaMA commands
+# (jiachenzhu/DyT, other_tasks/LLaMA/README.md: 7B 4096 -> 0.8/0.2, 13B 5120 -> 0.6/0.15, 34B and 70B
+# -> 0.2/0.05). "Other" is the FFN norms and the final norm. Narrower than 1024 takes 1024's row.
+DYT_ALPHA_BY_WIDTH = ((1024, 1.0, 1.0), (2048, 1.0, 0.5), (4096, 0.8, 0.2), (5120, 0.6, 0.15))
+DYT_ALPHA_WIDEST = (0.2, 0.05)
+
+
+def dyt_alpha_init(hidden_size: int) -> tuple[float, float]:
+    """(α0 of the attention DyTs, α0 of the FFN and final DyTs) for a model `hidden_size` wide: the row of
+    the paper's table for the smallest tabulated width at least as wide."""
+    for width, attn, other in DYT_ALPHA_BY_WIDTH:
+        if hidden_size <= width:
+            return attn, other
+    return DYT_ALPHA_WIDEST
 
 
 def canonical_scheme(name: str) -> str:
-    """'Pre-LN', 'pre_ln', 'PRE' -> 'pre'; 'Peri-LN' -> 'sandwich'. ValueError for anything else."""
+    """'Pre-LN', 'pre_ln', 'PRE' -> 'pre'; 'Peri-LN' -> 'sandwich'; 'DyT' -> 'dyt'; 'HybridNorm*' ->
+    'hybrid_star'. ValueError for anything else."""
     key = str(name).strip().lower().replace("_", "-")
     if key.endswith("-ln"):
         key = key[: -len("-ln")]
@@ -54,12 +79,19 @@ class LayerprobeConfig(PretrainedConfig):
     norm_scheme: ``pre`` ``h = x + F(N(x))``; ``post`` ``h = N(x + F(x))``; ``mix`` Post-LN for blocks
         ``0..post_ln_layers-1`` and Pre-LN after; ``lns`` Pre-LN with ``N(x)`` of block ℓ (0-based) scaled by
         ``1/sqrt(ℓ+1)``; ``deepnorm`` ``h = N(α·x + F(x))``, α = (2L)^¼; ``sandwich`` (Peri-LN)
-        ``h = x + N_out(F(N_in(x)))``. Every scheme keeps the final norm before the LM head (as the Mix-LN
-        reference code does), so ``mix`` with α = 1 is exactly ``post``.
+        ``h = x + N_out(F(N_in(x)))``; ``dyt`` Pre-LN with every norm (and the final norm) replaced by
+        ``γ·tanh(α·x)`` (``+ β`` with ``norm_type="layernorm"``) and a learnable scalar after the embedding,
+        initialised to √d; ``hybrid`` (HybridNorm) ``h = x + Attn_QKVnorm(x)``, then ``y = N(h) + FFN(N(h))``;
+        ``hybrid_star`` (HybridNorm*) is ``hybrid`` with block 0 Pre-LN (its attention keeps the QKV-norm).
+        Every scheme keeps the final norm before the LM head (as the Mix-LN reference code does), so ``mix``
+        with α = 1 is exactly ``post``.
     post_ln_ratio: α of Mix-LN; ``post_ln_layers = ⌊α·L⌋`` unless ``post_ln_layers`` is given.
     post_ln_layers: resolved on construction: the number of Post-LN blocks (L for ``post``, 0 for schemes
         without a Post-LN prefix).
     scaled_init: residual output projections (``o_proj``, ``down_proj``) get std ``σ/√(2L)``.
+    dyt_alpha_attn, dyt_alpha_ffn, dyt_alpha_final: DyT's initial α for the pre-attention, pre-FFN and final
+        norms; resolved on construction for ``dyt`` from the width (`dyt_alpha_init`) unless given, None for
+        the other schemes. Recorded so a checkpoint says what it started from.
     """
 
     model_type = "layerprobe"
@@ -82,6 +114,9 @@ class LayerprobeConfig(PretrainedConfig):
     post_ln_ratio: float = 0.25
     post_ln_layers: int | None = None
     scaled_init: bool = False
+    dyt_alpha_attn: float | None = None
+    dyt_alpha_ffn: float | None = None
+    dyt_alpha_final: float | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -121,6 +156,16 @@ class LayerprobeConfig(PretrainedConfig):
         else:
             # Only Mix-LN has a Post-LN prefix of chosen length; for the others it follows from the scheme.
             self.post_ln_layers = L if self.norm_scheme == "post" else 0
+        if self.norm_scheme == "dyt":
+            attn, other = dyt_alpha_init(self.hidden_size)
+            for key, default in (("dyt_alpha_attn", attn), ("dyt_alpha_ffn", other), ("dyt_alpha_final", other)):
+                value = getattr(self, key)
+                value = default if value is None else float(value)
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"{key} must be a positive number (got {getattr(self, key)})")
+                setattr(self, key, value)
+        else:
+            self.dyt_alpha_attn = self.dyt_alpha_ffn = self.dyt_alpha_final = None
         super().__post_init__(**kwargs)
 
     @property
@@ -131,15 +176,23 @@ class LayerprobeConfig(PretrainedConfig):
     def deepnorm_beta(self) -> float:
         return deepnorm_beta(self.num_hidden_layers)
 
+    @property
+    def qkv_norm(self) -> bool:
+        """Whether attention normalises q, k and v per head (HybridNorm, in every block)."""
+        return self.norm_scheme in QKV_NORM_SCHEMES
+
     def layer_placement(self, layer_idx: int) -> str:
-        """Where block `layer_idx` puts its norms: pre, post, deepnorm or sandwich (lns is pre with scaling)."""
+        """Where block `layer_idx` puts its norms: pre, post, deepnorm, sandwich or hybrid (lns is pre with
+        scaling, dyt is pre with DyT in place of the norms, HybridNorm*'s block 0 is pre)."""
         scheme = self.norm_scheme
         if scheme == "mix":
             return "post" if layer_idx < self.post_ln_layers else "pre"
-        if scheme == "lns":
+        if scheme in ("lns", "dyt"):
             return "pre"
+        if scheme == "hybrid_star":
+            return "pre" if layer_idx == 0 else "hybrid"
         return scheme
 
 
 __all__ = ["LayerprobeConfig", "NORM_SCHEMES", "canonical_scheme", "mix_post_ln_layers",
-           "deepnorm_alpha", "deepnorm_beta"]
+           "deepnorm_alpha", "deepnorm_beta", "dyt_alpha_init"]

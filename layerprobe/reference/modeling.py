@@ -10,10 +10,39 @@ to the block's placement:
     sandwich  h = x + N_out(F(N_in(x)))       (Peri-LN)
 
 Mix-LN is Post-LN for blocks 0..⌊αL⌋-1 and Pre-LN after. All schemes keep the final norm before
-the LM head. Module names follow the analyzer's conventions: `self_attn`, `mlp`, and norms whose
-names contain "norm" (`attn_norm` and `mlp_norm` belong to the attention and MLP sublayers
-whatever side of the residual add they sit on; `Llama`'s `input_layernorm` and
-`post_attention_layernorm` are the same weights under Pre-LN).
+the LM head. Two schemes change more than where the norms sit:
+
+DyT (Zhu et al. 2025, "Transformers without Normalization", arXiv 2503.10622) is Pre-LN with every
+norm, the final one included, replaced by DyT(x) = γ ⊙ tanh(α·x), α a learnable scalar. Followed:
+jiachenzhu/DyT, other_tasks/LLaMA/fms_fsdp/models/llama.py: `LayerNormParameterized` (weight ⊙
+tanh(alpha·x), no β in the LLaMA variant; β only with norm_type="layernorm", as their generic
+`dynamic_tanh.py` DynamicTanh that replaces nn.LayerNorm has), `LLaMABlock` (`ln` with
+attn_alpha_init_value, `ff_ln` with ffn_alpha_init_value), `LLaMA.dec_norm` (dec_alpha_init_value)
+and `LLaMA.shared_scale` (a learnable scalar multiplying the embedding output, initialised to √d).
+α0 by width: `configuration.dyt_alpha_init`.
+
+HybridNorm (Zhuo et al. 2025, arXiv 2503.04598): no norm before attention, queries, keys and values
+each normalised per head inside it, and the FFN's residual starts after its norm:
+
+    hybrid    h = x + Attn(x) with q, k, v ← N_q(q), N_k(k), N_v(v);   y = N(h) + FFN(N(h))
+
+Followed: BryceZhuo/HybridNorm, dense_model/olmo/model.py, `OLMoSequentialBlock.forward` with the
+flags of dense_model/configs/exps/1.2B-dense-HybriedNorm.yaml (attn_norm false, use_query/key/
+value_norm true, ffn_norm true, ffn_residual_after_norm true): `og_x = x` is taken *after*
+`x = self.ff_norm(x)`, so the skip carries N(h), not h, and nothing normalises N(h) + FFN(N(h)).
+The paper's "Post-Norm in the FFN" could also read N(h + FFN(h)); the code is what was trained.
+`OLMoBlock.attention` normalises q, k, v after splitting heads (one weight of size head_dim shared
+by the heads) and before RoPE and the KV cache; we do the same. HybridNorm* (README:
+norm_pos_special_config "{0:{'attn_norm':True,'ffn_residual':False}}") makes block 0 Pre-LN; the
+QKV-norm flags are global, so block 0 keeps its q, k, v norms. The final norm (OLMo's ln_f) stays.
+Their runs use Megatron init (σ/√(2L) on the output projections, truncated at 3σ): our `scaled_init=True`
+is the untruncated equivalent; it stays a separate choice here, off by default as for every scheme.
+
+Module names follow the analyzer's conventions: `self_attn`, `mlp`, and norms whose names contain
+"norm" (`attn_norm` and `mlp_norm` belong to the attention and MLP sublayers whatever side of the
+residual add they sit on; `Llama`'s `input_layernorm` and `post_attention_layernorm` are the same
+weights under Pre-LN; a DyT sits where the norm it replaces sat, under the same name; HybridNorm
+blocks have no `attn_norm`, and their q/k/v norms live inside `self_attn`).
 """
 
 from __future__ import annotations
@@ -46,10 +75,52 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def make_norm(config: LayerprobeConfig) -> nn.Module:
+class DyT(nn.Module):
+    """Dynamic Tanh: γ ⊙ tanh(α·x) (+ β), α one learnable scalar, γ (and β) per channel."""
+
+    def __init__(self, hidden_size: int, alpha_init: float, bias: bool = False):
+        super().__init__()
+        self.alpha_init = float(alpha_init)  # a plain float: survives meta-device init; _init_weights reads it
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 under bf16 autocast, as RMSNorm: tanh saturates, but α·x and γ must not round.
+        y = self.weight.float() * torch.tanh(self.alpha.float() * x.float())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
+
+
+class ScalarScale(nn.Module):
+    """x · s with s one learnable scalar (DyT's LLaMA recipe puts one after the embedding, s0 = √d)."""
+
+    def __init__(self, init_value: float):
+        super().__init__()
+        self.init_value = float(init_value)
+        self.scale = nn.Parameter(torch.full((1,), self.init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"init_value={self.init_value:g}"
+
+
+def make_norm(config: LayerprobeConfig, role: str = "attn", size: int | None = None) -> nn.Module:
+    """The norm at `role` (attn, ffn, final, qkv): DyT for the dyt scheme, else RMSNorm or LayerNorm.
+    `size`: the normalised width (head_dim for q/k/v norms), hidden_size by default."""
+    size = size or config.hidden_size
+    if config.norm_scheme == "dyt":
+        alpha = {"attn": config.dyt_alpha_attn, "ffn": config.dyt_alpha_ffn, "final": config.dyt_alpha_final}[role]
+        return DyT(size, alpha, bias=config.norm_type == "layernorm")
     if config.norm_type == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return RMSNorm(config.hidden_size, eps=config.norm_eps)
+        return nn.LayerNorm(size, eps=config.norm_eps)
+    return RMSNorm(size, eps=config.norm_eps)
 
 
 @torch.no_grad()
@@ -100,6 +171,10 @@ class LayerprobeAttention(nn.Module):
         self.q_proj.init_role = self.k_proj.init_role = "qk"
         self.v_proj.init_role = "v"
         self.o_proj.init_role = "attn_out"
+        if config.qkv_norm:  # HybridNorm: each head's q, k, v normalised over head_dim, one weight for all heads
+            self.q_norm = make_norm(config, "qkv", self.head_dim)
+            self.k_norm = make_norm(config, "qkv", self.head_dim)
+            self.v_norm = make_norm(config, "qkv", self.head_dim)
 
     def forward(self, x, position_embeddings, attention_mask=None, past_key_values: Cache | None = None,
                 layer_idx: int = 0):
@@ -107,6 +182,8 @@ class LayerprobeAttention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):  # before RoPE and the cache, as HybridNorm's OLMoBlock.attention
+            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         q, k = apply_rotary(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, layer_idx)
@@ -146,8 +223,9 @@ class LayerprobeDecoderLayer(nn.Module):
         self.rope_theta = config.rope_theta
         self.self_attn = LayerprobeAttention(config)
         self.mlp = LayerprobeMLP(config)
-        self.attn_norm = make_norm(config)
-        self.mlp_norm = make_norm(config)
+        if self.placement != "hybrid":  # HybridNorm has no norm before attention
+            self.attn_norm = make_norm(config, "attn")
+        self.mlp_norm = make_norm(config, "ffn")
         if self.placement == "sandwich":
             self.attn_out_norm = make_norm(config)
             self.mlp_out_norm = make_norm(config)
@@ -173,6 +251,10 @@ class LayerprobeDecoderLayer(nn.Module):
         def attn(h):
             return self.self_attn(h, position_embeddings, attention_mask, past_key_values, self.layer_idx)
 
+        if self.placement == "hybrid":
+            # HybridNorm: QKV-norm is inside self_attn; the FFN's skip starts after its norm (see the docstring).
+            h = self.mlp_norm(hidden_states + attn(hidden_states))
+            return h + self.mlp(h)
         h = self._residual(hidden_states, attn, self.attn_norm, getattr(self, "attn_out_norm", None))
         return self._residual(h, self.mlp, self.mlp_norm, getattr(self, "mlp_out_norm", None))
 
@@ -210,18 +292,24 @@ class LayerprobePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
-        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+        elif isinstance(module, (RMSNorm, nn.LayerNorm, DyT)):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+            if isinstance(module, DyT):
+                init.constant_(module.alpha, module.alpha_init)
+        elif isinstance(module, ScalarScale):
+            init.constant_(module.scale, module.init_value)
 
 
 class LayerprobeModel(LayerprobePreTrainedModel):
     def __init__(self, config: LayerprobeConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # DyT's LLaMA recipe: a learnable scalar on the embedding output, initialised to √d (fms LLaMA.shared_scale).
+        self.embed_scale = ScalarScale(math.sqrt(config.hidden_size)) if config.norm_scheme == "dyt" else None
         self.layers = nn.ModuleList(LayerprobeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = make_norm(config)
+        self.norm = make_norm(config, "final")
         self.rotary_emb = RotaryEmbedding(config)
         self.post_init()
 
@@ -237,6 +325,8 @@ class LayerprobeModel(LayerprobePreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:  # part of the model, like Gemma's √d: applied to given embeddings too
+            inputs_embeds = self.embed_scale(inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache(config=self.config)
@@ -309,4 +399,4 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
 
 
 __all__ = ["LayerprobeForCausalLM", "LayerprobeModel", "LayerprobePreTrainedModel", "LayerprobeDecoderLayer",
-           "LayerprobeAttention", "LayerprobeMLP", "RMSNorm", "RotaryEmbedding"]
+           "LayerprobeAttention", "LayerprobeMLP", "RMSNorm", "DyT", "ScalarScale", "RotaryEmbedding"]

@@ -16,6 +16,11 @@ SCHEME_COLORS = {
     "lns": "#CC79A7",
     "deepnorm": "#E69F00",
     "sandwich": "#56B4E9",
+    # Okabe-Ito has no colour left that reads on white (its yellow does not, its black stays spare for unknown
+    # schemes): these three come from Paul Tol's muted palette, also colour-blind safe.
+    "dyt": "#332288",
+    "hybrid": "#882255",
+    "hybrid_star": "#999933",
     "unknown": "#555555",
 }
 METRIC_COLORS = {
