@@ -564,7 +564,7 @@ def main(argv=None) -> int:
         plain_run = prune_fp32 = None
         if "correctness" in sections:
             check_analyze(folder, check_npy, device, sz)
-            prune_fp32 = check_prune(folder, check_npy if not dry else npy, device, sz, "float32")
+            prune_fp32 = check_prune(folder, npy, device, sz, "float32")
             plain_run = check_resume(work, train_npy, device, sz)
         if "speed" in sections:
             set_tf32(True)  # the speed runs use the defaults a user gets
