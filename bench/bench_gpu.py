@@ -98,11 +98,11 @@ class Sizes:
     train_batch: int
     train_steps: int
     resume_preset: str
-    resume_steps: int
+    resume_steps: int   # enough that the kill (polled every 5 ms) lands mid-run at GPU speed
 
 
 FULL = Sizes(FULL_MODEL, samples=32, check_samples=8, seq_len=512, batch_size=8, repeats=5, train_presets=["71m", "130m"],
-             train_batch=64, train_steps=30, resume_preset="micro", resume_steps=40)
+             train_batch=64, train_steps=30, resume_preset="micro", resume_steps=200)
 DRY = Sizes(TINY_MODEL, samples=4, check_samples=4, seq_len=32, batch_size=2, repeats=2, train_presets=["micro"],
             train_batch=8, train_steps=6, resume_preset="micro", resume_steps=30)
 
@@ -281,7 +281,7 @@ def run_cli_and_kill(args, metrics: Path, after_lines: int, env_extra=None, time
     """Start the CLI and SIGKILL it (no cleanup: a crash) once `metrics` has `after_lines` lines."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines:
@@ -547,6 +547,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars between the rows say nothing
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dry = args.dry_run or device.type == "cpu"
