@@ -19,6 +19,7 @@ import layerprobe
 from layerprobe.anatomy import find_anatomy
 from layerprobe.capture import LayerCapture
 from layerprobe.loading import load_model
+from layerprobe.report import render_analysis
 from tiny_models import ARCHS, make_tiny
 
 TOL = 1e-5
@@ -187,7 +188,7 @@ def test_norm_placement_is_measured(tmp_path):
 def test_save_and_load_round_trip(tiny, tmp_path):
     arch, loaded, ids, npy = tiny
     result = layerprobe.analyze(loaded, data=npy, grad=True, progress=False)
-    result.save(tmp_path / "out")
+    render_analysis(result, tmp_path / "out")  # result.save writes the data, render_analysis draws it too
     for name in ("layers.csv", "angular.csv", "sublayers.csv", "manifest.json", "index.html",
                  "angular_heatmap.png", "layer_importance.png", "output_variance.png", "grad_norms.png"):
         assert (tmp_path / "out" / name).is_file(), name

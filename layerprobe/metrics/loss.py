@@ -1,6 +1,9 @@
 """Next-token cross-entropy and perplexity: the one definition every command reports.
 
-loss = mean over predicted tokens of −log p(x_{t+1} | x_{≤t}), in nats; perplexity = exp(loss).
+loss = mean over predicted tokens of −log p(x_{t+1} | x_{≤t}) = logsumexp(z_t) − z_t[x_{t+1}], in
+nats, where z_t are the logits at position t; perplexity = exp(loss). `analyze` sums it over whole
+batches (`next_token_loss_sum`), the pruning sweep over chunks of rows (`cross_entropy_rows`, with
+the log-partition it also needs for KL): both are `cross_entropy_rows`.
 """
 
 from __future__ import annotations
@@ -8,23 +11,34 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # exp(709.78) is the largest float64; past it perplexity is reported as inf rather than raising.
 _MAX_EXP = 700.0
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor,
+                       log_partition: torch.Tensor | None = None) -> torch.Tensor:
+    """−log softmax(z)[target] for each row of `logits` [..., V] and `targets` [...], in float32.
+
+    `log_partition` is logsumexp(z) over the vocabulary when the caller already has it (the pruning
+    sweep shares it with KL). logsumexp allocates one value per row, not a [rows, V] log-softmax.
+    """
+    z = logits.float()
+    if log_partition is None:
+        log_partition = torch.logsumexp(z, dim=-1)
+    return log_partition - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of next-token cross-entropies (nats), in float32.
 
     `logits` [B, T, V] predict position t+1 from position t; the last position has no target.
-    The labels are shifted, not the logits: slicing [B, T, V] logits would copy them.
+    The labels are shifted, not the logits: slicing [B, T, V] logits would copy them. The last
+    position gets a stand-in target and its term is dropped.
     """
-    vocab = logits.shape[-1]
     ids = input_ids.to(logits.device)
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    shifted = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    return cross_entropy_rows(logits, shifted)[:, :-1].sum()
 
 
 def predicted_tokens(input_ids: torch.Tensor) -> int:
