@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
+from ._version import __version__
 from .errors import LayerprobeError
 from .io import ensure_writable_dir, write_csv, write_json
 
