@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # a target that contributes nothing (the last position, which has no next token)
 
 # exp(709.78) is the largest float64; past it perplexity is reported as inf rather than raising.
 _MAX_EXP = 700.0
@@ -18,27 +21,30 @@ _MAX_EXP = 700.0
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor,
                        log_partition: torch.Tensor | None = None) -> torch.Tensor:
-    """−log softmax(z)[target] for each row of `logits` [..., V] and `targets` [...], in float32.
+    """−log softmax(z)[target] = logsumexp(z) − z[target] for each row of `logits` [..., V], in float32.
 
-    `log_partition` is logsumexp(z) over the vocabulary when the caller already has it (the pruning
-    sweep shares it with KL). logsumexp allocates one value per row, not a [rows, V] log-softmax.
+    `targets` [...]; a target of IGNORE gives 0. `log_partition`: logsumexp(z) per row when the
+    caller already has it (the pruning sweep shares it with KL), so only the gather is left.
+    Without it, torch's fused cross-entropy forms the same quantity (2x faster with backward on
+    CPU than logsumexp and gather, and one [rows, V] buffer in the backward instead of two).
     """
-    z = logits.float()
-    if log_partition is None:
-        log_partition = torch.logsumexp(z, dim=-1)
-    return log_partition - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if log_partition is not None:
+        return log_partition - logits.float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    vocab = logits.shape[-1]
+    rows = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="none")
+    return rows.reshape(targets.shape)
 
 
 def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of next-token cross-entropies (nats), in float32.
 
     `logits` [B, T, V] predict position t+1 from position t; the last position has no target.
-    The labels are shifted, not the logits: slicing [B, T, V] logits would copy them. The last
-    position gets a stand-in target and its term is dropped.
+    The labels are shifted, not the logits: slicing [B, T, V] logits would copy them.
     """
     ids = input_ids.to(logits.device)
-    shifted = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-    return cross_entropy_rows(logits, shifted)[:, :-1].sum()
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1)
+    return cross_entropy_rows(logits, labels).sum()
 
 
 def predicted_tokens(input_ids: torch.Tensor) -> int:
