@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from layerprobe.analysis import analyze, lm_loss_sum
+from layerprobe.analysis import analyze
+from layerprobe.metrics import next_token_loss_sum
 from layerprobe.data import load_token_blocks
 from layerprobe.loading import load_model
 
@@ -42,11 +43,11 @@ def bare_pass(loaded, blocks, batch_size, grad):
         ids = batch.to(device)
         if grad:
             logits = model(input_ids=ids, use_cache=False).logits
-            (lm_loss_sum(logits, ids) / n_pred).backward()
+            (next_token_loss_sum(logits, ids) / n_pred).backward()
         else:
             with torch.inference_mode():
                 logits = model(input_ids=ids, use_cache=False).logits
-                lm_loss_sum(logits, ids)
+                next_token_loss_sum(logits, ids)
         del logits
     model.zero_grad(set_to_none=True)
 

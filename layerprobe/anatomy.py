@@ -88,6 +88,15 @@ def _get(root: nn.Module, path: str):
     return obj
 
 
+def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(module holding the attribute, attribute name) for a dotted path such as "model.layers"."""
+    *head, attr = path.split(".")
+    parent = root
+    for part in head:
+        parent = getattr(parent, part)
+    return parent, attr
+
+
 def num_layers_of(config) -> int | None:
     for key in LAYER_COUNT_KEYS:
         value = getattr(config, key, None)
@@ -119,6 +128,22 @@ class Anatomy:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the embedding's device (the first shard under device_map)."""
+        weight = getattr(self.embed, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+        return next(self.model.parameters()).device
+
+    @property
+    def layers_parent(self) -> tuple[nn.Module, str]:
+        """(module that holds the layer list, its attribute name): where removal swaps the list.
+
+        The final norm and OPT's `project_out` are siblings of the layer list there.
+        """
+        return _parent_of(self.model, self.layers_path)
 
     def sublayers(self, index: int) -> dict[str, tuple[str, nn.Module]]:
         """Top-level children of layer `index` that hold parameters: name -> (kind, module)."""
@@ -206,7 +231,7 @@ def _find_final_norm(model: nn.Module, layers_path: str, paired: str | None) -> 
             return cand, paired
     # It is a sibling of the layer list in every architecture we know (model.norm, transformer.ln_f).
     parent_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
-    parent = _get(model, parent_path) if parent_path else model
+    parent, _ = _parent_of(model, layers_path)
     for name in FINAL_NORM_NAMES:
         cand = getattr(parent, name, None)
         if isinstance(cand, nn.Module):
@@ -268,18 +293,23 @@ def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
     return "mixed", None
 
 
-def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The residual stream entering a layer, from a forward pre-hook registered with_kwargs=True.
+def split_layer_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A layer call seen by a forward pre-hook (with_kwargs=True) as (residual stream, other args, kwargs).
 
-    Every architecture we test passes it as the first positional argument; accept the keyword
-    too, so a model that calls `layer(hidden_states=...)` works the same.
+    Every architecture we test passes the stream as the first positional argument; accept the
+    keyword too, so a model that calls `layer(hidden_states=...)` works the same.
     """
     if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    hidden = kwargs.get("hidden_states")
-    if isinstance(hidden, torch.Tensor):
-        return hidden
+        return args[0], tuple(args[1:]), dict(kwargs)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        rest = dict(kwargs)
+        return rest.pop("hidden_states"), tuple(args), rest
     raise LayerprobeError("a layer was called without a hidden-state tensor; set --layers-path to the layer list")
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream entering a layer, from a forward pre-hook registered with_kwargs=True."""
+    return split_layer_call(args, kwargs)[0]
 
 
 def residual_tensor(x):

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .anatomy import Anatomy, residual_tensor, summarize_measured_scheme
-from .metrics import RunningMoments, angular_distance_matrix
+from .anatomy import Anatomy, layer_input, residual_tensor, summarize_measured_scheme
+from .errors import LayerprobeError
+from .metrics import RunningMoments, angular_distance_matrix, block_influence, cosine_and_norms, unit_vectors
 
 TOKENS = ("last", "all")
-
-
-def _hidden_from_inputs(args, kwargs) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    return kwargs["hidden_states"]
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -65,7 +60,7 @@ class LayerCapture:
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
-            h = _hidden_from_inputs(args, kwargs)
+            h = layer_input(args, kwargs)
             self._inputs[index] = h
             with torch.no_grad():
                 self._store_unit(index, h)
@@ -80,12 +75,8 @@ class LayerCapture:
                 x, y = x.detach(), y.detach()
                 if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
                     x, y = x.float(), y.float()
-                # Per-token dot products and norms, one pass each; the output's sum of squares
-                # then comes from the norms instead of another pass over the tensor.
-                dot = torch.linalg.vecdot(x, y)
-                x_norm = torch.linalg.vector_norm(x, dim=-1)
-                y_norm = torch.linalg.vector_norm(y, dim=-1)
-                cos = dot / (x_norm * y_norm).clamp_min(1e-30)
+                # The output's sum of squares comes from the norms Block Influence already needs.
+                cos, _, y_norm = cosine_and_norms(x, y)
                 self.cos_sum[index] = self.cos_sum[index] + cos.sum(dtype=torch.float64)
                 self.cos_count[index] += cos.numel()
                 self.output_moments[index].add_sums(
@@ -108,7 +99,10 @@ class LayerCapture:
         def hook(module, args, kwargs, output):
             if not isinstance(output, torch.Tensor):
                 return
-            inp = _hidden_from_inputs(args, kwargs) if (args or "hidden_states" in kwargs) else None
+            try:
+                inp = layer_input(args, kwargs)
+            except LayerprobeError:  # a norm called some other way tells nothing about placement
+                inp = None
             x = self._inputs.get(index)
             if inp is not None and x is not None and _same_tensor(inp, x):
                 self._norm_feeds_input[index] = True
@@ -140,8 +134,7 @@ class LayerCapture:
         if any(u is None for u in self._units):
             raise RuntimeError("a layer was not reached in this forward pass")
         units = torch.stack([u.cpu() for u in self._units])  # [L+1, N, H]
-        units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        self.angular_sum += angular_distance_matrix(units)
+        self.angular_sum += angular_distance_matrix(unit_vectors(units))
         self.angular_count += units.shape[1]
         self._units = [None] * (self.num_layers + 1)
         if self._placement_handles:
@@ -159,7 +152,7 @@ class LayerCapture:
         return self.angular_sum / max(self.angular_count, 1)
 
     def block_influence(self) -> list[float]:
-        return [1.0 - float(s) / c if c else float("nan") for s, c in zip(self.cos_sum, self.cos_count)]
+        return [block_influence(s, c) for s, c in zip(self.cos_sum, self.cos_count)]
 
     def measured_scheme(self) -> tuple[str, int | None]:
         return summarize_measured_scheme(self.placement or [])

@@ -80,6 +80,7 @@ def demo(
     from .comparison import DEFAULT_THRESHOLD, compare
     from .loading import load_model
     from .pruning import prune_sweep
+    from .report import render_analysis, render_sweep
     from .training import train_reference
 
     started = time.perf_counter()
@@ -115,11 +116,11 @@ def demo(
         _say(f"2/3 [{i}/{len(run_dirs)}] {run.scheme}: analyze and prune-sweep on the held-out blocks", progress)
         loaded = load_model(str(run_dir), device="cpu", dtype="float32")
         result = analyze(loaded, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8, progress=progress)
-        folder = result.save(out / run.scheme)
+        folder = render_analysis(result, out / run.scheme)
         modes = "layer,block" if block_sweep else "layer"
         sweep = prune_sweep(loaded, mode=modes, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8,
                             analysis=result, progress=progress)
-        sweep.save(folder)
+        render_sweep(sweep, folder)
         result_dirs.append(folder)
 
     _say("3/3 comparing", progress)

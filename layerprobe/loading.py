@@ -364,6 +364,77 @@ def _has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def _check_placement(device_map: str | None) -> None:
+    if device_map not in (None, "auto"):
+        raise LayerprobeError(f"unknown --device-map {device_map!r}; the only value is 'auto'")
+    if device_map == "auto" and importlib.util.find_spec("accelerate") is None:
+        raise LayerprobeError("--device-map auto needs accelerate: pip install accelerate")
+
+
+def _load_config(resolved: ResolvedSpec, kwargs: dict, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    reference_error = _reference_import_error()
+    if _folder_model_type(resolved) == "layerprobe" and reference_error is not None:
+        raise LayerprobeError(
+            f"{resolved.where} is a layerprobe checkpoint but layerprobe.reference could not be imported: "
+            f"{_first_line(reference_error)}"
+        )
+    try:
+        with _Quiet():
+            config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:  # ValueError/KeyError for bad configs, OSError for files, network types
+        raise _config_error(e, resolved) from None
+    _check_causal_lm(config, resolved.where, trust_remote_code)
+    return config
+
+
+def _load_weights(resolved: ResolvedSpec, config, load_kwargs: dict, spec: str, source: str):
+    """The model with every weight from the checkpoint, or a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    where = resolved.where
+    try:
+        with _Quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(resolved.location, config=config, **load_kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:
+        if source == "hub" and isinstance(e, OSError):
+            raise _hub_error(spec, e) from None
+        raise _friendly_load_error(e, where) from None
+    # transformers fills weights missing from the checkpoint with random values and only logs it;
+    # a half-random model would give confident nonsense, so refuse it.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LayerprobeError(
+            f"{where} lacks weights for {shown}; it is not a complete causal LM checkpoint"
+            + (" (a base model without its LM head?)" if any("head" in k for k in missing) else "")
+        )
+    return model
+
+
+def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str):
+    """The tokenizer, or None where there is none that can encode text."""
+    from transformers import AutoTokenizer
+
+    if source in ("folder", "layerprobe") and not _has_tokenizer_files(Path(resolved.location)):
+        return None
+    try:
+        with _Quiet():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+    except Exception:
+        return None  # .npy token data needs none; text data says so when it is missing
+    # Without tokenizer files transformers may still build an empty tokenizer from the
+    # config (GPT-2 does); one that knows only its special tokens cannot encode text.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        return None
+    return tokenizer
+
+
 def load_model(
     spec: str,
     *,
@@ -375,78 +446,24 @@ def load_model(
     load_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a folder, a .gguf file or a layerprobe run."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if device_map not in (None, "auto"):
-        raise LayerprobeError(f"unknown --device-map {device_map!r}; the only value is 'auto'")
-    if device_map == "auto" and importlib.util.find_spec("accelerate") is None:
-        raise LayerprobeError("--device-map auto needs accelerate: pip install accelerate")
-
+    _check_placement(device_map)
     spec_str = str(spec)
     resolved = resolve_spec(spec_str, revision)
-    where, source = resolved.where, resolved.source
+    source = resolved.source
     kwargs: dict[str, Any] = dict(resolved.kwargs, trust_remote_code=trust_remote_code)
-
-    reference_error = _reference_import_error()
-    if _folder_model_type(resolved) == "layerprobe" and reference_error is not None:
-        raise LayerprobeError(
-            f"{where} is a layerprobe checkpoint but layerprobe.reference could not be imported: "
-            f"{_first_line(reference_error)}"
-        )
-
-    try:
-        with _Quiet():
-            config = AutoConfig.from_pretrained(resolved.location, **kwargs)
-    except MemoryError:
-        raise
-    except Exception as e:  # ValueError/KeyError for bad configs, OSError for files, network types
-        raise _config_error(e, resolved) from None
-
-    _check_causal_lm(config, where, trust_remote_code)
+    config = _load_config(resolved, kwargs, trust_remote_code)
     if getattr(config, "model_type", None) == "layerprobe":
         source = "layerprobe"
-
     load_kwargs = dict(kwargs, dtype=torch_dtype, output_loading_info=True)
     if device_map == "auto":
         load_kwargs["device_map"] = "auto"
-    try:
-        with _Quiet():
-            model, info = AutoModelForCausalLM.from_pretrained(resolved.location, config=config, **load_kwargs)
-    except MemoryError:
-        raise
-    except Exception as e:
-        if source == "hub" and isinstance(e, OSError):
-            raise _hub_error(spec_str, e) from None
-        raise _friendly_load_error(e, where) from None
-
-    # transformers fills weights missing from the checkpoint with random values and only logs it;
-    # a half-random model would give confident nonsense, so refuse it.
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise LayerprobeError(
-            f"{where} lacks weights for {shown}; it is not a complete causal LM checkpoint"
-            + (" (a base model without its LM head?)" if any("head" in k for k in missing) else "")
-        )
-
+    model = _load_weights(resolved, config, load_kwargs, spec_str, source)
     if device_map != "auto":
         model.to(dev)
     model.eval()
-
-    tokenizer = None
-    if load_tokenizer and not (source in ("folder", "layerprobe") and not _has_tokenizer_files(Path(resolved.location))):
-        try:
-            with _Quiet():
-                tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        except Exception:
-            tokenizer = None  # .npy token data needs none; text data says so when it is missing
-        # Without tokenizer files transformers may still build an empty tokenizer from the
-        # config (GPT-2 does); one that knows only its special tokens cannot encode text.
-        if tokenizer is not None and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-            tokenizer = None
-
+    tokenizer = _load_tokenizer(resolved, kwargs, source) if load_tokenizer else None
     model_device = next(model.parameters()).device
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, name=resolved.name, source=source,
                        revision=revision, dtype=torch_dtype, device=model_device)

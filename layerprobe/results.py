@@ -3,10 +3,15 @@
 A folder can hold the results of several commands for one model (`analyze` and `prune-sweep`
 write side by side, and the model's index.html shows both), so the manifest is merged, not
 overwritten. Every file is written to a temporary name and renamed.
+
+Results save and load data only. Figures and pages are drawn above them, by `layerprobe.report`
+(`render_analysis`, `render_sweep`), which records the figures it wrote in the same manifest
+section; the CLI commands call it after computing.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import platform
 import sys
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
+from ._version import __version__
 from .errors import LayerprobeError
 from .io import ensure_writable_dir, write_csv, write_json
 
@@ -23,9 +28,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
+ANALYZE_SECTION = "analyze"
+SWEEP_SECTION = "prune-sweep"
 
+
+def package_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "layerprobe": __version__}
     for name in ("torch", "transformers", "numpy", "pandas", "accelerate", "gguf"):
         try:
@@ -78,31 +85,26 @@ class AnalysisResult:
         """The angular distances as a [layer, n] pivot table (NaN where l + n > L)."""
         return self.angular.pivot(index="layer", columns="n", values="angular_distance")
 
-    def save(self, folder: str | Path, report: bool = True) -> Path:
+    def save(self, folder: str | Path) -> Path:
+        """Write layers.csv, angular.csv, sublayers.csv and the manifest's "analyze" section.
+
+        Data only: `layerprobe.report.render_analysis(result, folder)` adds the figures and index.html.
+        """
         folder = ensure_writable_dir(folder)
         write_csv(folder / "layers.csv", self.layers)
         write_csv(folder / "angular.csv", self.angular)
         write_csv(folder / "sublayers.csv", self.sublayers)
-        section = dict(self.manifest, summary=self.summary)
-        if report:
-            from .report.analysis import write_analysis_figures
-
-            section["figures"] = write_analysis_figures(self, folder)
-        update_manifest(folder, "analyze", section)
-        if report:
-            from .report.html import write_model_index
-
-            write_model_index(folder)
+        update_manifest(folder, ANALYZE_SECTION, dict(self.manifest, summary=self.summary))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "AnalysisResult":
         folder = Path(folder)
         manifest = read_manifest(folder)
-        if "analyze" not in manifest or not (folder / "layers.csv").is_file():
+        if ANALYZE_SECTION not in manifest or not (folder / "layers.csv").is_file():
             raise LayerprobeError(f"{folder} holds no analyze results (no layers.csv / manifest.json)")
         check_format(manifest, folder)
-        section = dict(manifest["analyze"])
+        section = dict(manifest[ANALYZE_SECTION])
         summary = section.pop("summary", {})
         section.pop("figures", None)
         sub = folder / "sublayers.csv"
@@ -115,7 +117,43 @@ class AnalysisResult:
         )
 
 
+@dataclass
+class SweepResult:
+    """What `prune_sweep` measured: one row per candidate (the full model's row says removed = none)."""
+
+    table: pd.DataFrame
+    summary: dict
+    manifest: dict = field(default_factory=dict)
+
+    def rows(self, mode: str) -> pd.DataFrame:
+        return self.table[self.table["mode"] == mode].reset_index(drop=True)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write sweep.csv and the manifest's "prune-sweep" section.
+
+        Data only: `layerprobe.report.render_sweep(result, folder)` adds the figures and index.html.
+        """
+        folder = ensure_writable_dir(folder)
+        write_csv(folder / "sweep.csv", self.table)
+        update_manifest(folder, SWEEP_SECTION, dict(self.manifest, summary=self.summary))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SweepResult":
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if SWEEP_SECTION not in manifest or not (folder / "sweep.csv").is_file():
+            raise LayerprobeError(f"{folder} holds no prune-sweep results (no sweep.csv / manifest.json)")
+        check_format(manifest, folder)
+        section = dict(manifest[SWEEP_SECTION])
+        summary = section.pop("summary", {})
+        section.pop("figures", None)
+        table = pd.read_csv(folder / "sweep.csv", dtype={"removed": str})
+        return cls(table=table, summary=summary, manifest=section)
+
+
 def save(result, folder: str | Path) -> Path:
+    """Save `result`'s data (see `AnalysisResult.save`); `layerprobe.report` draws it."""
     return result.save(folder)
 
 

@@ -19,6 +19,7 @@ import layerprobe
 from layerprobe.anatomy import find_anatomy
 from layerprobe.capture import LayerCapture
 from layerprobe.loading import load_model
+from layerprobe.report import render_analysis
 from tiny_models import ARCHS, make_tiny
 
 TOL = 1e-5
@@ -187,7 +188,7 @@ def test_norm_placement_is_measured(tmp_path):
 def test_save_and_load_round_trip(tiny, tmp_path):
     arch, loaded, ids, npy = tiny
     result = layerprobe.analyze(loaded, data=npy, grad=True, progress=False)
-    result.save(tmp_path / "out")
+    render_analysis(result, tmp_path / "out")  # result.save writes the data, render_analysis draws it too
     for name in ("layers.csv", "angular.csv", "sublayers.csv", "manifest.json", "index.html",
                  "angular_heatmap.png", "layer_importance.png", "output_variance.png", "grad_norms.png"):
         assert (tmp_path / "out" / name).is_file(), name
@@ -247,3 +248,36 @@ def test_import_layerprobe_registers_reference_checkpoints(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["LayerprobeForCausalLM", "lns"]
+
+
+def test_next_token_loss_against_plain_loop():
+    """metrics.loss against −log softmax written out per position, including the bf16 path and overflow."""
+    from layerprobe.metrics import cross_entropy_rows, next_token_loss_sum, perplexity, predicted_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g) * 4
+    ids = torch.randint(0, 11, (3, 7), generator=g)
+    want = 0.0
+    for b in range(3):
+        for t in range(6):
+            z = logits[b, t].double()
+            want += float(math.log(z.exp().sum()) - z[ids[b, t + 1]])
+    assert float(next_token_loss_sum(logits, ids)) == pytest.approx(want, rel=1e-5)
+    assert float(next_token_loss_sum(logits.bfloat16(), ids)) == pytest.approx(want, rel=2e-2)
+    assert predicted_tokens(ids) == 18
+    rows = cross_entropy_rows(logits[0], ids[0])
+    assert float(rows[2]) == pytest.approx(float(torch.logsumexp(logits[0, 2], 0) - logits[0, 2, ids[0, 2]]), rel=1e-6)
+    assert perplexity(math.log(7.5)) == pytest.approx(7.5)
+    assert perplexity(800.0) == float("inf") and math.isnan(perplexity(float("nan")))
+
+
+def test_computation_imports_no_report_layer():
+    """Computing (analyze, prune_sweep, save_pruned, results) never loads the layer that draws."""
+    import subprocess
+    import sys
+
+    code = ("import sys, layerprobe, layerprobe.analysis, layerprobe.pruning, layerprobe.results, layerprobe.opening; "
+            "print(sorted(m for m in sys.modules if m.startswith('layerprobe.report') or m == 'matplotlib'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

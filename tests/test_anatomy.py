@@ -11,6 +11,7 @@ from layerprobe.anatomy import (
     find_anatomy,
     layer_input,
     residual_tensor,
+    split_layer_call,
     sublayer_kind,
     summarize_measured_scheme,
 )
@@ -83,6 +84,10 @@ def test_layers_final_norm_and_sublayers(models, arch):
     assert an.model_type == arch
     assert an.norm_scheme == scheme and an.norm_scheme_source.startswith(f"architecture ({arch}")
     assert an.extra["parallel_residual"] is parallel
+    # What the hooks, the sweep and removal share: where ids go, and who holds the layer list.
+    parent, attr = an.layers_parent
+    assert getattr(parent, attr) is an.layers and parent is _get(model, layers_path.rpartition(".")[0])
+    assert an.input_device == model.get_input_embeddings().weight.device
 
     for i in range(an.num_layers):
         found = {name: kind for name, (kind, _) in an.sublayers(i).items()}
@@ -291,6 +296,11 @@ def test_layer_input_reads_args_or_keyword():
     assert residual_tensor((x, None)) is x and residual_tensor(x) is x
     with pytest.raises(LayerprobeError):
         layer_input((), {"attention_mask": x})
+    mask = torch.zeros(2)
+    hidden, rest, kwargs = split_layer_call((x, mask), {"position_ids": 1})
+    assert hidden is x and rest[0] is mask and kwargs == {"position_ids": 1}
+    hidden, rest, kwargs = split_layer_call((None,), {"hidden_states": x, "use_cache": False})
+    assert hidden is x and rest == (None,) and kwargs == {"use_cache": False}
     with pytest.raises(LayerprobeError):
         residual_tensor((None,))
 

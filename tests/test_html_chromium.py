@@ -259,6 +259,7 @@ HOSTILE = '<img src=x onerror="alert(1)">&"quote"'
 def compare_report(tmp_path_factory):
     """A comparison of two tiny models, one of them with a name that is an HTML injection attempt."""
     import layerprobe
+    from layerprobe.report import render_analysis
     from tiny_models import make_tiny
 
     root = tmp_path_factory.mktemp("report")
@@ -269,7 +270,7 @@ def compare_report(tmp_path_factory):
                                                      {"do_layer_norm_before": False, "num_hidden_layers": 4})]:
         model = make_tiny(arch, root / "models" / name, **kw)
         result = layerprobe.analyze(str(model), data=str(tokens), seq_len=32, samples=8, progress=False)
-        folders.append(result.save(root / "results" / name))
+        folders.append(render_analysis(result, root / "results" / name))
     comp = layerprobe.compare(folders, out=root / "compare", progress=False)
     return comp
 

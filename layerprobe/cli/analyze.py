@@ -40,7 +40,7 @@ def analyze_command(
     from ..io import ensure_writable_dir
     from ..loading import load_model
     from ..progress import status
-    from ..report.analysis import summary_table
+    from ..report import render_analysis, summary_table
 
     if out is not None:
         ensure_writable_dir(out)  # fail before the expensive part
@@ -52,7 +52,7 @@ def analyze_command(
                      tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
                      device_map=device_map, progress=not quiet)
     with status("writing tables, figures and index.html", not quiet):
-        result.save(out)
+        render_analysis(result, out)
     console.print(summary_table(result))
     err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
                       highlight=False)

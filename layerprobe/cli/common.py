@@ -42,24 +42,6 @@ def user_errors(func):
     return wrapper
 
 
-def parse_int_list(text: str | None, what: str) -> list[int]:
-    """'20,21,22' or '20-22' -> [20, 21, 22]."""
-    if not text:
-        return []
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise LayerprobeError(f"{what} must be integers like 3,4,5 or 3-5 (got {text!r})") from None
-    return out
-
-
 # Options every model-reading command takes, declared once so analyze and prune-sweep agree.
 ModelArg = Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, a train-reference run, or 'smollm2'.")]
 DataOpt = Annotated[str, typer.Option(help="builtin | file (.txt .jsonl .csv .parquet .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]")]

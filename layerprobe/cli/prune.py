@@ -11,7 +11,7 @@ from . import app
 from .common import (
     BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
     RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
-    console, err_console, parse_int_list, user_errors,
+    console, err_console, user_errors,
 )
 
 
@@ -43,27 +43,14 @@ def prune_sweep_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
-    from ..errors import LayerprobeError
     from ..io import ensure_writable_dir
     from ..loading import load_model
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
-    from ..pruning.save import _check_target
-    from ..pruning.sweep import parse_by, parse_modes
-    from ..report.pruning import sweep_tables
+    from ..report import render_sweep, sweep_tables
 
-    removal = parse_int_list(remove, "--remove") if remove is not None else None
-    if remove is not None and not removal:
-        raise LayerprobeError("--remove names no layer; give 0-based layer indices like 20,21,22")
-    if save_pruned is not None and not removal:
-        raise LayerprobeError("--save-pruned needs --remove: the layers to drop, e.g. --remove 20,21,22")
-    modes = parse_modes(mode, removal)  # bad values fail before the model loads
-    if "ranked" in modes:
-        parse_by(by)
-    if save_pruned is not None:
-        _check_target(save_pruned.expanduser())
-    if out is not None:
-        ensure_writable_dir(out)
+    removal = _check_before_loading(remove, save_pruned, out, mode=mode, block_size=block_size, steps=steps,
+                                    by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks)
     with status(f"loading {model}", not quiet):
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
@@ -77,10 +64,29 @@ def prune_sweep_command(
             folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
         result.manifest["saved_pruned"] = str(folder)
     with status("writing sweep.csv, figures and index.html", not quiet):
-        result.save(out)
+        render_sweep(result, out)
     for table in sweep_tables(result):
         console.print(table)
     err_console.print(f"wrote {out}/ (sweep.csv, manifest.json, PNGs, index.html)", highlight=False)
     if save_pruned is not None:
         err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
                           "load it with from_pretrained or layerprobe)", highlight=False)
+
+
+def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, **options) -> list[int] | None:
+    """Every check that needs no model, so bad input fails before the expensive part; the --remove layers."""
+    from ..errors import LayerprobeError
+    from ..io import ensure_writable_dir
+    from ..pruning import SweepOptions, check_target, parse_int_list
+
+    removal = parse_int_list(remove, "--remove") if remove is not None else None
+    if remove is not None and not removal:
+        raise LayerprobeError("--remove names no layer; give 0-based layer indices like 20,21,22")
+    if save_pruned is not None and not removal:
+        raise LayerprobeError("--save-pruned needs --remove: the layers to drop, e.g. --remove 20,21,22")
+    SweepOptions.parse(remove=removal, **options)
+    if save_pruned is not None:
+        check_target(save_pruned.expanduser())
+    if out is not None:
+        ensure_writable_dir(out)
+    return removal

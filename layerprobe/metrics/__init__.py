@@ -1,15 +1,22 @@
-"""Pure functions on captured tensors; `capture.py` feeds them batch by batch."""
+"""Every formula layerprobe reports, one module per formula, each citing its paper.
 
-from .angular import angular_distance_matrix, angular_long_table
+Pure functions on tensors: `capture.py` and the pruning sweep feed them batch by batch.
+"""
+
+from .angular import angular_distance_matrix, angular_long_table, unit_vectors
 from .gradients import grad_norms_by_group
-from .influence import cosine_per_token
-from .loss import next_token_loss_sum, perplexity, predicted_tokens
+from .influence import block_influence, cosine_and_norms, cosine_per_token
+from .loss import cross_entropy_rows, next_token_loss_sum, perplexity, predicted_tokens
 from .variance import RunningMoments
 
 __all__ = [
     "angular_distance_matrix",
     "angular_long_table",
+    "unit_vectors",
+    "block_influence",
+    "cosine_and_norms",
     "cosine_per_token",
+    "cross_entropy_rows",
     "grad_norms_by_group",
     "next_token_loss_sum",
     "perplexity",

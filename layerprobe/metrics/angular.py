@@ -1,8 +1,10 @@
-"""Angular distance between layer inputs (Gromov et al., arXiv 2403.17887).
+"""Angular distance between layer inputs (Gromov et al., "The Unreasonable Ineffectiveness of the
+Deeper Layers", arXiv 2403.17887, eq. 7).
 
-d(x^l, x^(l+n)) = arccos(cos(x^l, x^(l+n))) / pi, averaged over samples (and tokens with
-`tokens="all"`). x^0..x^(L-1) are the layer inputs, x^L the last layer's output before the
-final norm.
+d(x^l, x^(l+n)) = arccos(cos(x^l, x^(l+n))) / π, averaged over samples (the last token of each, as
+in the paper, or every token with `tokens="all"`). Dividing by π normalises it to [0, 1]: 0 for the
+same direction, 1/2 for orthogonal, 1 for opposite. x^0..x^(L-1) are the layer inputs, x^L the last
+layer's output before the final norm.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import math
 
 import pandas as pd
 import torch
+
+
+def unit_vectors(vectors: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to length 1 (an all-zero row stays zero instead of becoming NaN)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 def angular_distance_matrix(units: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""L2 norms of accumulated gradients, per group of parameters."""
+"""Gradient norms per group of parameters: the one function `analyze` and the trainer use.
+
+‖g‖_G = sqrt(Σ_{p ∈ G} Σ_i (∂L/∂p_i)²), the L2 norm of the gradient restricted to the group G
+(a layer, or one sublayer of it). Read from the accumulated `.grad` before any clipping: the
+per-layer and total norms a run reports come from the same, unclipped, gradients.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import torch
 
 
 def grad_norms_by_group(groups: dict[str, Iterable[torch.nn.Parameter]]) -> dict[str, float]:
-    """sqrt(sum of squared gradient entries) over each group's parameters; NaN if none has a gradient."""
+    """sqrt(sum of squared gradient entries) over each group's parameters; NaN if none has a gradient.
+
+    Squares are summed in float64 on each parameter's device and moved to the host once per
+    parameter, so groups spread over several devices (device_map) work.
+    """
     out = {}
     for name, params in groups.items():
         total = None

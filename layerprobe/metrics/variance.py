@@ -1,4 +1,13 @@
-"""Streaming population variance from float64 running sums, so memory does not grow with samples."""
+"""Output variance of a layer: the one definition `analyze` and the trainer's per-layer dynamics use.
+
+Var_l = population variance of every element of the layer's output h^l ∈ R^{N×T×H}, taken over
+samples, positions and hidden units together: (1/NTH) Σ h² − ((1/NTH) Σ h)². This is the quantity
+whose growth with depth the Curse of Depth paper (Sun et al., arXiv 2502.05795, §3) bounds for
+Pre-LN and LayerNorm Scaling. Any other spread (e.g. per-token variance over hidden units, averaged
+over tokens) is a different quantity and must carry a different name.
+
+Streamed from float64 running sums, so memory does not grow with samples.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Chunked next-token measures of pruned models against the full model.
 
-For every candidate: cross-entropy (loss), KL(full ‖ pruned) of the next-token distributions and
+For every candidate: cross-entropy (loss, `metrics.loss.cross_entropy_rows`: the same definition
+`analyze` reports), KL(full ‖ pruned) of the next-token distributions and
 top-1 agreement, summed over the predicted positions. Rows (batch × position) are processed in
 chunks, so batch × seq × vocab logits are never held at once; the full model's log-probabilities
 are computed once per chunk and shared by every candidate of the group.
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..metrics import cross_entropy_rows
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 8M floats = 32 MiB in float32
 
@@ -88,7 +91,7 @@ def score(
         lse_f = torch.logsumexp(logits, dim=-1)
         top_f = logits.argmax(dim=-1)
         if full_sums is not None:
-            ce = lse_f - logits.gather(1, tgt[:, None]).squeeze(1)
+            ce = cross_entropy_rows(logits, tgt, lse_f)
             full_sums.ce += float(ce.sum(dtype=torch.float64))
             full_sums.tokens += e - s
             full_sums.top1 += e - s
@@ -100,7 +103,7 @@ def score(
             if _shares_memory(z, rows):  # an identity logits_fn: never write into the caller's rows
                 z = z.clone()
             lse = torch.logsumexp(z, dim=-1)
-            ce = lse - z.gather(1, tgt[:, None]).squeeze(1)
+            ce = cross_entropy_rows(z, tgt, lse)
             agree = z.argmax(dim=-1) == top_f
             z.sub_(lse[:, None])  # log q
             torch.sub(logp_f, z, out=z)  # log p − log q

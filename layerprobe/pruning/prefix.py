@@ -19,18 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, residual_tensor
+from ..anatomy import Anatomy, residual_tensor, split_layer_call
 from ..errors import LayerprobeError
-
-
-def _hidden_from(args, kwargs) -> tuple[torch.Tensor, tuple, dict]:
-    """Split a layer call into (hidden states, the other positional args, the keyword args)."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0], tuple(args[1:]), dict(kwargs)
-    if "hidden_states" in kwargs:
-        rest = dict(kwargs)
-        return rest.pop("hidden_states"), tuple(args), rest
-    raise LayerprobeError("a layer was called without a hidden-state tensor; name the layer list with --layers-path")
 
 
 def _no_cache(value):
@@ -61,10 +51,7 @@ class PrefixRunner:
         self.anatomy = anatomy
         self.layers = list(anatomy.layers)
         self.num_layers = len(self.layers)
-        parent_path = anatomy.layers_path.rsplit(".", 1)[0] if "." in anatomy.layers_path else ""
-        parent = model
-        for part in filter(None, parent_path.split(".")):
-            parent = getattr(parent, part)
+        parent, _ = anatomy.layers_parent
         # OPT (and a few others) project the final hidden state to the embedding width.
         project_out = getattr(parent, "project_out", None)
         self.project_out = project_out if isinstance(project_out, nn.Module) else None
@@ -94,7 +81,7 @@ class PrefixRunner:
 
         def pre_hook(index):
             def hook(module, args, kwargs):
-                h, rest, kw = _hidden_from(args, kwargs)
+                h, rest, kw = split_layer_call(args, kwargs)
                 if keep_inputs or index == 0:
                     inputs[index] = h.detach().clone()
                 calls[index] = (tuple(_no_cache(a) for a in rest), {k: _no_cache(v) for k, v in kw.items()})

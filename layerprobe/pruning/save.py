@@ -21,7 +21,8 @@ import torch
 
 from ..anatomy import find_anatomy
 from ..errors import LayerprobeError
-from ..loading import LoadedModel, context_length, load_model
+from ..loading import context_length, load_model
+from ..opening import open_model
 from .prefix import PrefixRunner
 from .surgery import check_removal, format_removed, pruned, removal_config_changes
 
@@ -47,7 +48,8 @@ def removal_logits(model, remove: tuple[int, ...], input_ids: torch.Tensor, laye
         return runner.logits(runner.final_hidden(y))
 
 
-def _check_target(out: Path) -> None:
+def check_target(out: Path) -> None:
+    """Refuse a target that is a file or a folder holding anything but an earlier pruned model."""
     if out.exists() and not out.is_dir():
         raise LayerprobeError(f"--save-pruned {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
@@ -73,40 +75,24 @@ def save_pruned(
     appears whole or not at all: it is written under a temporary name, reloaded and checked
     against the in-memory removal, then renamed. Returns the folder.
     """
-    if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(str(model), revision=revision, dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code)
-    elif isinstance(model, LoadedModel):
-        loaded = model
-    else:
-        loaded = None
-    net = loaded.model if loaded is not None else model
-    tokenizer = tokenizer if tokenizer is not None else (loaded.tokenizer if loaded is not None else None)
-    source = loaded.spec if loaded is not None else getattr(net.config, "_name_or_path", "") or type(net).__name__
-    anatomy = find_anatomy(net, layers_path)
+    opening = open_model(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         layers_path=layers_path, progress=False)
+    net, anatomy = opening.model, opening.anatomy
+    tokenizer = tokenizer if tokenizer is not None else opening.loaded.tokenizer
+    source = opening.loaded.spec
     L = anatomy.num_layers
     remove = check_removal(remove, L)
     out = Path(out_dir).expanduser()
-    _check_target(out)
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    probe = _probe_ids(net.config).to(anatomy.embed.weight.device if anatomy.embed is not None else "cpu")
+    probe = _probe_ids(net.config).to(anatomy.input_device)
     try:
         with torch.inference_mode():
             expected = removal_logits(net, remove, probe, layers_path) if check else None
         changes = removal_config_changes(net, remove, layers_path)
-        with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                small.save_pretrained(tmp)
-            except ValueError as e:  # e.g. a quantization that transformers cannot write
-                raise LayerprobeError(f"the pruned model could not be saved: {str(e).splitlines()[0]}") from None
-        if tokenizer is not None:
-            try:
-                tokenizer.save_pretrained(tmp)
-            except Exception as e:  # a GGUF tokenizer that cannot be written is not fatal for the weights
-                warnings.warn(f"the tokenizer could not be saved ({e}); the pruned model is saved without it")
+        _write_weights(net, tokenizer, remove, layers_path, tmp)
         info = {
             "source": source,
             "removed": list(remove),
@@ -120,16 +106,36 @@ def save_pruned(
         if check:
             info["check"] = _prove(tmp, expected, probe, net)
         (tmp / MARKER).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_weights(net, tokenizer, remove: tuple[int, ...], layers_path: str | None, tmp: Path) -> None:
+    """save_pretrained of the model without `remove` (and its tokenizer) into `tmp`."""
+    with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            small.save_pretrained(tmp)
+        except ValueError as e:  # e.g. a quantization that transformers cannot write
+            raise LayerprobeError(f"the pruned model could not be saved: {str(e).splitlines()[0]}") from None
+    if tokenizer is not None:
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # a GGUF tokenizer that cannot be written is not fatal for the weights
+            warnings.warn(f"the tokenizer could not be saved ({e}); the pruned model is saved without it")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the checked folder into place; an earlier pruned model there is replaced whole."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 @contextmanager

@@ -115,21 +115,13 @@ def config_changes(config, keep: list[int], num_layers: int) -> dict[str, object
     return changes
 
 
-def _parent(model: nn.Module, layers_path: str):
-    parent = model
-    *head, attr = layers_path.split(".")
-    for part in head:
-        parent = getattr(parent, part)
-    return parent, attr
-
-
 def _apply(model: nn.Module, remove: tuple[int, ...], layers_path: str | None):
     """Prune in place; returns a function that undoes it."""
     anatomy = find_anatomy(model, layers_path)
     L = anatomy.num_layers
     remove = check_removal(remove, L)
     keep = [i for i in range(L) if i not in set(remove)]
-    parent, attr = _parent(model, anatomy.layers_path)
+    parent, attr = anatomy.layers_parent
     old_list = getattr(parent, attr)
     cfg = _layers_config(model.config)
     changes = config_changes(model.config, keep, L)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.colors import LogNorm, SymLogNorm
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from .style import LAYER_AXIS, OKABE_ITO, integer_ticks, new_figure, save_figure
 
@@ -59,9 +62,6 @@ def plot_layer_damage(result, path: Path) -> None:
 
 
 def plot_block_heatmap(result, path: Path) -> None:
-    import matplotlib
-    from matplotlib.colors import LogNorm, SymLogNorm
-
     df = result.rows("block")
     L = int(result.summary["num_layers"])
     sizes = sorted(int(n) for n in df["block_size"].unique())
@@ -181,32 +181,47 @@ def _cells(r) -> list[str]:
     return [_f(r.delta_loss, "+.4f"), _f(r.perplexity, ".2f"), _f(r.kl, ".4f"), _f(r.top1_agreement, ".3f")]
 
 
+def _layer_table(layer: pd.DataFrame) -> Table:
+    t = _table("removing one layer", ("layer", "removed"))
+    low = set(layer.nsmallest(max(1, len(layer) // 4), "delta_loss")["first_layer"])
+    for r in layer.itertuples(index=False):
+        t.add_row(str(r.first_layer), r.removed, *_cells(r), style="bold cyan" if r.first_layer in low else None)
+    t.caption = "cyan: the quarter of layers whose removal hurts least"
+    t.caption_justify = "left"
+    return t
+
+
+def _block_table(block: pd.DataFrame) -> Table:
+    t = _table("removing a contiguous block: the least harmful block of each size", ("n", "removed"))
+    for n, g in block.groupby("block_size"):
+        r = g.loc[g["delta_loss"].idxmin()]
+        t.add_row(str(n), r["removed"], *_cells(r))
+    return t
+
+
+def _lm_eval_table(table: pd.DataFrame, lm_cols: list[str]) -> Table:
+    t = Table(title="lm-evaluation-harness", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+              pad_edge=False)
+    t.add_column("mode", no_wrap=True)
+    t.add_column("removed", justify="right", no_wrap=True)
+    for c in lm_cols:
+        t.add_column(c.split(":", 1)[1], justify="right", no_wrap=True)
+    for _, r in table.iterrows():
+        t.add_row(str(r["mode"]), str(r["removed"]), *[_f(r[c], ".3f") for c in lm_cols])
+    return t
+
+
 def sweep_tables(result) -> list:
     """A headline, then one rich Table per mode in the result."""
-    from rich.text import Text
-
     s = result.summary
     head = Text.assemble((f"{s.get('model')}", "bold"), f" — {s.get('num_layers')} layers; full model: loss ",
                          (f"{s['full_loss']:.4f}", "bold"), ", perplexity ", (f"{s['full_perplexity']:.2f}", "bold"),
                          f" on {s['tokens_scored']} tokens; Δloss and KL in nats per token")
     tables: list = [head]
-    layer = result.rows("layer")
-    if len(layer):
-        t = _table("removing one layer", ("layer", "removed"))
-        low = set(layer.nsmallest(max(1, len(layer) // 4), "delta_loss")["first_layer"])
-        for r in layer.itertuples(index=False):
-            t.add_row(str(r.first_layer), r.removed, *_cells(r),
-                      style="bold cyan" if r.first_layer in low else None)
-        t.caption = "cyan: the quarter of layers whose removal hurts least"
-        t.caption_justify = "left"
-        tables.append(t)
-    block = result.rows("block")
-    if len(block):
-        t = _table("removing a contiguous block: the least harmful block of each size", ("n", "removed"))
-        for n, g in block.groupby("block_size"):
-            r = g.loc[g["delta_loss"].idxmin()]
-            t.add_row(str(n), r["removed"], *_cells(r))
-        tables.append(t)
+    if len(result.rows("layer")):
+        tables.append(_layer_table(result.rows("layer")))
+    if len(result.rows("block")):
+        tables.append(_block_table(result.rows("block")))
     for mode, title, first in (("greedy", "greedy removal, re-measured after each step", "step"),
                                ("remove", "the removal asked for", "layers")):
         rows = result.rows(mode)
@@ -215,21 +230,12 @@ def sweep_tables(result) -> list:
             for r in rows.itertuples(index=False):
                 t.add_row(str(r.step) if mode == "greedy" else str(r.n_removed), r.removed, *_cells(r))
             tables.append(t)
-    ranked = result.rows("ranked")
-    for by, g in ranked.groupby("by", sort=False):
+    for by, g in result.rows("ranked").groupby("by", sort=False):
         t = _table(f"ranked by {RANKING_LABELS.get(by, by)}", ("k", "removed"))
         for r in g.itertuples(index=False):
             t.add_row(str(r.n_removed), r.removed, *_cells(r))
         tables.append(t)
     lm_cols = [c for c in result.table.columns if str(c).startswith("lm_eval:")]
     if lm_cols:
-        t = Table(title="lm-evaluation-harness", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
-                  pad_edge=False)
-        t.add_column("mode", no_wrap=True)
-        t.add_column("removed", justify="right", no_wrap=True)
-        for c in lm_cols:
-            t.add_column(c.split(":", 1)[1], justify="right", no_wrap=True)
-        for _, r in result.table.iterrows():
-            t.add_row(str(r["mode"]), str(r["removed"]), *[_f(r[c], ".3f") for c in lm_cols])
-        tables.append(t)
+        tables.append(_lm_eval_table(result.table, lm_cols))
     return tables

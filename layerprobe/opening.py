@@ -1,0 +1,112 @@
+"""The opening `analyze`, `prune_sweep` and `save_pruned` share.
+
+Load the model (or take one already loaded), find its anatomy, check the context length, load the
+token blocks, and write the manifest fields that say how: once, so the three commands agree on
+what they accept and record.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy, find_anatomy
+from .data import load_token_blocks
+from .errors import LayerprobeError
+from .loading import LoadedModel, context_length, load_model
+from .progress import status
+from .results import package_versions
+
+
+@dataclass
+class Opening:
+    """A model ready to measure: what was loaded, where its parts are, and (after `load_blocks`) the tokens."""
+
+    loaded: LoadedModel
+    anatomy: Anatomy
+    device_map: str | None = None
+    started: float = 0.0  # perf_counter when the command began; the manifest's wall time counts from it
+    data: str | None = None
+    text_column: str | None = None
+    seed: int | None = None
+    seq_len: int | None = None  # as asked; `blocks` may differ (a .npy file brings its own length)
+    blocks: torch.Tensor | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def context(self) -> int | None:
+        return context_length(self.model.config)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The config's vocabulary, else the head's rows; None when neither says."""
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+        weight = getattr(self.anatomy.head, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+    def load_blocks(self, data: str, *, seq_len: int, samples: int | None, seed: int,
+                    text_column: str | None, progress: bool) -> torch.Tensor:
+        """[samples, seq_len] token ids from `data`, checked against the model's context and vocabulary."""
+        ctx = self.context
+        if ctx is not None and seq_len > ctx and not str(data).endswith(".npy"):
+            raise LayerprobeError(f"--seq-len {seq_len} is beyond this model's context of {ctx} tokens; lower it")
+        with status("preparing data", progress):
+            blocks = load_token_blocks(data, self.loaded.tokenizer, seq_len=seq_len, samples=samples, seed=seed,
+                                       text_column=text_column, vocab_size=self.vocab_size)
+        if ctx is not None and blocks.shape[1] > ctx:
+            raise LayerprobeError(f"the data's {blocks.shape[1]} tokens per sample are beyond this model's "
+                                  f"context of {ctx}")
+        self.data, self.text_column, self.seed, self.seq_len = str(data), text_column, seed, seq_len
+        self.blocks = blocks
+        return blocks
+
+    def manifest(self, *, batch_size: int, **fields) -> dict:
+        """How the result was made: model, data and batching first, then `fields`, then versions and wall time."""
+        loaded, blocks = self.loaded, self.blocks
+        out = {
+            "model": loaded.spec, "model_name": loaded.name, "source": loaded.source, "revision": loaded.revision,
+            "dtype": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
+            "device_map": self.device_map, "data": self.data, "text_column": self.text_column,
+            "seq_len": int(blocks.shape[1]) if blocks is not None else None,
+            "samples": int(blocks.shape[0]) if blocks is not None else None,
+            "batch_size": batch_size, "seed": self.seed,
+        }
+        out.update(fields)
+        out["versions"] = package_versions()
+        out["wall_time_s"] = round(time.perf_counter() - self.started, 3)
+        return out
+
+
+def _wrap(model: nn.Module) -> LoadedModel:
+    """A transformers model handed over as is: described from its config and parameters."""
+    param = next(model.parameters())
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model=model, tokenizer=None, spec=name, name=name, source="model", revision=None,
+                       dtype=param.dtype, device=param.device)
+
+
+def open_model(model: str | os.PathLike | LoadedModel | nn.Module, *, revision: str | None = None,
+               dtype: str = "auto", device: str = "auto", device_map: str | None = None,
+               trust_remote_code: bool = False, layers_path: str | None = None,
+               progress: bool = True) -> Opening:
+    """Load `model` (a spec as for `load_model`, a LoadedModel, or a transformers model) and find its layers."""
+    started = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, nn.Module):
+        loaded = _wrap(model)
+    else:
+        with status(f"loading {model}", progress):
+            loaded = load_model(str(model), revision=revision, dtype=dtype, device=device, device_map=device_map,
+                                trust_remote_code=trust_remote_code)
+    return Opening(loaded=loaded, anatomy=find_anatomy(loaded.model, layers_path), device_map=device_map,
+                   started=started)

@@ -1,0 +1,127 @@
+"""The sweep's candidates: which sets of layers to remove, including those the rankings pick."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..analysis import analyze
+from ..errors import LayerprobeError
+from ..opening import Opening
+from ..results import ANALYZE_SECTION, AnalysisResult, read_manifest
+from .options import SweepOptions
+
+
+@dataclass
+class Candidate:
+    mode: str
+    removed: tuple[int, ...]
+    first_layer: int | None = None
+    block_size: int | None = None
+    by: str | None = None
+    step: int | None = None
+    added_layer: int | None = None
+
+
+def ranking_sets(by: str, num_layers: int, steps: int, layers: pd.DataFrame | None,
+                 angular: pd.DataFrame | None) -> list[tuple[int, ...]]:
+    """S_1..S_steps: the layers removed when removing k = 1..steps layers by ranking `by`."""
+    L = num_layers
+    if by == "last":
+        return [tuple(range(L - k, L)) for k in range(1, steps + 1)]
+    if layers is None or len(layers) != L:
+        raise LayerprobeError(f"--by {by} needs per-layer measures of all {L} layers from analyze")
+    if by in ("influence", "angular-layer"):
+        col = "block_influence" if by == "influence" else "angular_distance"
+        values = layers.set_index("layer")[col].astype(float)
+        if values.isna().any():
+            raise LayerprobeError(f"the analyze results hold no {col} for some layers; re-run analyze")
+        order = sorted(range(L), key=lambda i: (values.loc[i], i))
+        return [tuple(sorted(order[:k])) for k in range(1, steps + 1)]
+    if by == "angular":
+        return _angular_blocks(angular, steps)
+    raise LayerprobeError(f"unknown ranking {by!r}")
+
+
+def _angular_blocks(angular: pd.DataFrame | None, steps: int) -> list[tuple[int, ...]]:
+    """For k = 1..steps, the block of k layers whose input and output are closest in angle (Gromov et al.)."""
+    if angular is None or angular.empty:
+        raise LayerprobeError("--by angular needs the angular-distance table (angular.csv) from analyze")
+    out = []
+    for k in range(1, steps + 1):
+        sub = angular[angular["n"] == k]
+        if sub.empty:
+            raise LayerprobeError(f"the angular-distance table has no blocks of {k} layers; re-run analyze")
+        first = int(sub.sort_values(["angular_distance", "layer"]).iloc[0]["layer"])
+        out.append(tuple(range(first, first + k)))
+    return out
+
+
+def _analysis_matches(section: dict, opening: Opening) -> bool:
+    """Whether saved analyze results were measured on the very tokens this sweep uses."""
+    blocks = opening.blocks
+    return (section.get("model_name") == opening.loaded.name and str(section.get("data")) == opening.data
+            and section.get("seq_len") == int(blocks.shape[1]) and section.get("samples") == int(blocks.shape[0])
+            and section.get("seed") == opening.seed and section.get("text_column") == opening.text_column)
+
+
+def _saved_analysis(folder: Path, opening: Opening) -> AnalysisResult | None:
+    manifest = read_manifest(folder) if folder.is_dir() else {}
+    section = manifest.get(ANALYZE_SECTION)
+    if (isinstance(section, dict) and (folder / "layers.csv").is_file() and _analysis_matches(section, opening)):
+        result = AnalysisResult.load(folder)
+        if len(result.layers) == opening.anatomy.num_layers:
+            return result
+    return None
+
+
+def get_analysis(analysis, opening: Opening, *, samples, batch_size: int, progress: bool) -> tuple[AnalysisResult, str]:
+    """The analyze results the rankings read, and where they came from.
+
+    An AnalysisResult passed in is used as is; a folder is used when it was measured on these
+    tokens; otherwise analyze runs here, without gradients, on the same tokens.
+    """
+    L = opening.anatomy.num_layers
+    if isinstance(analysis, AnalysisResult):
+        if len(analysis.layers) != L:
+            raise LayerprobeError(f"the analyze results given describe {len(analysis.layers)} layers, this model has {L}")
+        return analysis, "analyze result passed in"
+    if analysis is not None:
+        folder = Path(analysis)
+        result = _saved_analysis(folder, opening)
+        if result is not None:
+            return result, f"{folder / 'layers.csv'} (analyze on the same tokens)"
+    result = analyze(opening.loaded, data=opening.data, seq_len=opening.seq_len, samples=samples,
+                     batch_size=batch_size, seed=opening.seed, grad=False, text_column=opening.text_column,
+                     layers_path=opening.anatomy.layers_path, device_map=opening.device_map, progress=progress)
+    return result, "analyze --no-grad on the same tokens"
+
+
+def ranked_sets(opts: SweepOptions, opening: Opening, analysis, *, samples, batch_size: int,
+                progress: bool) -> tuple[dict[str, list[tuple[int, ...]]], str | None]:
+    """Per ranking in `opts.bys`, the sets S_1..S_steps; and where the analyze results came from."""
+    L = opening.anatomy.num_layers
+    result, source = None, None
+    if any(b != "last" for b in opts.bys):
+        result, source = get_analysis(analysis, opening, samples=samples, batch_size=batch_size, progress=progress)
+    sets = {b: ranking_sets(b, L, opts.n_steps, result.layers if result is not None else None,
+                            result.angular if result is not None else None) for b in opts.bys}
+    return sets, source
+
+
+def build_candidates(opts: SweepOptions, num_layers: int, ranked: dict[str, list[tuple[int, ...]]]) -> list[Candidate]:
+    """Every candidate measured in the one pass over the data (greedy ones are found later, step by step)."""
+    L = num_layers
+    out: list[Candidate] = []
+    if "layer" in opts.modes:
+        out += [Candidate("layer", (l,), first_layer=l, block_size=1) for l in range(L)]
+    if "block" in opts.modes:
+        out += [Candidate("block", tuple(range(l, l + n)), first_layer=l, block_size=n)
+                for n in opts.block_sizes for l in range(L - n + 1)]
+    if opts.removal is not None:
+        out.append(Candidate("remove", opts.removal, first_layer=opts.removal[0]))
+    for b in opts.bys:
+        out += [Candidate("ranked", s, by=b, step=k, first_layer=s[0]) for k, s in enumerate(ranked[b], 1)]
+    return out
