@@ -90,7 +90,7 @@ def plot_per_layer(comp, metric: str, path: Path, ylabel: str, scale, title: str
     df = comp.per_layer
     if df.empty or metric not in df.columns or not df[metric].notna().any():
         return False
-    styles = styles(comp)
+    by_model = styles(comp)
     fig, ax = new_figure(7.5, 4.4)
     for m in comp.models:
         d = df[(df["model"] == m.label)].dropna(subset=[metric])
@@ -98,7 +98,7 @@ def plot_per_layer(comp, metric: str, path: Path, ylabel: str, scale, title: str
             d = d[d[metric] > 0]
         if d.empty:
             continue
-        st = styles[m.label]
+        st = by_model[m.label]
         ax.plot(_x(comp, d), d[metric], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
                 markersize=4, linewidth=1.8, label=legend_label(m))
     if scale is True:
@@ -138,13 +138,13 @@ def plot_angular_heatmaps(comp, path: Path) -> bool:
     vmax = max(float(np.nanmax(g)) if np.isfinite(g).any() else 1.0 for g in grids) or 1.0
     fig, axes = panel_grid(len(models), 3.3, 3.1, 1.2)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2")
-    styles = styles(comp)
+    by_model = styles(comp)
     im = None
     for ax, m, grid in zip(axes.flat, models, grids):
         L = grid.shape[0]
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=vmax,
                        extent=(-0.5, L - 0.5, 0.5, L + 0.5), interpolation="nearest")
-        ax.set_title(legend_label(m), color=styles[m.label]["color"], fontsize=10, fontweight="bold")
+        ax.set_title(legend_label(m), color=by_model[m.label]["color"], fontsize=10, fontweight="bold")
         ax.set_xlabel("first layer ℓ of the block (0-based)", fontsize=8)
         ax.set_ylabel("block size n (layers)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
@@ -166,12 +166,12 @@ def plot_training_loss(comp, path: Path) -> bool:
     models = [m for m in comp.models if m.training is not None]
     if not models:
         return False
-    styles = styles(comp)
+    by_model = styles(comp)
     fig, ax = new_figure(10.5, 4.2)
     any_eval = False
     for m in models:
         t = m.training
-        st = styles[m.label]
+        st = by_model[m.label]
         if "loss" in t.columns and t["loss"].notna().any():
             tr = t.dropna(subset=["loss"])
             ax.plot(tr["step"], tr["loss"], color=st["color"], alpha=0.25, linewidth=0.8)
@@ -210,12 +210,12 @@ def plot_training_layers(comp, metric: str, ylabel: str, path: Path) -> bool:
     if not models:
         return False
     fig, axes = panel_grid(len(models), 3.3, 3.0, 0.6, sharey=True)
-    styles = styles(comp)
+    by_model = styles(comp)
     for i_ax, (ax, m) in enumerate(zip(axes.flat, models)):
         d = _layer_metric_over_training(m, metric)
         d = d[d[metric] > 0]
         steps = sorted(d["step"].unique())
-        color = styles[m.label]["color"]
+        color = by_model[m.label]["color"]
         cmap = LinearSegmentedColormap.from_list("s", ["#dddddd", color])
         for i, step in enumerate(steps):
             s = d[d["step"] == step]
@@ -247,13 +247,13 @@ def plot_training_dynamics(comp, path: Path) -> bool:
     panels = [p for p in panels if any(p[0] in v.columns for v in dyn.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=120, squeeze=False,
                              constrained_layout=True)
-    styles = styles(comp)
+    by_model = styles(comp)
     by_label = {m.label: m for m in comp.models}
     for ax, (col, ylabel, log) in zip(axes[0], panels):
         for label, d in dyn.items():
             if col not in d.columns:
                 continue
-            st = styles[label]
+            st = by_model[label]
             ax.plot(d["step"], d[col], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
                     markersize=3.5, linewidth=1.6, label=legend_label(by_label[label]))
         if log:
