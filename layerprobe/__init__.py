@@ -7,6 +7,7 @@ do not pay for torch, transformers, pandas and matplotlib until a command needs 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from ._hf_registration import register_when_transformers_loads
 from ._version import __version__
@@ -36,6 +37,8 @@ register_when_transformers_loads()
 def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a subpackage: layerprobe.reference, ...
         raise AttributeError(f"module 'layerprobe' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function

@@ -62,14 +62,6 @@ def check_options(*, norm: str, preset: str, steps: int | None, threads: int | N
 def heldout_blocks(run_dir: Path, path: Path, *, progress: bool = True) -> Path:
     """The trainer's held-out blocks for the run in `run_dir`, rebuilt exactly as it split them
     (same data, tokenizer, sequence length, batch size and data seed), saved as token ids in `path`."""
-    import numpy as np
-
-    from .io import atomic_path
-    from .loading import load_model
-    from .progress import status
-    from .training import checkpoint as ckpt
-    from .training.data import prepare_token_data
-
     train = ((ckpt.read_run(run_dir) or {}).get("identity") or {}).get("train") or {}
     needed = ("data", "seq_len", "batch_size", "data_seed", "eval_samples")
     if any(train.get(k) is None for k in needed):
@@ -84,6 +76,29 @@ def heldout_blocks(run_dir: Path, path: Path, *, progress: bool = True) -> Path:
         with open(tmp, "wb") as fh:
             np.save(fh, data.eval.numpy())
     return path
+
+
+def analyse_and_sweep(run_dir: Path, heldout: Path, folder: Path, *, block_sweep: bool, progress: bool) -> Path:
+    """Analyse the run's model and sweep its layer (and block) removals on the held-out blocks; both results
+    go to `folder` with their pages."""
+    n, seq_len = np.load(heldout, mmap_mode="r").shape
+    loaded = load_model(str(run_dir), device="cpu", dtype="float32")
+    result = analyze(loaded, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8, progress=progress)
+    folder = result.save(folder)
+    modes = "layer,block" if block_sweep else "layer"
+    sweep = prune_sweep(loaded, mode=modes, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8,
+                        analysis=result, progress=progress)
+    sweep.save(folder)
+    return folder
+
+
+def _command_line(*, out, runs, norm, preset, steps, block_sweep, threshold, threads) -> str:
+    """The `layerprobe demo` command that makes the same report, for the page to quote."""
+    command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
+    command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
+    command += f" --threshold {threshold}" if threshold is not None else ""
+    command += f" --threads {threads}" if threads else ""
+    return command
 
 
 def demo(
@@ -124,25 +139,16 @@ def demo(
         raise KeyboardInterrupt
     run_dirs = [Path(r.path) for r in summary.runs]
     heldout = heldout_blocks(run_dirs[0], runs / HELDOUT_FILE, progress=progress)
-    n, seq_len = np.load(heldout, mmap_mode="r").shape
     result_dirs = []
     for i, (run, run_dir) in enumerate(zip(summary.runs, run_dirs), 1):
         _say(f"2/3 [{i}/{len(run_dirs)}] {run.scheme}: analyze and prune-sweep on the held-out blocks", progress)
-        loaded = load_model(str(run_dir), device="cpu", dtype="float32")
-        result = analyze(loaded, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8, progress=progress)
-        folder = result.save(out / run.scheme)
-        modes = "layer,block" if block_sweep else "layer"
-        sweep = prune_sweep(loaded, mode=modes, data=str(heldout), seq_len=seq_len, samples=n, batch_size=8,
-                            analysis=result, progress=progress)
-        sweep.save(folder)
-        result_dirs.append(folder)
+        result_dirs.append(analyse_and_sweep(run_dir, heldout, out / run.scheme, block_sweep=block_sweep,
+                                             progress=progress))
 
     _say("3/3 comparing", progress)
     title = f"layerprobe demo — {', '.join(schemes)} ({preset} preset, trained on the builtin corpus)"
-    command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
-    command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
-    command += f" --threshold {threshold}" if threshold is not None else ""
-    command += f" --threads {threads}" if threads else ""
+    command = _command_line(out=out, runs=runs, norm=norm, preset=preset, steps=steps, block_sweep=block_sweep,
+                            threshold=threshold, threads=threads)
     comp = compare([*run_dirs, *result_dirs], out=out, title=title,
                    threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress,
                    command=command)
@@ -150,4 +156,4 @@ def demo(
     return comp
 
 
-__all__ = ["demo", "check_options", "heldout_blocks", "DEMO_FLAGS", "DEMO_SCHEMES"]
+__all__ = ["demo", "analyse_and_sweep", "check_options", "heldout_blocks", "DEMO_FLAGS", "DEMO_SCHEMES"]
