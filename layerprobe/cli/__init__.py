@@ -17,6 +17,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click help: wraps at any width instead of cutting option names, and skips rich's help renderer
+    # (a third of --help's start-up).
+    rich_markup_mode=None,
 )
 
 
