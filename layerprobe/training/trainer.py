@@ -430,19 +430,19 @@ class Run:
             return
         record = ckpt.read_run(self.dir)
         if record is None:
-            raise LayerprobeError(f"{self.dir} exists and is not a layerprobe run folder; "
-                                  "remove it or choose another --out")
+            raise LayerprobeError(f"{self.dir} exists and is not a layerprobe run folder",
+                                  advice="remove it or choose another {out}")
         if s.overwrite:
             return
         diffs = identity_differences(record.get("identity", {}), self.identity)
         if diffs:
             shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
-            raise LayerprobeError(f"{self.dir} holds a run with a different config ({shown}); "
-                                  "pass --overwrite to replace it or choose another --out")
+            raise LayerprobeError(f"{self.dir} holds a run with a different config ({shown})",
+                                  advice="pass {overwrite} to replace it or choose another {out}")
         if not s.resume:
             raise LayerprobeError(f"{self.dir} already holds this run (step {record.get('step', 0)} of "
-                                  f"{record.get('total_steps', '?')}); pass --resume to continue it or "
-                                  "--overwrite to start again")
+                                  f"{record.get('total_steps', '?')})",
+                                  advice="pass {resume} to continue it or {overwrite} to start again")
 
     def prepare(self) -> None:
         """After the checks: clear for --overwrite, or load the state to resume from (every process)."""
