@@ -296,6 +296,7 @@ def test_a_folder_holding_another_run_is_refused_unless_resume_or_overwrite(tmp_
 
 # ---- faults -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # each of these three starts child processes: a real SIGKILL, a real Ctrl-C, torchrun
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     """4 steps, a real SIGKILL (after step 5 was logged, so step 5 is redone), resume for 4 more == 8 in one go."""
     args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 8, "--save-every", 4, "--eval-every", 2]
@@ -315,6 +316,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     args = ["train-reference", *MICRO, "--norm", "pre", "--steps", 300, "--save-every", 1000, "--out", tmp_path]
     proc = subprocess.Popen([sys.executable, "-m", "layerprobe", *map(str, args)], env=env_single_thread(),
@@ -394,6 +396,7 @@ def torchrun(args, nproc=2):
         env=env_single_thread(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_ddp_and_fsdp_match_one_process_at_the_same_global_batch(tmp_path):
     args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 5, "--batch-size", 8, "--eval-every", 5]
     single = run_layerprobe([*args, "--out", tmp_path / "one"])

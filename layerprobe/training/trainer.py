@@ -17,7 +17,6 @@ learning rate), `layer_stats` (held-out loss, per-layer variance and gradient no
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -279,11 +278,17 @@ class Run:
         return {"eval_loss": stats.loss, "eval_ppl": ppl, "layer_output_var": stats.output_variance,
                 "layer_token_var": stats.token_variance}
 
+    def _diverged(self, result: RunResult, step: int, lr: float, loss: float, gnorm: float) -> dict:
+        """Record a NaN/Inf loss or gradient norm at `step`; returns the metrics line that says so."""
+        result.status, result.diverged_at = "diverged", step + 1
+        result.diverged_reason = f"loss is {loss}" if not _finite(loss) else f"gradient norm is {gnorm}"
+        return {"step": step + 1, "loss": None, "lr": lr, "grad_norm": None, "diverged": True,
+                "reason": result.diverged_reason}
+
     def train(self, stop: StopFlag, progress) -> RunResult:
         plan, env, s = self.plan, self.env, self.plan.settings
         # Where to start: step 0, or the checkpoint's step with its tallies (later metrics lines are dropped).
         tally, result = self._start()
-        start = tally.step
         seconds_before, tokens_before = tally.seconds, tally.tokens
         # The model and optimizer (restored when resuming) and the batches, a pure function of the step.
         core, model, step_model, opt = self._setup()
@@ -291,34 +296,24 @@ class Run:
         eval_blocks = self.data.eval[: (len(self.data.eval) // env.world_size) * env.world_size]
         eval_model = model if s.fsdp else core  # FSDP's forward needs its wrapper; DDP's does not
         tokens_per_step = plan.batch_size * plan.seq_len
-        task = progress.add_task(self.scheme, total=plan.steps, completed=start, info="")
-        metrics = open(self.dir / ckpt.METRICS_FILE, "a", encoding="utf-8") if env.is_main else None
+        task = progress.add_task(self.scheme, total=plan.steps, completed=tally.step, info="")
 
         def save_last():
             self._save_last(core, model, opt, tally.step, result, tally.state())
             result.checkpoint_step = tally.step
 
-        def log(record):
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-
-        try:
+        with ckpt.MetricsLog(self.dir, enabled=env.is_main) as log:
             while tally.step < plan.steps:
                 # Every process stops at the same step, or the next step's collectives would wait forever.
                 if any_process(env, stop.requested):
                     result.status = "interrupted"
                     break
-                t0 = time.perf_counter()
-                step = tally.step
+                t0, step = time.perf_counter(), tally.step
                 is_eval_step = (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps
-                lr, loss_val, gnorm, layer_gnorm = self._step(step, batches, model, step_model, opt, is_eval_step)
-                if not (_finite(loss_val) and _finite(gnorm)):
+                lr, loss, gnorm, layer_gnorm = self._step(step, batches, model, step_model, opt, is_eval_step)
+                if not (_finite(loss) and _finite(gnorm)):
                     # Stop before the update: the last checkpoint on disk is the last good state.
-                    result.status, result.diverged_at = "diverged", step + 1
-                    result.diverged_reason = f"loss is {loss_val}" if not _finite(loss_val) else f"gradient norm is {gnorm}"
-                    log({"step": step + 1, "loss": None, "lr": lr, "grad_norm": None, "diverged": True,
-                         "reason": result.diverged_reason})
+                    log.write(self._diverged(result, step, lr, loss, gnorm))
                     break
                 # Clip with the norm just measured (and logged), then update.
                 clip_gradients(model, gnorm, s.grad_clip)
@@ -328,27 +323,24 @@ class Run:
                     torch.cuda.synchronize()  # so the step's time is the GPU's, not the launch's
                 dt = time.perf_counter() - t0
                 tally.seconds, tally.tokens, tally.step = tally.seconds + dt, tally.tokens + tokens_per_step, step + 1
-                record = {"step": tally.step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                record = {"step": tally.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                           "tokens_per_s": tokens_per_step / dt, "tokens": tally.tokens}
-                result.final_loss, result.steps_done = loss_val, tally.step
+                result.final_loss, result.steps_done = loss, tally.step
                 if is_eval_step:
                     record["layer_grad_norm"] = layer_gnorm
                     record.update(self._evaluate(eval_model, eval_blocks, tally, result, core, model))
-                log(record)  # before the checkpoint: a checkpoint never runs ahead of its metrics
+                log.write(record)  # before the checkpoint: a checkpoint never runs ahead of its metrics
                 _after_step(self.dir, tally.step)
                 if tally.step % plan.save_every == 0 or tally.step == plan.steps:
                     save_last()
                 ppl = f" · eval ppl {result.final_eval_ppl:.1f}" if result.final_eval_ppl else ""
                 progress.update(task, completed=tally.step,
-                                info=f"loss {loss_val:.3f} · {tokens_per_step / dt:,.0f} tok/s{ppl}")
+                                info=f"loss {loss:.3f} · {tokens_per_step / dt:,.0f} tok/s{ppl}")
             else:
                 result.status = "completed"
             if result.status == "interrupted" and tally.step != result.checkpoint_step:
                 save_last()
-        finally:
-            if metrics:
-                metrics.close()
-        # What the run.json and the summary report: totals over this session and any before it.
+        # run.json and the summary report totals over this session and any before it.
         result.seconds = tally.seconds
         result.tokens_per_s = ((tally.tokens - tokens_before) / (tally.seconds - seconds_before)
                                if tally.seconds > seconds_before else None)
@@ -399,19 +391,9 @@ def train_reference(settings: TrainSettings | None = None, **kwargs) -> Training
         shutdown(env)
 
 
-def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    plan = resolve_plan(s, env)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = Path(s.out).expanduser()
-    if env.is_main:
-        ensure_writable_dir(out)
-    barrier(env)
-
-    # The tokenizer and the data are shared by every scheme.
+def _tokenizer_and_data(plan: Plan):
+    """The tokenizer (named, trained on the data, or none for token-id files) and the train/held-out blocks."""
+    s = plan.settings
     text_needed = plan.steps * plan.batch_size * plan.seq_len * 6  # characters to stream from hf: datasets
     docs = None
     if not s.data.endswith(".npy"):
@@ -425,10 +407,29 @@ def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
     else:
         tokenizer = train_bpe_tokenizer(docs, plan.vocab_size)
     vocab = len(tokenizer) if tokenizer is not None else plan.vocab_size
-    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     data = prepare_token_data(s.data, tokenizer, seq_len=plan.seq_len, batch_size=plan.batch_size,
                               eval_samples=s.eval_samples, seed=plan.data_seed, text_column=s.text_column,
                               vocab_size=vocab, docs=docs)
+    return tokenizer, data
+
+
+def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # only our progress bar
+    # Settings are checked before anything heavy: a typo costs no data read, no model, no folder.
+    plan = resolve_plan(s, env)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    out = Path(s.out).expanduser()
+    if env.is_main:
+        ensure_writable_dir(out)
+    barrier(env)
+
+    # The tokenizer and the data are shared by every scheme.
+    tokenizer, data = _tokenizer_and_data(plan)
+    vocab = len(tokenizer) if tokenizer is not None else plan.vocab_size
+    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     if len(data.eval) < env.world_size:
         raise LayerprobeError(f"the held-out split has {len(data.eval)} blocks, fewer than the "
                               f"{env.world_size} processes; give more data")
@@ -443,6 +444,7 @@ def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
     for run in runs:
         run.prepare()
 
+    # One scheme after another, sharing the stop flag: Ctrl-C saves the current run and leaves the rest.
     summary = TrainingSummary(out=str(out), settings={
         "preset": plan.preset, "steps": plan.steps, "seq_len": plan.seq_len, "batch_size": plan.batch_size,
         "lr": plan.lr, "seed": s.seed, "data_seed": plan.data_seed, "data": s.data, "vocab_size": vocab,
