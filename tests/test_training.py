@@ -398,7 +398,9 @@ def torchrun(args, nproc=2):
 
 @pytest.mark.slow
 def test_two_processes_ddp_and_fsdp_match_one_process_at_the_same_global_batch(tmp_path):
-    args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 5, "--batch-size", 8, "--eval-every", 5]
+    # Gradient norms here are ~0.55: a clip at 0.1 scales every step, so clipping is checked across processes too.
+    args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 5, "--batch-size", 8, "--eval-every", 5,
+            "--grad-clip", 0.1]
     single = run_layerprobe([*args, "--out", tmp_path / "one"])
     assert single.returncode == 0, single.stderr
     one = read_metrics(tmp_path / "one" / "mix")
