@@ -51,7 +51,7 @@ def tiny_dir(tmp_path_factory):
     cache = {}
 
     def get(arch: str, tokenizer: bool = False, **overrides):
-        key = (arch, tokenizer, tuple(sorted(overrides.items())))
+        key = (arch, tokenizer, repr(sorted(overrides.items())))  # values may be lists
         if key not in cache:
             cache[key] = make_tiny(arch, root / f"{arch}-{len(cache)}", tokenizer=tokenizer, **overrides)
         return cache[key]
