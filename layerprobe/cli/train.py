@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..metrics.loss import perplexity
 from . import app
 from .common import console, err_console, user_errors
 
@@ -27,18 +28,12 @@ def summary_table(summary):
     for r in summary.runs:
         status = {"diverged": f"[red]diverged@{r.diverged_at}[/]", "interrupted": "[yellow]stopped[/]",
                   "completed": "done"}.get(r.status, r.status)
-        best = "—" if r.best_eval_loss is None else f"{_exp(r.best_eval_loss):.1f}@{r.best_step}"
+        best = "—" if r.best_eval_loss is None else f"{perplexity(r.best_eval_loss):.1f}@{r.best_step}"
         var = r.layer_output_var
         growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
         table.add_row(r.scheme, status, f"{r.steps_done}/{r.total_steps}", _fmt(r.final_eval_ppl, ".1f"), best,
                       growth, _fmt(r.tokens_per_s, ",.0f"))
     return table
-
-
-def _exp(x):
-    import math
-
-    return math.exp(min(x, 700.0))
 
 
 @app.command("train-reference")
