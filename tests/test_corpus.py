@@ -267,6 +267,7 @@ def test_prepared_with_another_tokenizer(corpus, prepared, tmp_path):
     with pytest.raises(LayerprobeError, match=r"made with tokenizer .* not 'bpe:512'"):
         prepare_data(str(prepared), "bpe:512", progress=False)
     assert prepare_data(str(prepared), corpus.tok_dir, progress=False).reused  # the same one: used as it is
+    assert prepare_data(str(prepared), progress=False).reused  # no tokenizer named: used as it is
 
 
 def test_truncated_file_and_index_mismatch(prepared, tmp_path):

@@ -15,7 +15,7 @@ from .common import QuietOpt, TextColumnOpt, console, err_console, user_errors
 @user_errors
 def prepare_data_command(
     spec: str = typer.Argument(..., help="file (.txt .jsonl .jsonl.gz .json.gz .csv .parquet) | folder of them | hf:NAME[:CONFIG[:SPLIT]]"),
-    tokenizer: str = typer.Option("bpe", help="Tokenizer folder or hub id (t5-base: the papers'), or bpe[:N]: a byte-level BPE of N ids (default 32000) trained on the first 32 MB."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or hub id (t5-base: the papers'), or bpe[:N] (the default): a byte-level BPE of N ids (default 32000) trained on the first 32 MB. For a prepared folder: the tokenizer it must have been made with."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: the cache, $LAYERPROBE_CACHE or ~/.cache/layerprobe/tokens/<key>)."),
     text_column: TextColumnOpt = None,
     quiet: QuietOpt = False,

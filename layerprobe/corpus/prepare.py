@@ -208,24 +208,24 @@ def _validate_spec(spec: str) -> str:
     return "folder" if Path(spec).expanduser().is_dir() else "file"
 
 
-def prepare_data(spec: str, tokenizer: str = "bpe", out: str | os.PathLike | None = None, *,
+def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike | None = None, *,
                  text_column: str | None = None, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
                  on_status=None) -> Prepared:
     """Tokenize a data spec once into a prepared folder (`out`, or the cache); reuse it when already there.
 
     `tokenizer`: 'bpe' / 'bpe:N' (a byte-level BPE of N ids trained on the first SAMPLE_BYTES of the
-    data), a tokenizer folder, or a hub id. A spec that is already a prepared folder is checked
-    against the tokenizer and returned as it is.
+    data; the default), a tokenizer folder, or a hub id. A spec that is already a prepared folder is
+    checked against the tokenizer, when one is named, and returned as it is.
     """
     spec = str(spec)
     kind = _validate_spec(spec)
-    tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer)
+    tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer or "bpe")
     if kind == "prepared":
         from .store import TokenStore
 
         store = TokenStore(spec, tokenizer=tokenizer)  # validates the index, the size and the tokenizer
         return Prepared(store.path, store.index, reused=True)
-    tok_spec = f"bpe:{bpe_vocab}" if tok_name == "bpe" else tokenizer
+    tok_spec = f"bpe:{bpe_vocab}" if tok_name == "bpe" else str(tokenizer)
     # A named tokenizer is keyed by its fingerprint; a BPE by its size (it is a pure function of the data).
     hf_tok = None if tok_name == "bpe" else load_hf_tokenizer(tokenizer)
     path, key = _resolve_out(spec, tok_spec, text_column, out, fingerprint(hf_tok) if hf_tok is not None else None)
