@@ -116,7 +116,7 @@ def peak_rss(root: Path, tok_dir: str, mb: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--throughput-mb", type=int, default=20)
+    ap.add_argument("--throughput-mb", type=int, default=20, help="corpus size of the throughput rounds (0: skip them)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rss-sizes", default="10,300", help="corpus sizes in MB for the peak-RSS runs")
     ap.add_argument("--vocab", type=int, default=32000)
@@ -135,8 +135,9 @@ def main() -> None:
         if not tok_dir.exists():
             train_bpe_on_sample(iter_pieces(str(root / "shard.jsonl")), args.vocab, max_bytes=8 << 20).save_pretrained(tok_dir)
         result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0]}
-        result["throughput"] = throughput(root, str(tok_dir), args.throughput_mb, args.rounds)
-        print(json.dumps(result["throughput"]), flush=True)
+        if args.throughput_mb > 0:  # 0: peak RSS only
+            result["throughput"] = throughput(root, str(tok_dir), args.throughput_mb, args.rounds)
+            print(json.dumps(result["throughput"]), flush=True)
         result["rss"] = []
         for mb in [int(x) for x in args.rss_sizes.split(",") if x]:
             result["rss"].append(peak_rss(root, str(tok_dir), mb))
