@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import LayerprobeError
-from ..training.tokenizer import EOS, MIN_VOCAB, tokenizer_fingerprint, train_bpe_tokenizer
+from ..training.tokenizer import MIN_VOCAB, tokenizer_fingerprint, train_bpe_tokenizer
 
 SAMPLE_BYTES = 32 << 20  # BPE training reads at most this much text: a few tens of MB, never the corpus
 DEFAULT_BPE_VOCAB = 32000
@@ -132,4 +132,3 @@ def check_embedding(rows: int, max_id: int, where: str) -> None:
         )
 
 
-EOS_TOKEN = EOS
