@@ -44,6 +44,7 @@ from . import analyze  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
 from . import train  # noqa: E402,F401
 from . import compare, demo  # noqa: E402,F401
+from . import prepare  # noqa: E402,F401
 
 
 def main() -> None:
