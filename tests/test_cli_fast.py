@@ -43,6 +43,7 @@ def run_fresh(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     ["train-reference", "--help"],
     ["compare", "--help"],
     ["demo", "--help"],
+    ["prepare-data", "--help"],
 ])
 def test_help_imports_no_heavy_library(args):
     out, heavy = run_fresh(*args)
