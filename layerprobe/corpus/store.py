@@ -117,9 +117,10 @@ class Split:
 
 
 def split_store(store: TokenStore, seq_len: int, *, batch_size: int, eval_blocks: int,
-                eval_store: TokenStore | None = None) -> Split:
+                eval_store: TokenStore | None = None, name: str | None = None) -> Split:
     """Training and held-out blocks: the held-out ones are the LAST `eval_blocks` blocks of the store (never
-    trained on), or the first `eval_blocks` of a separate eval store. Errors say how many tokens were found and needed."""
+    trained on), or the first `eval_blocks` of a separate eval store. Errors say how many tokens were found and needed;
+    `name`: how they call the data (the spec the user gave), default the folder."""
     if seq_len < 2:
         raise LayerprobeError(f"--seq-len must be at least 2 (got {seq_len})")
     n = store.num_blocks(seq_len)
@@ -144,7 +145,7 @@ def split_store(store: TokenStore, seq_len: int, *, batch_size: int, eval_blocks
     if train_n < need_train or eval_blocks < 1:
         need = (need_train + (0 if eval_store is not None else max(eval_blocks, 1))) * seq_len
         raise LayerprobeError(
-            f"the data {store.path} holds {store.n_tokens:,} tokens ({n:,} blocks of {seq_len}); one batch of {batch_size} "
+            f"the data {name or store.path} holds {store.n_tokens:,} tokens ({n:,} blocks of {seq_len}); one batch of {batch_size} "
             f"blocks{'' if eval_store is not None else f' plus {max(eval_blocks, 1)} held-out'} needs {need:,} tokens: "
             "give more text, or lower the batch size / sequence length / held-out blocks"
         )
