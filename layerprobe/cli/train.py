@@ -72,7 +72,7 @@ def train_reference_command(
     eval_samples: Optional[int] = typer.Option(None, help="Held-out blocks (default 64, or the recipe's 10M tokens; cut from --data: at most 5% of it)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps (default: --eval-every)."),
     seed: int = typer.Option(0, help="Seed of the initial weights (the same for every scheme)."),
-    data_seed: Optional[int] = typer.Option(None, help="Seed of the held-out split and batch order (default: --seed)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of the batch order (default: --seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: Optional[str] = typer.Option(None, help="auto (the default: bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine)."),

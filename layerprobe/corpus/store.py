@@ -41,6 +41,23 @@ class TokenStore:
                 "the file is truncated or does not belong to this index; prepare the data again"
             )
         self.tokens = np.memmap(f, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) if self.n_tokens else np.zeros(0, self.dtype)
+        # Training reads rows with pread, not through the mapping: every page read through a mapping stays in
+        # the process's resident set (file-backed and reclaimable, but counted), so a long run would seem
+        # to hold the whole corpus; pread leaves it in the page cache only.
+        self._fd = os.open(f, os.O_RDONLY) if hasattr(os, "pread") else None
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+    def __getstate__(self):  # a store sent to another process opens its own file
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = os.open(self.path / TOKENS_NAME, os.O_RDONLY) if hasattr(os, "pread") else None
 
     # vocabulary
     @property
@@ -78,8 +95,15 @@ class TokenStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"block index out of range [0, {n}) for seq_len {seq_len}")
         out = np.empty((idx.size, seq_len), dtype=np.int64)
+        size = self.dtype.itemsize * seq_len
         for r, i in enumerate(idx):  # one contiguous read per row
-            out[r] = self.tokens[i * seq_len:(i + 1) * seq_len]
+            if self._fd is not None:
+                data = os.pread(self._fd, size, int(i) * size)
+                if len(data) != size:
+                    raise LayerprobeError(f"{self.path / TOKENS_NAME} became shorter while training; prepare the data again")
+                out[r] = np.frombuffer(data, dtype=self.dtype)
+            else:
+                out[r] = self.tokens[i * seq_len:(i + 1) * seq_len]
         return torch.from_numpy(out)
 
 
