@@ -1,11 +1,12 @@
 """Training from a prepared (memory-mapped) token file: speed against blocks held in memory, and peak memory
 against corpus size.
 
-1. Throughput: the same model trained for --steps optimizer steps with its batches read by `BlockBatches`
-   from the memmap (a prepared folder's `BlockView`) and from the very same blocks held in one tensor,
-   in alternating pairs; the time of each run is process CPU time (time.process_time, all threads), so a
-   busy machine slows both sides alike. Reported: tokens per CPU-second of each, and the median over
-   pairs of (memmap tok/s / in-memory tok/s); the target is >= 0.98.
+1. Throughput: two copies of the same model trained in lockstep for --steps optimizer steps, one with its
+   batches read by `BlockBatches` from the prepared folder's token file (a `BlockView`), one from the very
+   same blocks held in one tensor; each step of each is timed in process CPU time (time.process_time), the
+   two in alternating order, so a busy machine slows both sides alike. Reported per round: tokens per
+   CPU-second of each; the median over rounds of (token file tok/s / in-memory tok/s), target >= 0.98;
+   and the batch-fetch time per step of each (the only code that differs).
 2. Peak RSS: `layerprobe train-reference --data DIR` in a fresh process on prepared corpora of different
    sizes, read with os.wait4. The 10 MB corpus is prepared for real (generated text, a 4096-id BPE); the
    larger ones repeat its token ids to the size asked (their token files are 10 MB x k; the training path
@@ -67,6 +68,8 @@ def scaled(small: Path, root: Path, mb: int) -> Path:
 
 
 def throughput(prep: Path, steps: int, pairs: int, preset: str, seq_len: int, batch: int) -> dict:
+    """Two copies of the same model trained in lockstep, one from each source; every step is timed on each,
+    in alternating order, so the machine's load drifts cancel step by step. `pairs` rounds of `steps` steps."""
     import torch
 
     from layerprobe.reference import reference_config
@@ -78,32 +81,35 @@ def throughput(prep: Path, steps: int, pairs: int, preset: str, seq_len: int, ba
     sources = {"memmap": BlockBatches(data.train, batch, seed=0), "memory": BlockBatches(in_memory, batch, seed=0)}
     config = reference_config(preset, "pre", vocab_size=data.embedding_rows, max_position_embeddings=seq_len)
 
-    def run(source) -> tuple[float, float]:
-        model = init_model(config, 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        fetch = 0.0
+    def one_step(model, opt, source, step) -> tuple[float, float]:
         t0 = time.process_time()
-        for step in range(steps):
-            f0 = time.process_time()
-            ids = source.batch(step)
-            fetch += time.process_time() - f0
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return time.process_time() - t0, fetch
+        ids = source.batch(step)
+        t1 = time.process_time()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.process_time() - t0, t1 - t0
 
-    run(sources["memory"])  # warm-up: allocator, page cache, kernels
-    rows = []
-    for i in range(pairs):
-        order = ("memmap", "memory") if i % 2 == 0 else ("memory", "memmap")
-        got = {name: run(sources[name]) for name in order}
-        rows.append(got)
+    rounds = []
+    for p in range(pairs + 1):  # round 0 warms up (allocator, page cache, kernels) and is not counted
+        models = {k: init_model(config, 0) for k in sources}
+        opts = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-3, weight_decay=0.0) for k in sources}
+        total = {k: [0.0, 0.0] for k in sources}
+        for step in range(steps):
+            order = ("memmap", "memory") if (step + p) % 2 == 0 else ("memory", "memmap")
+            for k in order:
+                dt, fetch = one_step(models[k], opts[k], sources[k], step)
+                total[k][0] += dt
+                total[k][1] += fetch
+        if p:
+            rounds.append(total)
     tokens = steps * batch * seq_len
-    tps = {k: [tokens / r[k][0] for r in rows] for k in ("memmap", "memory")}
-    return {"preset": preset, "seq_len": seq_len, "batch": batch, "steps": steps, "pairs": pairs,
-            "tok_per_cpu_s": {k: statistics.median(v) for k, v in tps.items()},
-            "fetch_ms_per_step": {k: statistics.median(r[k][1] for r in rows) / steps * 1e3 for k in ("memmap", "memory")},
-            "ratio_median": statistics.median(a / b for a, b in zip(tps["memmap"], tps["memory"])),
+    tps = {k: [tokens / r[k][0] for r in rounds] for k in sources}
+    return {"preset": preset, "seq_len": seq_len, "batch": batch, "steps": steps, "rounds": pairs,
+            "tok_per_cpu_s": {k: round(statistics.median(v), 1) for k, v in tps.items()},
+            "fetch_ms_per_step": {k: round(statistics.median(r[k][1] for r in rounds) / steps * 1e3, 3) for k in sources},
+            "step_ms": {k: round(statistics.median(r[k][0] for r in rounds) / steps * 1e3, 2) for k in sources},
+            "ratio_median": round(statistics.median(a / b for a, b in zip(tps["memmap"], tps["memory"])), 4),
             "ratios": [round(a / b, 4) for a, b in zip(tps["memmap"], tps["memory"])]}
 
 
@@ -126,13 +132,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tmp", default="/tmp/layerprobe-bench-train-memmap")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=5, help="timed rounds (after one warm-up round)")
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rss-sizes", default="10,300", help="token-file sizes in MB; the first is the real preparation")
     ap.add_argument("--rss-steps", type=int, default=20)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -152,7 +159,7 @@ def main() -> None:
             report["throughput"] = throughput(small, args.steps, args.pairs, args.preset, args.seq_len, args.batch)
             print(json.dumps(report["throughput"]), flush=True)
         report["rss"] = []
-        for mb in sizes:
+        for mb in [] if args.skip_rss else sizes:
             prep = small if mb == sizes[0] else scaled(small, root, mb)
             row = peak_rss(prep, root / f"runs-{mb}", args.rss_steps)
             report["rss"].append(row)
