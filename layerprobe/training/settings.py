@@ -149,7 +149,11 @@ class Plan:
             f"  lr {self.lr:g}, warmup {self.warmup_steps:,} steps, cosine to {s.min_lr_ratio:.0%}, weight decay "
             f"{s.weight_decay:g}, clip {s.grad_clip:g} (0 = none), micro-batch {self.micro_batch_size} x "
             f"{self.accum} accumulation, {'bf16 autocast' if self.autocast_dtype else 'fp32'}, data seed {self.data_seed}")
-        lines.append(f"  tokenizer {self.tokenizer_spec or 'the prepared data’s own' if not str(s.data).endswith('.npy') else 'none (token ids)'}")
+        if str(s.data).endswith(".npy"):
+            tokenizer = "none (token ids)"
+        else:
+            tokenizer = self.tokenizer_spec or "the one the prepared data was made with"
+        lines.append(f"  tokenizer {tokenizer}")
         return lines
 
 
