@@ -38,6 +38,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Prepared training data (train-reference, prepare-data) goes to a cache of the session, not ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("layerprobe-cache")
+    before = os.environ.get("LAYERPROBE_CACHE")
+    os.environ["LAYERPROBE_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("LAYERPROBE_CACHE", None)
+    else:
+        os.environ["LAYERPROBE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from layerprobe.loading import load_model

@@ -28,7 +28,7 @@ from fixtures_reference import (
 )
 from layerprobe.reference import LayerprobeForCausalLM, reference_config
 from layerprobe.training import checkpoint as ckpt
-from layerprobe.training.data import BatchOrder
+from layerprobe.corpus import step_rows
 from layerprobe.training.trainer import Plan, TrainSettings, init_model, lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,14 +57,16 @@ def test_lr_warms_up_linearly_then_cosine_decays_to_ten_percent():
 
 
 def test_batch_order_is_a_function_of_step_and_seed():
-    a, b = BatchOrder(10, 4, seed=3), BatchOrder(10, 4, seed=3)
-    seq_a = [a.rows(s).tolist() for s in range(6)]
-    seq_b = [b.rows(s).tolist() for s in reversed(range(6))][::-1]  # asked in another order
+    def rows(step, seed=3):
+        return step_rows(step, n_blocks=10, batch_size=4, seed=seed).tolist()
+
+    seq_a = [rows(s) for s in range(6)]
+    seq_b = [rows(s) for s in reversed(range(6))][::-1]  # asked in another order
     assert seq_a == seq_b
     flat = sum(seq_a, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs
     assert flat[:10] != flat[10:20]  # each epoch reshuffled
-    assert BatchOrder(10, 4, seed=4).rows(0).tolist() != seq_a[0]
+    assert rows(0, seed=4) != seq_a[0]
 
 
 def test_every_scheme_starts_from_the_same_weights():
@@ -145,10 +147,9 @@ def test_block_batches_split_the_global_batch_over_processes():
     blocks = torch.arange(10 * 3).reshape(10, 3)
     source = BlockBatches(blocks, batch_size=4, seed=5)
     assert isinstance(source, BatchSource)
-    order = BatchOrder(10, 4, seed=5)
     for step in (0, 1, 7):
         whole = source.batch(step)
-        assert torch.equal(whole, blocks[order.rows(step)])
+        assert torch.equal(whole, blocks[step_rows(step, n_blocks=10, batch_size=4, seed=5)])
         assert torch.equal(torch.cat([source.batch(step, r, 2) for r in range(2)]), whole)
         assert torch.equal(torch.cat([source.batch(step, r, 4) for r in range(4)]), whole)
 

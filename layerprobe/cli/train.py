@@ -40,10 +40,13 @@ def summary_table(summary):
 @app.command("train-reference")
 @user_errors
 def train_reference_command(
-    norm: str = typer.Option("pre,post,mix,lns", help="Comma list of norm schemes: pre, post, mix, lns, deepnorm, sandwich (any case)."),
-    preset: str = typer.Option("tiny", help="micro | tiny (CPU) | 71m | 130m | 250m | 350m | 1b (the papers' sizes)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the preset's)."),
-    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl .csv .parquet, or token ids .npy) | folder | hf:NAME[:CONFIG[:SPLIT]]"),
+    norm: Optional[str] = typer.Option(None, help="Comma list of norm schemes: pre, post, mix, lns, deepnorm, sandwich (any case). Default: pre,post,mix,lns (or the recipe's)."),
+    preset: Optional[str] = typer.Option(None, help="micro | tiny (CPU, the default) | 71m | 130m | 250m | 350m | 1b (the papers' sizes)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the recipe's, else the preset's)."),
+    tokens: Optional[str] = typer.Option(None, help="Token budget instead of --steps, e.g. 1.1B or 500M: steps = ceil(tokens / (batch x seq))."),
+    recipe: Optional[str] = typer.Option(None, help="A paper's settings in one name: mixln-71m, mixln-130m, mixln-250m, mixln-1b, lns-130m, lns-250m, lns-350m, lns-1b. Flags given explicitly override it."),
+    data: str = typer.Option("builtin", help="builtin | file (.txt .jsonl[.gz] .json.gz .csv .parquet, or token ids .npy) | folder | a folder made by prepare-data | hf:NAME[:CONFIG[:SPLIT]]. Text is tokenized once into the cache ($LAYERPROBE_CACHE) and read from a memory-mapped file."),
+    eval_data: Optional[str] = typer.Option(None, help="A separate held-out set (any --data spec; tokenized with the training data's tokenizer). Default: the last blocks of --data, never trained on."),
     out: Path = typer.Option(Path("runs"), help="Output folder; each scheme trains in OUT/<scheme>/."),
     layers: Optional[int] = typer.Option(None, help="Override the preset's number of layers."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", "--width", help="Override the width."),
@@ -54,24 +57,24 @@ def train_reference_command(
     batch_size: Optional[int] = typer.Option(None, help="Global batch: sequences per optimizer step, over all processes."),
     micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass and process; the rest is gradient accumulation."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of the steps spent in linear warmup."),
-    min_lr_ratio: float = typer.Option(0.1, help="The cosine decays to this fraction of the peak."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay on matrices (0 = Adam, as in the papers)."),
-    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this value (0: no clipping)."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of the steps spent in linear warmup (default 0.1)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, help="The cosine decays to this fraction of the peak (default 0.1)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on matrices (default 0 = Adam, as in the papers)."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value (default 1.0; 0: no clipping, as in the papers)."),
     post_ln_ratio: float = typer.Option(0.25, "--post-ln-ratio", "--alpha", help="Mix-LN's α: the first ⌊αL⌋ layers are Post-LN."),
     post_ln_layers: Optional[int] = typer.Option(None, help="Mix-LN: an explicit number of Post-LN layers (overrides α)."),
     scaled_init: bool = typer.Option(False, "--scaled-init/--no-scaled-init", help="Residual output projections get std σ/√(2L)."),
     norm_type: str = typer.Option("rmsnorm", help="rmsnorm | layernorm."),
-    vocab_size: Optional[int] = typer.Option(None, help="Size of the byte-level BPE trained on the data (default: the preset's)."),
-    tokenizer: Optional[str] = typer.Option(None, help="Use this tokenizer (folder or hub id) instead of training one."),
+    vocab_size: Optional[int] = typer.Option(None, help="Without --tokenizer: the size of the byte-level BPE trained on the first 32 MB of the data (default: the preset's). With --tokenizer: the embedding rows (default: the tokenizer's ids rounded up to 64, at least the largest id + 1)."),
+    tokenizer: Optional[str] = typer.Option(None, help="A tokenizer folder or hub id (t5-base: the papers'), or bpe[:N]. Default: a BPE trained on the data, or a prepared folder's own."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text in .jsonl/.csv/.parquet/hf data."),
     eval_every: Optional[int] = typer.Option(None, help="Held-out loss, per-layer gradient norms and output variance every K steps."),
-    eval_samples: int = typer.Option(64, help="Held-out blocks (at most 5% of the data)."),
+    eval_samples: Optional[int] = typer.Option(None, help="Held-out blocks (default 64, or the recipe's 10M tokens; cut from --data: at most 5% of it)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps (default: --eval-every)."),
     seed: int = typer.Option(0, help="Seed of the initial weights (the same for every scheme)."),
-    data_seed: Optional[int] = typer.Option(None, help="Seed of the held-out split and batch order (default: --seed)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of the batch order (default: --seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
+    dtype: Optional[str] = typer.Option(None, help="auto (the default: bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Shard weights, gradients and optimizer state (FSDP2) under torchrun."),
@@ -83,7 +86,8 @@ def train_reference_command(
     from ..training import TrainSettings, train_reference
 
     settings = TrainSettings(
-        norm=norm, preset=preset, steps=steps, data=data, text_column=text_column, out=str(out), layers=layers,
+        norm=norm, preset=preset, steps=steps, tokens=tokens, recipe=recipe, data=data, eval_data=eval_data,
+        text_column=text_column, out=str(out), layers=layers,
         hidden_size=hidden_size, ffn_size=ffn_size, heads=heads, kv_heads=kv_heads, seq_len=seq_len,
         batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup_ratio=warmup_ratio,
         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, post_ln_ratio=post_ln_ratio,
@@ -92,7 +96,8 @@ def train_reference_command(
         data_seed=data_seed, device=device, dtype=dtype, threads=threads, compile=compile, fsdp=fsdp, resume=resume,
         overwrite=overwrite, progress=not quiet,
     )
-    summary = train_reference(settings)
+    say = None if quiet else (lambda line: err_console.print(line, highlight=False, markup=False))
+    summary = train_reference(settings, on_status=say)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:

@@ -9,7 +9,7 @@ file, then serve fixed-length blocks by index in constant memory.
 """
 
 from .budget import parse_token_count, steps_for_tokens
-from .prepare import Prepared, cache_root, check_tokenizer_matches, encode_texts, prepare_data, read_index
+from .prepare import Prepared, cache_root, check_tokenizer_matches, encode_texts, prepare_data, read_index, validate_spec
 from .readers import Piece, is_prepared_dir, iter_documents, iter_pieces, source_files
 from .store import BlockView, Split, TokenStore, permute, split_store, step_rows
 from .vocab import check_embedding, embedding_size, load_hf_tokenizer, parse_tokenizer_spec, separator, train_bpe_on_sample
@@ -18,5 +18,5 @@ __all__ = [
     "BlockView", "Piece", "Prepared", "Split", "TokenStore", "cache_root", "check_embedding", "check_tokenizer_matches",
     "embedding_size", "encode_texts", "is_prepared_dir", "iter_documents", "iter_pieces", "load_hf_tokenizer",
     "parse_token_count", "parse_tokenizer_spec", "permute", "prepare_data", "read_index", "separator", "source_files",
-    "split_store", "step_rows", "steps_for_tokens", "train_bpe_on_sample",
+    "split_store", "step_rows", "steps_for_tokens", "train_bpe_on_sample", "validate_spec",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import LayerprobeError
 from ..io import ensure_writable_dir, write_json
-from .readers import INDEX_NAME, fingerprint_key, is_prepared_dir, iter_pieces, parse_hf_spec, source_bytes, source_fingerprint
+from .readers import BUILTIN, INDEX_NAME, fingerprint_key, is_prepared_dir, iter_pieces, parse_hf_spec, source_bytes, source_fingerprint
 from .vocab import SAMPLE_BYTES, embedding_size, fingerprint, load_hf_tokenizer, parse_tokenizer_spec, separator, train_bpe_on_sample
 
 FORMAT = "layerprobe-tokens"
@@ -198,10 +198,13 @@ def _check_out(path: Path, key: str) -> str:
     return "resume" if state.get("key") == key else "fresh"
 
 
-def _validate_spec(spec: str) -> str:
+def validate_spec(spec: str) -> str:
+    """The kind of a data spec (hf, builtin, prepared, folder, file); an error naming what is accepted otherwise."""
     if spec.startswith("hf:"):
         parse_hf_spec(spec)
         return "hf"
+    if spec == BUILTIN:
+        return "builtin"
     if is_prepared_dir(spec):
         return "prepared"
     source_bytes(spec)  # raises for a missing path, an unsupported file, an empty folder
@@ -218,7 +221,7 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     checked against the tokenizer, when one is named, and returned as it is.
     """
     spec = str(spec)
-    kind = _validate_spec(spec)
+    kind = validate_spec(spec)
     tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer or "bpe")
     if kind == "prepared":
         from .store import TokenStore

@@ -71,10 +71,22 @@ def source_files(spec: str) -> list[Path]:
     return [path]
 
 
+BUILTIN = "builtin"  # the small offline corpus (layerprobe.data.builtin_documents): text shipped with Python
+
+
+def _builtin_identity() -> str:
+    """The builtin corpus changes with the Python version that ships it."""
+    import sys
+
+    return f"python-{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
+
+
 def source_fingerprint(spec: str, text_column: str | None = None) -> dict:
     """What identifies the data of a spec for the cache: its files' paths, sizes and mtimes (or the hf: name)."""
     if spec.startswith("hf:"):
         return {"spec": spec, "text_column": text_column, "files": []}
+    if spec == BUILTIN:
+        return {"spec": spec, "text_column": None, "files": [], "version": _builtin_identity()}
     files = source_files(spec)
     root = Path(spec).expanduser().resolve()
     rows = []
@@ -89,8 +101,8 @@ def fingerprint_key(obj) -> str:
 
 
 def source_bytes(spec: str) -> int | None:
-    """Bytes on disk of a file spec (None for hf:): the progress bar's total and the disk-space estimate."""
-    if spec.startswith("hf:"):
+    """Bytes on disk of a file spec (None for hf: and builtin): the progress bar's total and the disk-space estimate."""
+    if spec.startswith("hf:") or spec == BUILTIN:
         return None
     return sum(f.stat().st_size for f in source_files(spec))
 
@@ -216,6 +228,11 @@ def iter_pieces(spec: str, text_column: str | None = None) -> Iterator[Piece]:
     spec = str(spec)
     if spec.startswith("hf:"):
         yield from _hf_pieces(spec, text_column)
+        return
+    if spec == BUILTIN:  # a few MB of documentation: small enough to build as a list
+        from ..data import builtin_documents
+
+        yield from (Piece(d, True) for d in builtin_documents())
         return
     for f in source_files(spec):
         try:

@@ -41,6 +41,23 @@ class TokenStore:
                 "the file is truncated or does not belong to this index; prepare the data again"
             )
         self.tokens = np.memmap(f, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) if self.n_tokens else np.zeros(0, self.dtype)
+        # Training reads rows with pread, not through the mapping: every page read through a mapping stays in
+        # the process's resident set (file-backed and reclaimable, but counted), so a long run would seem
+        # to hold the whole corpus; pread leaves it in the page cache only.
+        self._fd = os.open(f, os.O_RDONLY) if hasattr(os, "pread") else None
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+    def __getstate__(self):  # a store sent to another process opens its own file
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = os.open(self.path / TOKENS_NAME, os.O_RDONLY) if hasattr(os, "pread") else None
 
     # vocabulary
     @property
@@ -78,8 +95,15 @@ class TokenStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"block index out of range [0, {n}) for seq_len {seq_len}")
         out = np.empty((idx.size, seq_len), dtype=np.int64)
+        size = self.dtype.itemsize * seq_len
         for r, i in enumerate(idx):  # one contiguous read per row
-            out[r] = self.tokens[i * seq_len:(i + 1) * seq_len]
+            if self._fd is not None:
+                data = os.pread(self._fd, size, int(i) * size)
+                if len(data) != size:
+                    raise LayerprobeError(f"{self.path / TOKENS_NAME} became shorter while training; prepare the data again")
+                out[r] = np.frombuffer(data, dtype=self.dtype)
+            else:
+                out[r] = self.tokens[i * seq_len:(i + 1) * seq_len]
         return torch.from_numpy(out)
 
 
@@ -117,9 +141,10 @@ class Split:
 
 
 def split_store(store: TokenStore, seq_len: int, *, batch_size: int, eval_blocks: int,
-                eval_store: TokenStore | None = None) -> Split:
+                eval_store: TokenStore | None = None, name: str | None = None) -> Split:
     """Training and held-out blocks: the held-out ones are the LAST `eval_blocks` blocks of the store (never
-    trained on), or the first `eval_blocks` of a separate eval store. Errors say how many tokens were found and needed."""
+    trained on), or the first `eval_blocks` of a separate eval store. Errors say how many tokens were found and needed;
+    `name`: how they call the data (the spec the user gave), default the folder."""
     if seq_len < 2:
         raise LayerprobeError(f"--seq-len must be at least 2 (got {seq_len})")
     n = store.num_blocks(seq_len)
@@ -144,7 +169,7 @@ def split_store(store: TokenStore, seq_len: int, *, batch_size: int, eval_blocks
     if train_n < need_train or eval_blocks < 1:
         need = (need_train + (0 if eval_store is not None else max(eval_blocks, 1))) * seq_len
         raise LayerprobeError(
-            f"the data {store.path} holds {store.n_tokens:,} tokens ({n:,} blocks of {seq_len}); one batch of {batch_size} "
+            f"the data {name or store.path} holds {store.n_tokens:,} tokens ({n:,} blocks of {seq_len}); one batch of {batch_size} "
             f"blocks{'' if eval_store is not None else f' plus {max(eval_blocks, 1)} held-out'} needs {need:,} tokens: "
             "give more text, or lower the batch size / sequence length / held-out blocks"
         )

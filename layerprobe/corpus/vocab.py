@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import LayerprobeError
-from ..training.tokenizer import MIN_VOCAB, tokenizer_fingerprint, train_bpe_tokenizer
+
+# The BPE itself and the fingerprint live in training.tokenizer (runs save and compare them); imported where
+# used, because the training package imports this one.
+MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token (as training.tokenizer.MIN_VOCAB)
 
 SAMPLE_BYTES = 32 << 20  # BPE training reads at most this much text: a few tens of MB, never the corpus
 DEFAULT_BPE_VOCAB = 32000
@@ -29,6 +32,8 @@ __all__ = ["DEFAULT_BPE_VOCAB", "SAMPLE_BYTES", "embedding_size", "fingerprint",
 
 def fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's full definition (tokenizer.json, or the vocabulary for slow tokenizers)."""
+    from ..training.tokenizer import tokenizer_fingerprint
+
     return tokenizer_fingerprint(tokenizer)
 
 
@@ -105,6 +110,8 @@ def train_bpe_on_sample(pieces: Iterable, vocab_size: int, max_bytes: int = SAMP
         total += len(docs[-1].encode("utf-8"))
         if total >= max_bytes:
             break
+    from ..training.tokenizer import train_bpe_tokenizer
+
     return train_bpe_tokenizer([d for d in docs if d], vocab_size)
 
 

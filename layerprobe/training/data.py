@@ -1,95 +1,276 @@
-"""Training data: packed token blocks, a held-out split, and a batch order that is a pure function of the step.
+"""Training data: token blocks read by index, a held-out split that never enters training, and a batch
+order that is a pure function of the step.
 
-Because the rows of step s depend only on (data seed, s), every scheme sees the same batches in the
-same order, a resumed run picks up exactly where it stopped, and a data-parallel run splits the
-same global batch that a single process would use.
+One path for every data spec. Text (a file, a folder, `builtin`, `hf:`) is tokenized once into a prepared
+folder (layerprobe.corpus: a memory-mapped tokens.bin, cached by (data, tokenizer)); a prepared folder is
+used as it is; a `.npy` of token ids is memory-mapped. Training then reads only the rows of each step,
+so memory does not grow with the corpus. Blocks held in memory (a [n, seq_len] tensor) are served by the
+same `BlockBatches`, which is what makes "memmap equals in-memory, loss for loss" a test and not a hope.
+
+Because the rows of step s depend only on (data seed, s) (`layerprobe.corpus.step_rows`), every scheme
+sees the same batches in the same order, a resumed run picks up exactly where it stopped, and a
+data-parallel run splits the same global batch that a single process would use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from ..data import load_npy, pack, read_documents, tokenize_documents
+from ..corpus import (
+    TokenStore,
+    check_embedding,
+    embedding_size,
+    is_prepared_dir,
+    parse_tokenizer_spec,
+    prepare_data,
+    read_index,
+    split_store,
+    step_rows,
+    validate_spec,
+)
+from ..corpus.store import BlockView
 from ..errors import LayerprobeError
+
+
+@runtime_checkable
+class Blocks(Protocol):
+    """Token blocks indexed like a [n, seq_len] tensor: `blocks[rows]` gives an integer tensor [len(rows), seq_len].
+    A torch tensor, a `BlockView` of a prepared folder and `ArrayBlocks` (a .npy) all qualify."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows): ...
+
+
+class ArrayBlocks:
+    """Rows of a 2-D integer array (a memory-mapped .npy), cut to seq_len, read only when asked for."""
+
+    def __init__(self, array: np.ndarray, seq_len: int, start: int = 0, count: int | None = None):
+        self.array, self.seq_len, self.start = array, seq_len, start
+        self.count = len(array) - start if count is None else count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.count))
+        idx = np.asarray(rows.cpu() if torch.is_tensor(rows) else rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"row out of range [0, {self.count})")
+        return torch.from_numpy(np.asarray(self.array[idx + self.start, : self.seq_len], dtype=np.int64))
+
+
+def materialize(blocks: Blocks) -> torch.Tensor:
+    """All rows of a (small) block set as one int64 tensor: the held-out blocks, never the training ones."""
+    return blocks[slice(0, len(blocks))].long() if len(blocks) else torch.empty(0, 0, dtype=torch.long)
 
 
 @dataclass
 class TokenData:
-    train: torch.Tensor  # [n_train, seq_len] int64
+    """The training blocks (read by index, never materialised), the held-out blocks (a small tensor) and
+    what the model needs to read them: the tokenizer (None for token-id files) and its embedding rows."""
+
+    train: Blocks  # [n_train, seq_len]
     eval: torch.Tensor  # [n_eval, seq_len] int64
     total_tokens: int
+    tokenizer: object | None = None
+    embedding_rows: int | None = None
+    embedding_rule: str = ""
+    prepared: Path | None = None  # the prepared folder the training blocks come from
+    eval_source: str = ""  # where the held-out blocks come from, in words
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self, seq_len: int) -> list[str]:
+        lines = [f"data: {self.total_tokens:,} tokens" + (f" in {self.prepared}" if self.prepared else "")
+                 + f", {len(self.train):,} training blocks of {seq_len}",
+                 f"  held out: {len(self.eval):,} blocks, {self.eval_source}"]
+        if self.embedding_rows is not None:
+            lines.append(f"  embedding: {self.embedding_rows:,} rows ({self.embedding_rule})")
+        return lines + self.notes
 
 
-def read_training_text(spec: str, text_column: str | None, needed_chars: int) -> list[str]:
-    if spec.startswith("hf:"):
-        from ..data import _hf_documents
-
-        return _hf_documents(spec, text_column, needed_chars)
-    return read_documents(spec, text_column)
+def held_out_count(n_blocks: int, eval_samples: int, batch_size: int) -> int:
+    """Held-out blocks cut from the training data: what is asked, at most 5% of the blocks, keeping one batch."""
+    return max(1, min(eval_samples, n_blocks // 20, n_blocks - batch_size))
 
 
-def split_blocks(ids_or_blocks: torch.Tensor, seq_len: int, *, eval_samples: int, batch_size: int,
-                 seed: int, spec: str) -> TokenData:
-    """Pack, shuffle once with the data seed, and hold out the first `eval_samples` blocks for evaluation."""
-    blocks = ids_or_blocks if ids_or_blocks.dim() == 2 else pack(ids_or_blocks, seq_len)
-    total = blocks.numel() if ids_or_blocks.dim() == 2 else ids_or_blocks.numel()
-    need = batch_size + 1
-    if len(blocks) < need:
-        raise LayerprobeError(
-            f"the data {spec!r} gives {len(blocks)} blocks of {seq_len} tokens ({total} tokens); one batch of "
-            f"{batch_size} plus one held-out block needs {need}: give more text or lower --batch-size / --seq-len"
-        )
-    # Keep at least one full batch for training; evaluation takes what is asked, up to 5% of the blocks.
-    n_eval = max(1, min(eval_samples, len(blocks) // 20, len(blocks) - batch_size))
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
-    return TokenData(train=blocks[order[n_eval:]].contiguous(), eval=blocks[order[:n_eval]].contiguous(),
-                     total_tokens=int(total))
-
-
-def prepare_token_data(spec: str, tokenizer, *, seq_len: int, batch_size: int, eval_samples: int, seed: int,
-                       text_column: str | None = None, vocab_size: int | None = None,
-                       needed_chars: int = 50_000_000, docs: list[str] | None = None) -> TokenData:
-    """Train and held-out blocks for a data spec (`docs`: its documents, when already read)."""
+def check_data_spec(spec: str, flag: str = "--data") -> str:
+    """The kind of a data spec (npy, hf, builtin, prepared, folder, file), checked without reading it."""
     spec = str(spec)
     if spec.endswith(".npy"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise LayerprobeError(f"no such data file: {spec}")
-        arr = load_npy(path, vocab_size, None)
-        if arr.shape[1] < seq_len:
-            raise LayerprobeError(f"{path} holds rows of {arr.shape[1]} tokens, shorter than --seq-len {seq_len}")
-        return split_blocks(arr[:, :seq_len], seq_len, eval_samples=eval_samples, batch_size=batch_size,
-                            seed=seed, spec=spec)
-    if docs is None:
-        docs = read_training_text(spec, text_column, needed_chars)
-    ids = tokenize_documents(docs, tokenizer) if docs else torch.empty(0, dtype=torch.long)
-    return split_blocks(ids, seq_len, eval_samples=eval_samples, batch_size=batch_size, seed=seed, spec=spec)
+        if not Path(spec).expanduser().is_file():
+            raise LayerprobeError(f"no such {flag} file: {spec}")
+        return "npy"
+    try:
+        return validate_spec(spec)
+    except LayerprobeError as e:
+        raise LayerprobeError(f"{flag}: {e}") from None
 
 
-class BatchOrder:
-    """Rows of the training blocks for each step: epochs of seeded permutations, consumed in order."""
+def tokenizer_spec_for(data: str, tokenizer: str | None, bpe_vocab: int) -> str | None:
+    """What to tokenize `data` with: the named tokenizer; none for token ids or a prepared folder (it has its own);
+    else a byte-level BPE of `bpe_vocab` ids trained on the first 32 MB of the data."""
+    if tokenizer:
+        parse_tokenizer_spec(tokenizer)  # a bad bpe:N is an error before any work
+        return tokenizer
+    if str(data).endswith(".npy") or is_prepared_dir(data):
+        return None
+    return f"bpe:{bpe_vocab}"
 
-    def __init__(self, n_blocks: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n_blocks, batch_size, seed
-        self._epoch, self._perm = -1, None
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm
+def _npy(path: str, seq_len: int, vocab_size: int | None) -> np.ndarray:
+    """A .npy of token ids, memory-mapped and checked (shape, type, id range: a streaming pass, no copy)."""
+    p = Path(path).expanduser()
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise LayerprobeError(f"could not read {p} as a .npy array: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise LayerprobeError(f"{p} must hold a 2-D integer array (samples x tokens); it holds {arr.ndim}-D {arr.dtype}")
+    if arr.shape[1] < seq_len:
+        raise LayerprobeError(f"{p} holds rows of {arr.shape[1]} tokens, shorter than --seq-len {seq_len}")
+    if arr.size and vocab_size is not None and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise LayerprobeError(f"{p} holds token ids from {arr.min()} to {arr.max()}, outside this model's vocabulary "
+                              f"[0, {vocab_size})")
+    return arr
 
-    def rows(self, step: int) -> torch.Tensor:
-        """Block indices of the global batch of optimizer step `step` (0-based)."""
-        start = step * self.batch_size
-        out = []
-        for i in range(start, start + self.batch_size):
-            out.append(self._permutation(i // self.n)[i % self.n])
-        return torch.stack(out)
+
+def _prepare(spec: str, tokenizer: str | None, *, text_column, env, progress, say) -> TokenStore:
+    """Prepare `spec` once (the first process; the others then find it complete) and open it."""
+    from .distributed import barrier
+
+    def run(show: bool):
+        return prepare_data(spec, tokenizer, text_column=text_column, progress=show, on_status=say if show else None)
+
+    if env is None or env.is_main:
+        prepared = run(progress)
+        barrier(env) if env is not None else None
+    else:
+        barrier(env)
+        prepared = run(False)
+    if say and not prepared.reused and (env is None or env.is_main):
+        say(f"prepared {spec} into {prepared.path} ({prepared.index['tokens']:,} tokens)")
+    return TokenStore(prepared.path)
+
+
+def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_size: int, eval_samples: int,
+                    vocab_size: int | None = None, embedding: int | None = None, text_column: str | None = None,
+                    eval_spec: str | None = None, env=None, progress: bool = False,
+                    say: Callable[[str], None] | None = None) -> TokenData:
+    """Training and held-out blocks of a data spec, read from disk by index.
+
+    `tokenizer`: a tokenizer spec (folder, hub id, bpe[:N]) or None (token ids, or a prepared folder's own).
+    `vocab_size`: for token-id files, the ids' bound. `embedding`: the model's embedding rows when given
+    explicitly (checked against the largest id in the data); else len(tokenizer) rounded up to 64 and at
+    least the largest id + 1 (`layerprobe.corpus.embedding_size`). `eval_spec`: a separate held-out set
+    (any spec, tokenized with the training data's tokenizer), else the last blocks of the data.
+    """
+    spec = str(spec)
+    if spec.endswith(".npy"):
+        arr = _npy(spec, seq_len, vocab_size)
+        if eval_spec is not None:
+            ev_arr = _npy(str(eval_spec), seq_len, vocab_size)
+            n_eval = min(eval_samples, len(ev_arr))
+            train, ev = ArrayBlocks(arr, seq_len), ArrayBlocks(ev_arr, seq_len, 0, n_eval)
+            where = f"the first {n_eval} rows of {eval_spec}"
+        else:
+            n_eval = held_out_count(len(arr), eval_samples, batch_size)
+            train, ev = ArrayBlocks(arr, seq_len, 0, len(arr) - n_eval), ArrayBlocks(arr, seq_len, len(arr) - n_eval)
+            where = f"the last {n_eval} rows of {spec}, never trained on"
+        if len(train) < batch_size or n_eval < 1:
+            raise LayerprobeError(
+                f"the data {spec!r} gives {len(arr)} blocks of {seq_len} tokens ({len(arr) * seq_len} tokens); one batch "
+                f"of {batch_size} plus one held-out block needs {(batch_size + 1) * seq_len}: give more data or lower "
+                "--batch-size / --seq-len")
+        rows = embedding or vocab_size
+        return TokenData(train=train, eval=materialize(ev), total_tokens=len(arr) * seq_len, tokenizer=None,
+                         embedding_rows=rows, embedding_rule="--vocab-size: token ids need no tokenizer",
+                         eval_source=where)
+
+    store = _prepare(spec, tokenizer, text_column=text_column, env=env, progress=progress, say=say)
+    eval_store = None
+    if eval_spec is not None:
+        # The held-out text is tokenized with the very tokenizer of the training data (a trained BPE included).
+        eval_store = _prepare(str(eval_spec), str(store.tokenizer_dir), text_column=text_column, env=env,
+                              progress=progress, say=say)
+        n_eval = min(eval_samples, eval_store.num_blocks(seq_len)) or 1
+        where = f"the first {n_eval} blocks of --eval-data {eval_spec} ({eval_store.path})"
+    else:
+        n_eval = held_out_count(store.num_blocks(seq_len), eval_samples, batch_size)
+        where = f"the last {n_eval} blocks of the data, never trained on"
+    split = split_store(store, seq_len, batch_size=batch_size, eval_blocks=n_eval, eval_store=eval_store,
+                        name=repr(spec) + ("" if spec == str(store.path) else f" (prepared in {store.path})"))
+    max_id = max(store.max_id, eval_store.max_id if eval_store is not None else -1)
+    if embedding is not None:
+        check_embedding(embedding, max_id, f"the data {spec!r}")
+        rows, rule = embedding, f"as given; the largest id in the data is {max_id:,}"
+    else:
+        rows = embedding_size(store.vocab_len, max_id)
+        rule = (f"the tokenizer's {store.vocab_len:,} ids rounded up to a multiple of 64, at least the largest id "
+                f"{max_id:,} + 1")
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(store.tokenizer_dir))
+    return TokenData(train=split.train, eval=materialize(split.eval), total_tokens=store.n_tokens, tokenizer=tok,
+                     embedding_rows=rows, embedding_rule=rule, prepared=store.path, eval_source=where)
+
+
+def prepare_token_data(spec: str, tokenizer, *, seq_len: int, batch_size: int, eval_samples: int, seed: int = 0,
+                       text_column: str | None = None, vocab_size: int | None = None,
+                       needed_chars: int | None = None, docs: list[str] | None = None) -> TokenData:
+    """Train and held-out blocks of a data spec as a run split them, for a tokenizer object (e.g. the one a run
+    saved) or None for token ids. The split does not depend on `seed` (it orders batches only); `needed_chars`
+    and `docs` are accepted for compatibility and unused: data is prepared once and read by index."""
+    tok_spec = None
+    if tokenizer is not None and not str(spec).endswith(".npy") and not is_prepared_dir(spec):
+        tok_spec = _prepared_tokenizer_spec(str(spec), tokenizer, text_column)
+    return load_token_data(spec, tok_spec, seq_len=seq_len, batch_size=batch_size, eval_samples=eval_samples,
+                           vocab_size=vocab_size, text_column=text_column)
+
+
+def _prepared_tokenizer_spec(spec: str, tokenizer, text_column: str | None) -> str:
+    """The tokenizer spec under which `spec` was prepared with this tokenizer object: a trained BPE's cache
+    entry when it holds this very tokenizer (no second preparation), else the tokenizer's own folder or name."""
+    from ..corpus.prepare import cache_root, preparation_key
+    from ..corpus.vocab import fingerprint
+
+    fp = fingerprint(tokenizer)
+    bpe = f"bpe:{len(tokenizer)}"
+    folder = cache_root() / preparation_key(spec, bpe, text_column, None)
+    if is_prepared_dir(folder):
+        try:
+            if read_index(folder)["tokenizer"]["fingerprint"] == fp:
+                return bpe
+        except LayerprobeError:
+            pass
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if not name:
+        raise LayerprobeError(f"cannot tell which tokenizer prepared {spec!r}: give a tokenizer loaded from a folder")
+    return name
+
+
+class BlockBatches:
+    """The `BatchSource` of training: the rows `step_rows` picks for each step, read from any `Blocks` (a
+    prepared folder's memmap, a .npy, or a tensor in memory: the same rows either way)."""
+
+    def __init__(self, blocks: Blocks, batch_size: int, seed: int):
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+
+    def rows(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Indices into the training blocks that `rank` reads at optimizer step `step` (0-based)."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {world_size} processes")
+        return step_rows(step, n_blocks=len(self.blocks), batch_size=self.batch_size, seed=self.seed,
+                         rank=rank, world_size=world_size)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        return self.blocks[self.rows(step, rank, world_size)].long()
 
 
 @runtime_checkable
@@ -100,7 +281,6 @@ class BatchSource(Protocol):
     [batch_size // world_size, seq_len] on the CPU. It must be a pure function of (data seed, step, rank,
     world_size), and the ranks' rows laid end to end must be the global batch a single process would get:
     that is what makes a resumed run, a reordered scheme list and a DDP run train on the same data.
-    A source reading memory-mapped token files implements the same method.
     """
 
     batch_size: int  # global: sequences per optimizer step, over all processes
@@ -108,15 +288,5 @@ class BatchSource(Protocol):
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor: ...
 
 
-class BlockBatches:
-    """A `BatchSource` over token blocks held in memory, in the order of `BatchOrder`."""
-
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
-        self.blocks, self.batch_size = blocks, batch_size
-        self.order = BatchOrder(len(blocks), batch_size, seed)
-
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        if self.batch_size % world_size:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by {world_size} processes")
-        per_rank = self.batch_size // world_size
-        return self.blocks[self.order.rows(step)[rank * per_rank:(rank + 1) * per_rank]]
+__all__ = ["ArrayBlocks", "BatchSource", "BlockBatches", "BlockView", "Blocks", "TokenData", "check_data_spec",
+           "held_out_count", "load_token_data", "materialize", "prepare_token_data", "tokenizer_spec_for"]

@@ -22,12 +22,16 @@ MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 
 @dataclass
 class TrainSettings:
-    """What `layerprobe train-reference` accepts; None means "the preset's value"."""
+    """What `layerprobe train-reference` accepts. None means "not given": the recipe's value when a --recipe is
+    named, else the default in DEFAULTS, else the preset's."""
 
-    norm: str | list[str] = "pre,post,mix,lns"
-    preset: str = "tiny"
+    norm: str | list[str] | None = None
+    preset: str | None = None
     steps: int | None = None
+    tokens: str | int | None = None  # a token budget ("1.1B"), instead of steps: ceil(tokens / (batch x seq))
+    recipe: str | None = None  # a paper's settings in one name (layerprobe.training.recipes); flags given override
     data: str = "builtin"
+    eval_data: str | None = None  # a separate held-out set; default: the last blocks of the data
     text_column: str | None = None
     out: str = "runs"
     layers: int | None = None
@@ -39,10 +43,10 @@ class TrainSettings:
     batch_size: int | None = None  # global: sequences per optimizer step, over all processes
     micro_batch_size: int | None = None  # per process and forward pass; the rest is gradient accumulation
     lr: float | None = None
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_ratio: float | None = None
+    min_lr_ratio: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
     post_ln_ratio: float = 0.25
     post_ln_layers: int | None = None
     scaled_init: bool = False
@@ -50,18 +54,63 @@ class TrainSettings:
     vocab_size: int | None = None
     tokenizer: str | None = None
     eval_every: int | None = None
-    eval_samples: int = 64
+    eval_samples: int | None = None
     save_every: int | None = None
     seed: int = 0
     data_seed: int | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str | None = None
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
     compile: bool = False
     fsdp: bool = False
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+
+
+# Values of the settings a recipe can set, when neither a flag nor a recipe gives them.
+DEFAULTS = {"norm": "pre,post,mix,lns", "preset": "tiny", "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
+            "weight_decay": 0.0, "grad_clip": 1.0, "dtype": "auto", "eval_samples": 64}
+# Recipe field -> setting (the rest have the same name).
+_RECIPE_FIELDS = {"norms": "norm"}
+
+
+def effective_settings(s: TrainSettings) -> TrainSettings:
+    """The settings with the recipe's values where none was given, then DEFAULTS: what actually runs.
+
+    A recipe's `eval_tokens` becomes held-out blocks of its sequence length; its `steps` yield to --tokens."""
+    from dataclasses import replace
+
+    from .recipes import get_recipe
+
+    values: dict = {}
+    if s.recipe:
+        r = get_recipe(s.recipe)
+        for key, value in r.settings().items():
+            name = _RECIPE_FIELDS.get(key, key)
+            if name == "eval_tokens":
+                seq = s.seq_len or r.seq_len
+                name, value = "eval_samples", -(-value // seq)
+            if name == "steps" and s.tokens is not None:
+                continue
+            if getattr(s, name) is None:
+                values[name] = value
+    for key, value in DEFAULTS.items():
+        if getattr(s, key) is None and key not in values:
+            values[key] = value
+    return replace(s, **values)
+
+
+def explicit_settings(s: TrainSettings) -> dict:
+    """The recipe-controlled settings the caller gave (for the printed plan's "overrides" notes)."""
+    from .recipes import SETTING_NAMES
+
+    out = {}
+    for key in SETTING_NAMES:
+        name = _RECIPE_FIELDS.get(key, key)
+        if hasattr(s, name) and getattr(s, name) is not None:
+            out[key] = getattr(s, name)
+    return out
 
 
 @dataclass
@@ -82,7 +131,30 @@ class Plan:
     vocab_size: int
     data_seed: int
     autocast_dtype: torch.dtype | None
-    settings: TrainSettings
+    settings: TrainSettings  # effective: recipe and defaults filled in
+    tokenizer_spec: str | None = None  # what the data is tokenized with (None: token ids / a prepared folder's own)
+    budget_tokens: int | None = None  # --tokens, when the steps were derived from it
+
+    def describe(self, given: TrainSettings | None = None) -> list[str]:
+        """What will run, printed before training: the recipe (with the flags that override it) and the plan."""
+        from .recipes import describe as describe_recipe
+
+        s = self.settings
+        lines = describe_recipe(s.recipe, explicit_settings(given)) if s.recipe and given is not None else []
+        budget = (f" = --tokens {self.budget_tokens:,} rounded up to whole steps" if self.budget_tokens else "")
+        lines.append(
+            f"plan: {', '.join(self.schemes)} · preset {self.preset} · {self.steps:,} steps x {self.batch_size} x "
+            f"{self.seq_len} = {self.steps * self.batch_size * self.seq_len:,} tokens{budget}")
+        lines.append(
+            f"  lr {self.lr:g}, warmup {self.warmup_steps:,} steps, cosine to {s.min_lr_ratio:.0%}, weight decay "
+            f"{s.weight_decay:g}, clip {s.grad_clip:g} (0 = none), micro-batch {self.micro_batch_size} x "
+            f"{self.accum} accumulation, {'bf16 autocast' if self.autocast_dtype else 'fp32'}, data seed {self.data_seed}")
+        if str(s.data).endswith(".npy"):
+            tokenizer = "none (token ids)"
+        else:
+            tokenizer = self.tokenizer_spec or "the one the prepared data was made with"
+        lines.append(f"  tokenizer {tokenizer}")
+        return lines
 
 
 def parse_schemes(norm: str | list[str]) -> list[str]:
@@ -109,6 +181,10 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
+    """Settings (as given) -> the Plan that runs, with the recipe and defaults filled in; every check that
+    needs no data happens here, before any folder is made."""
+    given = s
+    s = effective_settings(s)
     schemes = parse_schemes(s.norm)
     try:
         preset = get_preset(s.preset)
@@ -148,8 +224,26 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         raise LayerprobeError(f"the per-process batch {per_rank} is not a multiple of --micro-batch-size {micro}")
     if s.eval_samples < env.world_size:
         raise LayerprobeError(f"--eval-samples {s.eval_samples} is smaller than the {env.world_size} processes")
-    steps = s.steps or preset.steps
+    budget = None
+    if given.tokens is not None:
+        from ..corpus import parse_token_count, steps_for_tokens
+
+        if given.steps is not None:
+            raise LayerprobeError("--steps and --tokens both say how long to train; give one")
+        budget = parse_token_count(given.tokens)
+        steps = steps_for_tokens(budget, batch, seq_len)
+    else:
+        steps = s.steps or preset.steps
     eval_every = s.eval_every or min(preset.eval_every, steps)
+    from .data import check_data_spec, tokenizer_spec_for
+
+    check_data_spec(s.data)
+    if s.eval_data is not None:
+        check_data_spec(s.eval_data, "--eval-data")
+        if str(s.eval_data).endswith(".npy") != str(s.data).endswith(".npy"):
+            raise LayerprobeError("--eval-data and --data must both be token ids (.npy) or both text/prepared data")
+    vocab = s.vocab_size or preset.vocab_size
+    tok_spec = tokenizer_spec_for(s.data, s.tokenizer, vocab)
 
     if s.dtype not in ("auto", "float32", "bfloat16"):
         raise LayerprobeError(f"unknown --dtype {s.dtype!r}; use auto, float32 or bfloat16")
@@ -159,8 +253,8 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         schemes=schemes, preset=preset.name, steps=steps, seq_len=seq_len, batch_size=batch,
         micro_batch_size=micro, accum=per_rank // micro, lr=s.lr or preset.lr,
         warmup_steps=int(s.warmup_ratio * steps), eval_every=eval_every, save_every=s.save_every or eval_every,
-        vocab_size=s.vocab_size or preset.vocab_size, data_seed=s.seed if s.data_seed is None else s.data_seed,
-        autocast_dtype=torch.bfloat16 if use_bf16 else None, settings=s,
+        vocab_size=vocab, data_seed=s.seed if s.data_seed is None else s.data_seed,
+        autocast_dtype=torch.bfloat16 if use_bf16 else None, settings=s, tokenizer_spec=tok_spec, budget_tokens=budget,
     )
 
 
@@ -179,6 +273,11 @@ def model_config(plan: Plan, scheme: str, vocab_size: int, tokenizer) -> Layerpr
         raise LayerprobeError(f"bad model shape: {e}") from None
 
 
+# How blocks are cut, held out and ordered: prepared token files, the last blocks held out, Feistel step rows.
+# Runs made before (an in-memory split with a random held-out set) differ in their data and are not resumed.
+DATA_FORMAT = 2
+
+
 def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | None) -> dict:
     """What a run folder must agree on before it can be resumed (or left alone).
 
@@ -189,11 +288,12 @@ def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | No
     s = plan.settings
     return {
         "model": {k: getattr(config, k) for k in MODEL_KEYS},
-        "train": {"preset": plan.preset, "data": s.data, "text_column": s.text_column, "seq_len": plan.seq_len,
+        "train": {"preset": plan.preset, "data": s.data, "eval_data": s.eval_data, "text_column": s.text_column,
+                  "data_format": DATA_FORMAT, "seq_len": plan.seq_len,
                   "batch_size": plan.batch_size, "lr": plan.lr, "warmup_ratio": s.warmup_ratio,
                   "min_lr_ratio": s.min_lr_ratio, "weight_decay": s.weight_decay, "grad_clip": s.grad_clip,
                   "seed": s.seed, "data_seed": plan.data_seed, "eval_samples": s.eval_samples,
-                  "tokenizer": s.tokenizer or "bpe", "tokenizer_sha": tok_fingerprint},
+                  "tokenizer": plan.tokenizer_spec, "tokenizer_sha": tok_fingerprint},
     }
 
 

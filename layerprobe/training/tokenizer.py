@@ -8,7 +8,7 @@ import warnings
 from ..errors import LayerprobeError
 
 EOS = "<|endoftext|>"
-MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
+from ..corpus.vocab import MIN_VOCAB  # 256 byte symbols + the end-of-text token
 
 
 def train_bpe_tokenizer(docs: list[str], vocab_size: int, *, min_frequency: int = 2, max_length: int | None = None):

@@ -31,7 +31,7 @@ from ..metrics.loss import perplexity
 from ..progress import make_progress
 from ..reference import LayerprobeConfig, LayerprobeForCausalLM
 from . import checkpoint as ckpt
-from .data import BatchSource, BlockBatches, TokenData, prepare_token_data, read_training_text
+from .data import BatchSource, BlockBatches, TokenData, load_token_data
 from .distributed import DistEnv, all_reduce_sum, any_process, barrier, init_distributed, shutdown, wrap_ddp, wrap_fsdp
 from .layer_stats import clip_gradients, evaluate, gradient_norms
 from .model import autocast, init_model
@@ -48,7 +48,7 @@ from .settings import (
 )
 from .signals import StopFlag
 from .summary import RunResult, TrainingSummary
-from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from .tokenizer import tokenizer_fingerprint
 
 __all__ = ["MODEL_KEYS", "Plan", "Run", "RunResult", "StopFlag", "TrainSettings", "TrainingSummary",
            "identity_differences", "init_model", "lr_at", "model_config", "parse_schemes", "resolve_plan",
@@ -375,60 +375,58 @@ def _after_step(run_dir: Path, step: int) -> None:
 
 # ---- all schemes ------------------------------------------------------------------------------------------
 
-def train_reference(settings: TrainSettings | None = None, **kwargs) -> TrainingSummary:
+def train_reference(settings: TrainSettings | None = None, *, on_status=None, **kwargs) -> TrainingSummary:
     """Train one reference model per scheme in `settings.norm`, in OUT/<scheme>, with identical data and seed.
 
     Returns a TrainingSummary; `interrupted` is set when Ctrl-C stopped the runs (after saving).
     A diverging scheme (NaN/Inf loss) is recorded as such and the next scheme starts.
+    `on_status(line)` receives the plan (recipe, steps, data, embedding) before training starts.
     """
     s = settings or TrainSettings(**kwargs)
     if settings is not None and kwargs:
         s = TrainSettings(**{**asdict(settings), **kwargs})
     env = init_distributed(s.device)
     try:
-        return _train_all(s, env)
+        return _train_all(s, env, on_status)
     finally:
         shutdown(env)
 
 
-def _tokenizer_and_data(plan: Plan):
-    """The tokenizer (named, trained on the data, or none for token-id files) and the train/held-out blocks."""
+def _token_data(plan: Plan, env: DistEnv, say) -> TokenData:
+    """The training and held-out blocks (prepared once into the cache, then read by index) and the tokenizer."""
     s = plan.settings
-    text_needed = plan.steps * plan.batch_size * plan.seq_len * 6  # characters to stream from hf: datasets
-    docs = None
-    if not s.data.endswith(".npy"):
-        docs = read_training_text(s.data, s.text_column, text_needed)
-        if not docs:
-            raise LayerprobeError(f"the data {s.data!r} holds no text")
-    if s.tokenizer:
-        tokenizer = load_tokenizer(s.tokenizer)
-    elif docs is None:
-        tokenizer = None  # token ids given as they are
-    else:
-        tokenizer = train_bpe_tokenizer(docs, plan.vocab_size)
-    vocab = len(tokenizer) if tokenizer is not None else plan.vocab_size
-    data = prepare_token_data(s.data, tokenizer, seq_len=plan.seq_len, batch_size=plan.batch_size,
-                              eval_samples=s.eval_samples, seed=plan.data_seed, text_column=s.text_column,
-                              vocab_size=vocab, docs=docs)
-    return tokenizer, data
+    # An explicit embedding size (flag or recipe) applies to a named tokenizer; a BPE trained here has its own.
+    embedding = s.vocab_size if (s.vocab_size is not None and s.tokenizer is not None) else None
+    return load_token_data(s.data, plan.tokenizer_spec, seq_len=plan.seq_len, batch_size=plan.batch_size,
+                           eval_samples=s.eval_samples, vocab_size=plan.vocab_size, embedding=embedding,
+                           text_column=s.text_column, eval_spec=s.eval_data, env=env,
+                           progress=s.progress and env.is_main, say=say)
 
 
-def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
+def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSummary:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # only our progress bar
     # Settings are checked before anything heavy: a typo costs no data read, no model, no folder.
-    plan = resolve_plan(s, env)
+    plan = resolve_plan(given, env)
+    s = plan.settings
+    say = on_status if (on_status is not None and env.is_main) else None
+    if say:
+        for line in plan.describe(given):
+            say(line)
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out).expanduser()
+
+    # The tokenizer and the data are shared by every scheme; the output folder is made once they are known good.
+    data = _token_data(plan, env, say)
+    if say:
+        for line in data.describe(plan.seq_len):
+            say(line)
     if env.is_main:
         ensure_writable_dir(out)
     barrier(env)
-
-    # The tokenizer and the data are shared by every scheme.
-    tokenizer, data = _tokenizer_and_data(plan)
-    vocab = len(tokenizer) if tokenizer is not None else plan.vocab_size
+    tokenizer, vocab = data.tokenizer, data.embedding_rows
     fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     if len(data.eval) < env.world_size:
         raise LayerprobeError(f"the held-out split has {len(data.eval)} blocks, fewer than the "
@@ -447,8 +445,9 @@ def _train_all(s: TrainSettings, env: DistEnv) -> TrainingSummary:
     # One scheme after another, sharing the stop flag: Ctrl-C saves the current run and leaves the rest.
     summary = TrainingSummary(out=str(out), settings={
         "preset": plan.preset, "steps": plan.steps, "seq_len": plan.seq_len, "batch_size": plan.batch_size,
-        "lr": plan.lr, "seed": s.seed, "data_seed": plan.data_seed, "data": s.data, "vocab_size": vocab,
-        "train_blocks": len(data.train), "eval_blocks": len(data.eval), "world_size": env.world_size,
+        "lr": plan.lr, "seed": s.seed, "data_seed": plan.data_seed, "data": s.data, "eval_data": s.eval_data,
+        "prepared": str(data.prepared) if data.prepared else None, "tokenizer": plan.tokenizer_spec,
+        "vocab_size": vocab, "train_blocks": len(data.train), "eval_blocks": len(data.eval), "world_size": env.world_size,
         "device": str(env.device), "autocast": str(plan.autocast_dtype) if plan.autocast_dtype else "float32"})
     with StopFlag() as stop, make_progress(s.progress and env.is_main) as progress:
         for run in runs:
