@@ -99,10 +99,10 @@ def train_reference_command(
     console.print(summary_table(summary))
     for r in summary.runs:
         if r.status == "diverged":
-            kept = (f"the last good checkpoint (step {r.checkpoint_step}) is kept in {r.path}"
+            kept = (f"the checkpoint of step {r.checkpoint_step} is kept in {r.path}"
                     if r.checkpoint_step else "no checkpoint had been saved yet")
             err_console.print(f"{r.scheme}: diverged at step {r.diverged_at} ({r.diverged_reason}); {kept}",
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
     if summary.interrupted:
         stopped = summary.runs[-1]
         err_console.print(f"interrupted: {stopped.scheme} saved at step {stopped.steps_done}; "
