@@ -38,10 +38,10 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     while not probe.exists() and probe.parent != probe:  # the nearest part of the path that exists
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
-        raise LayerprobeError(f"{option} {path} {where}; choose another {option}")
+        why = "it is a file" if probe == path else f"{probe} is a file"
+        raise LayerprobeError(f"cannot write to output folder {path}: {why}; choose another {option}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise LayerprobeError(f"cannot write to {option} {path}: {probe} is not writable; choose another {option}")
+        raise LayerprobeError(f"cannot write to output folder {path}: {probe} is not writable; choose another {option}")
     return path
 
 

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..metrics.loss import perplexity
 from . import app
 from .common import console, err_console, user_errors
 
@@ -18,6 +17,8 @@ def _fmt(x, spec=".3f"):
 
 def summary_table(summary):
     from rich import box
+
+    from ..metrics.loss import perplexity  # here, not at the top: `layerprobe --help` must not import torch
     from rich.table import Table
 
     # Narrow enough for an 80-column terminal; every number is also in OUT/summary.json.
