@@ -17,7 +17,10 @@ from cli_helpers import assert_one_line_error, run_cli
 from fault_helpers import assert_unchanged, snapshot
 
 QUICK = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet"]
-HOSTILE = "m$\\nope$x"  # mathtext: `$...$` with an unknown command aborts matplotlib's parser
+# `$...$` with an unknown command aborts matplotlib's mathtext parser; `[red]` is rich markup (a closing
+# `[/]`, which aborts rich's parser, can only be in a path: it holds a separator).
+HOSTILE = "m$\\nope$x[red]"
+HOSTILE_PATH = "o[/]ut"
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +48,18 @@ def _copy(src, dst):
 
 def test_hostile_model_name_is_drawn_literally(text_model, tmp_path):
     model = _copy(text_model, tmp_path / HOSTILE)
-    out = tmp_path / f"out-{HOSTILE}"
+    out = tmp_path / HOSTILE_PATH / HOSTILE
     result, text = run_cli("analyze", model, *QUICK, "--out", out)
     assert result.exit_code == 0, text
+    assert HOSTILE in text  # the summary table's title, printed literally
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["analyze"]["model_name"] == HOSTILE
     assert {f["file"] for f in manifest["analyze"]["figures"]} <= {p.name for p in out.glob("*.png")}
     result, text = run_cli("prune-sweep", model, *QUICK, "--out", out)
     assert result.exit_code == 0, text
     # compare puts the name into titles, legends and tick labels
-    report = tmp_path / "cmp"
+    assert f"wrote {out}/" in text.replace("\n", "")  # wrapped at 80 columns
+    report = tmp_path / HOSTILE_PATH / "cmp"
     result, text = run_cli("compare", out, "--out", report, "--title", "a $\\b$ title", "--quiet")
     assert result.exit_code == 0, text
     assert (report / "index.html").is_file() and list(report.glob("*.png"))
@@ -290,6 +295,12 @@ def test_out_under_a_file_fails_before_loading(command, tmp_path, monkeypatch):
     result, text = run_cli(command, "smollm2", *QUICK, "--out", tmp_path / "afile" / "out")
     assert result.exit_code == 2
     assert_one_line_error(result, text, "afile is a file", "choose another --out")
+
+
+def test_hostile_name_in_an_error_line(tmp_path):
+    result, text = run_cli("analyze", tmp_path / HOSTILE_PATH, *QUICK, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert_one_line_error(result, text, f"no such file or folder: {tmp_path / HOSTILE_PATH}")
 
 
 def test_failed_load_leaves_no_empty_out(tmp_path):

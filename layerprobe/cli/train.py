@@ -17,6 +17,7 @@ def _fmt(x, spec=".3f"):
 
 def summary_table(summary):
     from rich import box
+    from rich.text import Text
 
     from ..metrics.loss import perplexity  # here, not at the top: `layerprobe --help` must not import torch
     from rich.table import Table
@@ -27,8 +28,8 @@ def summary_table(summary):
     for col in ("scheme", "status", "steps", "eval ppl", "best@step", "out var ℓ0→last", "tok/s"):
         table.add_column(col, justify="left" if col in ("scheme", "status") else "right", no_wrap=True)
     for r in summary.runs:
-        status = {"diverged": f"[red]diverged@{r.diverged_at}[/]", "interrupted": "[yellow]stopped[/]",
-                  "completed": "done"}.get(r.status, r.status)
+        status = {"diverged": Text(f"diverged@{r.diverged_at}", style="red"),
+                  "interrupted": Text("stopped", style="yellow"), "completed": "done"}.get(r.status, r.status)
         best = "—" if r.best_eval_loss is None else f"{perplexity(r.best_eval_loss):.1f}@{r.best_step}"
         var = r.layer_output_var
         growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
