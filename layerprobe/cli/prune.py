@@ -43,12 +43,13 @@ def prune_sweep_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
+    from ..errors import LayerprobeError
     from ..io import check_output_dir
     from ..loading import load_model
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
-    from ..errors import LayerprobeError
     from ..report import render_sweep, sweep_tables
+    from ..results import check_manifest
 
     removal = _check_before_loading(remove, save_pruned, out, mode=mode, block_size=block_size, steps=steps,
                                     by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks,
@@ -58,8 +59,6 @@ def prune_sweep_command(
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
     if out is None:
-        from ..results import check_manifest
-
         out = Path("reports") / loaded.name
         check_manifest(check_output_dir(out))
     result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
