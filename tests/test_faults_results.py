@@ -322,3 +322,18 @@ def test_python_api_checks_before_loading(monkeypatch):
         analyze("smollm2", samples=0)
     with pytest.raises(LayerprobeError, match="--seq-len must be at least 2"):
         prune_sweep("smollm2", seq_len=1)
+
+
+@pytest.mark.parametrize("content,needle", [("[1, 2]", "not a layerprobe manifest"), ("\xff\xfe", "damaged")])
+def test_foreign_or_undecodable_manifest_is_refused(content, needle, tmp_path, monkeypatch):
+    import layerprobe.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(content.encode("latin-1"))
+    before = snapshot(out)
+    result, text = run_cli("analyze", "smollm2", *QUICK, "--out", out)
+    assert result.exit_code == 2
+    assert_one_line_error(result, text, needle, "choose another --out")
+    assert_unchanged(out, before)
