@@ -8,8 +8,8 @@ import pandas as pd
 import torch
 
 from .anatomy import Anatomy
-from .capture import TOKENS, LayerCapture
-from .errors import LayerprobeError
+from .capture import LayerCapture
+from .defaults import check_measure_options
 from .loading import LoadedModel
 from .metrics import angular_long_table, grad_norms_by_group, next_token_loss_sum, perplexity, predicted_tokens
 from .opening import Opening, open_model
@@ -161,10 +161,8 @@ def analyze(
     Returns the data only; `result.save(folder)` writes the tables and
     `layerprobe.report.render_analysis(result, folder)` draws the figures and index.html.
     """
-    if tokens not in TOKENS:
-        raise LayerprobeError(f"--tokens must be 'last' or 'all' (got {tokens!r})")
-    if batch_size < 1:
-        raise LayerprobeError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
+                          dtype=dtype, device=device, device_map=device_map)  # before the model loads
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,

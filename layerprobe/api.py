@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .comparison import DEFAULT_THRESHOLD, Comparison, compare_results
 from .defaults import COMPARE_OUT, check_compare_options
-from .io import ensure_writable_dir
+from .io import check_output_dir
 from .progress import status
 from .report.compare import render_comparison
+from .results import check_manifest
 
 
 def compare(
@@ -35,7 +36,8 @@ def compare(
     "normalised". command: how the page says it was made (default: the equivalent CLI command)."""
     check_compare_options(folders, threshold, depth)
     if out is not None:
-        out = ensure_writable_dir(out)  # fail before reading anything
+        out = check_output_dir(out)  # fail before reading anything, and create nothing yet
+        check_manifest(out)
     comp = compare_results(folders, threshold=threshold, depth=depth, progress=progress, command=command)
     if out is not None:
         with status("drawing figures and writing the report", progress):

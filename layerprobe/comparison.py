@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 
 from .defaults import DEPTH_MODES, REMOVABLE_THRESHOLD as DEFAULT_THRESHOLD, check_compare_options
-from .io import ensure_writable_dir, write_csv
+from .io import write_csv
 from .metrics.depth import grad_ratio, normalised_depth, removable_layers, variance_growth, variance_growth_factor
 from .progress import status
 from .model_results import ModelResults, collect, load_results
-from .results import package_versions, update_manifest
+from .results import package_versions, prepare_result_folder, update_manifest
 
 HEADLINE_DEFINITIONS = {
     "perplexity": "exp of the mean next-token cross-entropy on the data `analyze` used (the prune-sweep's "
@@ -191,7 +191,7 @@ class Comparison:
     def save(self, out: str | Path) -> Path:
         """Write headline.csv, per_layer.csv (training.csv when runs were given) and the manifest's
         `compare` entry to `out`; returns the folder."""
-        out = ensure_writable_dir(out)
+        out = prepare_result_folder(out)
         self.out = out
         write_csv(out / "headline.csv", self.headline)
         write_csv(out / "per_layer.csv", self.per_layer)

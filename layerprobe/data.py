@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .defaults import TEXT_SUFFIXES, check_parquet_reader
 from .errors import LayerprobeError
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 # Pure-Python stdlib modules whose documentation joins pydoc's topics in the builtin corpus.
 # A fixed list, walked in a fixed order, so the corpus is the same on every run of one Python.
 BUILTIN_MODULES = (
@@ -108,6 +108,7 @@ def read_documents(spec: str, text_column: str | None = None) -> list[str]:
             with path.open(encoding="utf-8", newline="") as f:
                 return _read_table_texts(list(csv.DictReader(f)), text_column, str(path))
         if suffix == ".parquet":
+            check_parquet_reader()
             import pandas as pd
 
             df = pd.read_parquet(path)
@@ -171,7 +172,12 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def load_npy(path: Path, vocab_size: int | None, samples: int | None) -> torch.Tensor:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)  # never unpickle: a .npy of objects can run code when loaded
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy's advice here would be to load it unsafely; ours is to fix the file
+            raise LayerprobeError(f"{path} is not a 2-D integer array (it holds Python objects); save token ids "
+                                  "with numpy as a 2-D integer array (samples x tokens)") from None
+        raise LayerprobeError(f"could not read {path} as a .npy array: {str(e).splitlines()[0] if str(e) else e!r}") from None
     except Exception as e:
         raise LayerprobeError(f"could not read {path} as a .npy array: {str(e).splitlines()[0] if str(e) else e!r}") from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,58 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
             f"cannot write to output folder {path}: {e.strerror or e}; choose another --out"
         ) from None
     return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse a folder that could not be created or written, without creating anything.
+
+    Commands call this before loading a model, so a bad target costs nothing and leaves no empty folder.
+    """
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe.parent != probe:  # the nearest part of the path that exists
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        why = "it is a file" if probe == path else f"{probe} is a file"
+        raise LayerprobeError(f"cannot write to output folder {path}: {why}; choose another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LayerprobeError(f"cannot write to output folder {path}: {probe} is not writable; choose another {option}")
+    return path
+
+
+# The temporary names `atomic_path` uses: `.NAME.tmp-PID`.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that a killed process left in `folder` (our `.NAME.tmp-PID` pattern only, and only
+    where process PID is gone, so a live writer keeps its file). Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 @contextmanager

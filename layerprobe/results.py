@@ -22,7 +22,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import LayerprobeError
-from .io import ensure_writable_dir, write_csv, write_json
+from .io import ensure_writable_dir, remove_stale_temps, write_csv, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,6 +50,47 @@ def read_manifest(folder: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise LayerprobeError(f"{path} is not a readable layerprobe manifest ({e}); re-run the command") from None
+
+
+def check_manifest(folder: str | Path, option: str = "--out") -> None:
+    """Refuse, before anything is written, a folder whose manifest.json cannot be merged into.
+
+    Writing the tables first and failing on the manifest after would leave new tables beside an old,
+    unreadable record: a mixed folder that every re-run fails on the same way.
+    """
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LayerprobeError(f"{path} is damaged ({reason}), so new results cannot be recorded beside it; delete it "
+                              f"(the folder's other results are then unlisted) or choose another {option}") from None
+    if not isinstance(manifest, dict):
+        raise LayerprobeError(f"{path} is not a layerprobe manifest (not a JSON object); delete it or choose "
+                              f"another {option}")
+
+
+def prepare_result_folder(folder: str | Path) -> Path:
+    """The folder, created, with any temporaries of killed runs removed and its manifest checked: the
+    first step of every save, before a file is written."""
+    check_manifest(folder)
+    folder = ensure_writable_dir(folder)
+    remove_stale_temps(folder)
+    return folder
+
+
+def read_table(folder: str | Path, name: str, **kwargs) -> pd.DataFrame:
+    """`folder/name` as a DataFrame, or one line naming the folder and the file that cannot be read."""
+    path = Path(folder) / name
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise LayerprobeError(f"{folder} lacks {name}; re-run the command that wrote it") from None
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LayerprobeError(f"{folder}: {name} cannot be read ({reason}); re-run the command that wrote it") from None
 
 
 def update_manifest(folder: str | Path, section: str, data: dict) -> dict:
@@ -90,7 +131,7 @@ class AnalysisResult:
 
         Data only: `layerprobe.report.render_analysis(result, folder)` adds the figures and index.html.
         """
-        folder = ensure_writable_dir(folder)
+        folder = prepare_result_folder(folder)
         write_csv(folder / "layers.csv", self.layers)
         write_csv(folder / "angular.csv", self.angular)
         write_csv(folder / "sublayers.csv", self.sublayers)
@@ -109,9 +150,9 @@ class AnalysisResult:
         section.pop("figures", None)
         sub = folder / "sublayers.csv"
         return cls(
-            layers=pd.read_csv(folder / "layers.csv"),
-            angular=pd.read_csv(folder / "angular.csv"),
-            sublayers=pd.read_csv(sub) if sub.is_file() else pd.DataFrame(),
+            layers=read_table(folder, "layers.csv"),
+            angular=read_table(folder, "angular.csv"),
+            sublayers=read_table(folder, "sublayers.csv") if sub.is_file() else pd.DataFrame(),
             summary=summary,
             manifest=section,
         )
@@ -133,7 +174,7 @@ class SweepResult:
 
         Data only: `layerprobe.report.render_sweep(result, folder)` adds the figures and index.html.
         """
-        folder = ensure_writable_dir(folder)
+        folder = prepare_result_folder(folder)
         write_csv(folder / "sweep.csv", self.table)
         update_manifest(folder, SWEEP_SECTION, dict(self.manifest, summary=self.summary))
         return folder
@@ -148,7 +189,7 @@ class SweepResult:
         section = dict(manifest[SWEEP_SECTION])
         summary = section.pop("summary", {})
         section.pop("figures", None)
-        table = pd.read_csv(folder / "sweep.csv", dtype={"removed": str})
+        table = read_table(folder, "sweep.csv", dtype={"removed": str})
         return cls(table=table, summary=summary, manifest=section)
 
 

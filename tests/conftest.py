@@ -28,6 +28,8 @@ SLOW_TESTS = {
     ("test_html_chromium", "test_compare_report_in_chromium"),  # headless Chromium
     ("test_html_chromium", "test_model_index_in_chromium"),
     ("test_html_chromium", "test_committed_demo_report_in_chromium"),
+    ("test_faults_messages", "test_truncated_gguf"),  # reads half the real SmolLM2 GGUF
+    ("test_faults_results", "test_hostile_model_name_is_drawn_literally"),  # analyze, prune-sweep, compare
 }
 
 

@@ -36,18 +36,26 @@ def analyze_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure every layer in one pass: angular distance (ℓ×n), Block Influence, output variance, gradient norms."""
+    from ..defaults import check_measure_options
+    from ..io import check_output_dir
+    from ..results import check_manifest
+
+    # Every check that needs no model, before the library and the model load and before any folder is made.
+    check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
+                          dtype=dtype, device=device, device_map=device_map)
+    if out is not None:
+        check_manifest(check_output_dir(out))
     from ..analysis import analyze
-    from ..io import ensure_writable_dir
     from ..loading import load_model
     from ..progress import status
     from ..report import render_analysis, summary_table
 
-    if out is not None:
-        ensure_writable_dir(out)  # fail before the expensive part
     with status(f"loading {model}", not quiet):
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
-    out = ensure_writable_dir(out or Path("reports") / loaded.name)
+    if out is None:
+        out = Path("reports") / loaded.name
+        check_manifest(check_output_dir(out))
     result = analyze(loaded, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                      tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
                      device_map=device_map, progress=not quiet)

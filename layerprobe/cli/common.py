@@ -8,15 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import LayerprobeError
 
-console = Console()  # results: tables go to stdout
-err_console = Console(stderr=True)  # progress bars and errors go to stderr
+# Messages and tables carry user strings (model names, paths) that may look like rich markup ("m[/]x"):
+# these consoles print every string literally; styled parts are Text objects.
+console = Console(markup=False)  # results: tables go to stdout
+err_console = Console(stderr=True, markup=False)  # progress bars and errors go to stderr
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

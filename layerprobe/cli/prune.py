@@ -43,25 +43,38 @@ def prune_sweep_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
-    from ..io import ensure_writable_dir
+    from ..errors import LayerprobeError
+    from ..io import check_output_dir
     from ..loading import load_model
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
     from ..report import render_sweep, sweep_tables
+    from ..results import check_manifest
 
     removal = _check_before_loading(remove, save_pruned, out, mode=mode, block_size=block_size, steps=steps,
-                                    by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks)
+                                    by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks,
+                                    measure=dict(data=data, seq_len=seq_len, samples=samples, dtype=dtype,
+                                                 device=device, device_map=device_map))
     with status(f"loading {model}", not quiet):
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
-    out = ensure_writable_dir(out or Path("reports") / loaded.name)
+    if out is None:
+        out = Path("reports") / loaded.name
+        check_manifest(check_output_dir(out))
     result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
                          seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_column=text_column,
                          device_map=device_map, layers_path=layers_path, analysis=out, lm_eval_tasks=lm_eval_tasks,
                          lm_eval_limit=lm_eval_limit, progress=not quiet)
     if save_pruned is not None:
-        with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
-            folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
+        try:
+            with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
+                folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
+        except (LayerprobeError, OSError) as e:
+            # The sweep's measurements are worth keeping whatever happened to the model's copy.
+            result.save(out)
+            problem = e.problem if isinstance(e, LayerprobeError) else f"{e.strerror or e}"
+            raise LayerprobeError(f"saving the pruned model to {save_pruned} failed ({problem}); the sweep's "
+                                  f"results are saved in {out}/sweep.csv") from None
         result.manifest["saved_pruned"] = str(folder)
     with status("writing sweep.csv, figures and index.html", not quiet):
         render_sweep(result, out)
@@ -73,11 +86,17 @@ def prune_sweep_command(
                           "load it with from_pretrained or layerprobe)", highlight=False)
 
 
-def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, **options) -> list[int] | None:
-    """Every check that needs no model, so bad input fails before the expensive part; the --remove layers."""
+def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, measure: dict,
+                          **options) -> list[int] | None:
+    """Every check that needs no model, so bad input fails before the expensive part and before a folder is
+    made; the --remove layers."""
+    from ..defaults import check_measure_options
     from ..errors import LayerprobeError
-    from ..io import ensure_writable_dir
+    from ..io import check_output_dir
     from ..pruning import SweepOptions, check_target, parse_int_list
+    from ..results import check_manifest
+
+    check_measure_options(batch_size=options["batch_size"], **measure)
 
     removal = parse_int_list(remove, "--remove") if remove is not None else None
     if remove is not None and not removal:
@@ -88,5 +107,5 @@ def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Pat
     if save_pruned is not None:
         check_target(save_pruned.expanduser())
     if out is not None:
-        ensure_writable_dir(out)
+        check_manifest(check_output_dir(out))
     return removal

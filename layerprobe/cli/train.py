@@ -17,6 +17,9 @@ def _fmt(x, spec=".3f"):
 
 def summary_table(summary):
     from rich import box
+    from rich.text import Text
+
+    from ..metrics.loss import perplexity  # here, not at the top: `layerprobe --help` must not import torch
     from rich.table import Table
 
     from ..metrics.loss import perplexity  # imports torch: only once there is a table to print
@@ -27,8 +30,8 @@ def summary_table(summary):
     for col in ("scheme", "status", "steps", "eval ppl", "best@step", "out var ℓ0→last", "tok/s"):
         table.add_column(col, justify="left" if col in ("scheme", "status") else "right", no_wrap=True)
     for r in summary.runs:
-        status = {"diverged": f"[red]diverged@{r.diverged_at}[/]", "interrupted": "[yellow]stopped[/]",
-                  "completed": "done"}.get(r.status, r.status)
+        status = {"diverged": Text(f"diverged@{r.diverged_at}", style="red"),
+                  "interrupted": Text("stopped", style="yellow"), "completed": "done"}.get(r.status, r.status)
         best = "—" if r.best_eval_loss is None else f"{perplexity(r.best_eval_loss):.1f}@{r.best_step}"
         var = r.layer_output_var
         growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
@@ -105,10 +108,10 @@ def train_reference_command(
     console.print(summary_table(summary))
     for r in summary.runs:
         if r.status == "diverged":
-            kept = (f"the last good checkpoint (step {r.checkpoint_step}) is kept in {r.path}"
+            kept = (f"the checkpoint of step {r.checkpoint_step} is kept in {r.path}"
                     if r.checkpoint_step else "no checkpoint had been saved yet")
             err_console.print(f"{r.scheme}: diverged at step {r.diverged_at} ({r.diverged_reason}); {kept}",
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
     if summary.interrupted:
         stopped = summary.runs[-1]
         err_console.print(f"interrupted: {stopped.scheme} saved at step {stopped.steps_done}; "

@@ -21,6 +21,7 @@ import torch
 
 from ..anatomy import find_anatomy
 from ..errors import LayerprobeError
+from ..io import check_output_dir
 from ..loading import context_length, load_model
 from ..opening import open_model
 from .prefix import PrefixRunner
@@ -52,6 +53,7 @@ def check_target(out: Path) -> None:
     """Refuse a target that is a file or a folder holding anything but an earlier pruned model."""
     if out.exists() and not out.is_dir():
         raise LayerprobeError(f"--save-pruned {out} is a file; give a folder")
+    check_output_dir(out, "--save-pruned")  # a parent that is a file, or one that cannot be written
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise LayerprobeError(f"--save-pruned folder {out} exists and holds other files; choose a new or empty folder")
 

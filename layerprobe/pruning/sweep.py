@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 
+from ..defaults import check_measure_options
 from ..loading import LoadedModel
 from ..opening import Opening, open_model
 from ..progress import make_progress
@@ -99,6 +100,8 @@ def prune_sweep(
                               batch_size=batch_size, lm_eval_tasks=lm_eval_tasks)
     if opts.tasks:
         check_lm_eval()
+    check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, dtype=dtype,
+                          device=device, device_map=device_map)  # before the model loads
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.model.eval()

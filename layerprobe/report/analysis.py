@@ -36,7 +36,7 @@ def plot_angular_heatmap(result, path: Path) -> None:
     ax.plot(best_l, range(1, len(best_l) + 1), "o", color="#D55E00", markersize=4, label="min over ℓ for each n")
     ax.set_xlabel(f"first layer of the block, {LAYER_AXIS}")
     ax.set_ylabel("block size n (layers)")
-    ax.set_title(_title(result, r"angular distance $d(x^{\ell}, x^{\ell+n})$ between layer inputs"))
+    ax.set_title(_title(result, "angular distance d(xˡ, xˡ⁺ⁿ) between layer inputs"))
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("angular distance (fraction of π; 0 = same direction)")
     ax.legend(loc="upper right", fontsize=8, frameon=True)

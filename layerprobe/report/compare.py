@@ -16,6 +16,7 @@ from ..results import update_manifest
 from .compare_figures import write_figures
 from .compare_page import render_html
 from .compare_table import headline_table
+from .render import drawing
 
 
 def render_comparison(comp: Comparison, out: str | Path | None = None, *, title: str | None = None) -> Path:
@@ -26,9 +27,10 @@ def render_comparison(comp: Comparison, out: str | Path | None = None, *, title:
     if out is None:
         raise ValueError("render_comparison needs a folder: pass out= or save the comparison first")
     comp.out = out
-    comp.figures = write_figures(comp, out)
-    title = title or "layerprobe — " + " vs ".join(m.label for m in comp.models)
-    write_text(out / "index.html", render_html(comp, out, title))
+    with drawing(out, "headline.csv, per_layer.csv"):
+        comp.figures = write_figures(comp, out)
+        title = title or "layerprobe — " + " vs ".join(m.label for m in comp.models)
+        write_text(out / "index.html", render_html(comp, out, title))
     comp.seconds += time.perf_counter() - started
     update_manifest(out, "compare", comp.manifest_entry())
     return out / "index.html"

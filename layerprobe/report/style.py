@@ -10,6 +10,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
 
+# Model, run and folder names are the user's and reach titles, legends and tick labels: show every string
+# literally. With mathtext on, a name like `m$x$` draws as maths and one like `a$\b$` aborts the figure.
+# Our own labels use Unicode (ℓ, √, ⁿ) instead of $...$. Set here, at import, so the figures of every report
+# module (they all import this one) get it, also those not made by `new_figure`.
+LITERAL_TEXT = {"text.parse_math": False}
+plt.rcParams.update(LITERAL_TEXT)
+
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 SCHEME_COLORS = {
@@ -47,7 +54,7 @@ def scheme_color(scheme: str | None, fallback_index: int = 0) -> str:
 
 def new_figure(width: float = 7.5, height: float = 4.2):
     plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.spines.top": False,
-                         "axes.spines.right": False})
+                         "axes.spines.right": False, **LITERAL_TEXT})
     fig, ax = plt.subplots(figsize=(width, height), dpi=120)
     ax.grid(True, alpha=0.3, linewidth=0.6)
     return fig, ax

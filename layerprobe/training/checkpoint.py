@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LayerprobeError
 from ..io import write_json
 
 STATE_FILE = "trainer_state.pt"
@@ -87,11 +88,66 @@ def publish_top_level(run_dir: Path, source: Path) -> None:
         os.replace(tmp, run_dir / f.name)
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _damage(path: Path, check) -> str | None:
+    """Why `path` cannot be read (`check` opens it), or None when it can."""
+    if not path.is_file():
+        return "missing"
+    try:
+        check(path)
+    except Exception as e:  # each reader has its own error types; any of them means the same here
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return text[:160]
+    return None
+
+
+def _open_weights(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt"):  # reads the header and checks that the file covers every tensor it lists
+        pass
+
+
+def damaged_checkpoint_error(run_dir: Path, path: Path, reason: str, unchanged: bool = True) -> LayerprobeError:
+    """One line for a resume state that cannot be read: which file, and the way out."""
+    best = run_dir / "best"
+    way = "start the run again with {overwrite}"
+    if _damage(best / WEIGHTS_FILE, _open_weights) is None:
+        record = read_run(run_dir) or {}
+        at = f" (step {record['best_step']})" if record.get("best_step") else ""
+        way += (f"; {best}{at} is intact and loads as a model (analyze it, or train from scratch), but holds no "
+                "optimizer state to continue from")
+    kept = "; nothing was changed" if unchanged else ""
+    return LayerprobeError(f"cannot resume {run_dir}: {path} is damaged ({reason}){kept}", advice=way)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse, before anything is written, a last/ checkpoint cut short (a full disk, a partial copy).
+
+    Cheap checks that need no memory: the trainer state's zip directory (it sits at the end of the file, so a
+    truncated file has none) and the weights' safetensors header against the file's size. A file garbled in
+    the middle is caught when it is read (`load_state`, before the run record changes).
+    """
+    import zipfile
+
+    last = run_dir / "last"
+    for path, check in ((last / STATE_FILE, lambda p: zipfile.ZipFile(p).close()), (last / WEIGHTS_FILE, _open_weights)):
+        reason = _damage(path, check)
+        if reason is not None and not (reason == "missing" and not last.exists()):
+            raise damaged_checkpoint_error(run_dir, path, reason)
+
+
 def load_state(run_dir: Path) -> dict | None:
     path = run_dir / "last" / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise damaged_checkpoint_error(run_dir, path, text[:160]) from None
 
 
 def read_run(run_dir: Path) -> dict | None:

@@ -38,16 +38,41 @@ def train_bpe_tokenizer(docs: list[str], vocab_size: int, *, min_frequency: int 
     return fast
 
 
+def check_tokenizer_spec(spec: str | None) -> None:
+    """Refuse a --tokenizer that names a local folder that is not there (before any work): otherwise transformers
+    takes it for a hub id and answers with its rules for repo ids."""
+    if not spec:
+        return
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LayerprobeError(f"--tokenizer {spec} is a file; give the folder holding the tokenizer files "
+                                  "(tokenizer.json, tokenizer_config.json) or a hub id")
+        return
+    looks_local = spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
+    if looks_local:
+        raise LayerprobeError(f"--tokenizer folder {spec} does not exist; give an existing folder or a hub id "
+                              "(org/name)")
+
+
 def load_tokenizer(spec: str):
     """A tokenizer named by --tokenizer: a local folder or a hub id."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_spec(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(spec)
+            # Never run a tokenizer's own code (train-reference has no --trust-remote-code), nor ask about it.
+            tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in first or "custom code" in first:
+            raise LayerprobeError(f"tokenizer {spec!r} needs its own code to load, which train-reference does not "
+                                  "run; give a tokenizer without custom code, or none (one is trained on the data)"
+                                  ) from None
         raise LayerprobeError(f"could not load tokenizer {spec!r}: {first}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -46,9 +46,10 @@ from .settings import (
     resolve_plan,
     run_identity,
 )
+from .health import nonfinite_statistic, stuck_reason
 from .signals import StopFlag
 from .summary import RunResult, TrainingSummary
-from .tokenizer import tokenizer_fingerprint
+from .tokenizer import check_tokenizer_spec, tokenizer_fingerprint
 
 __all__ = ["MODEL_KEYS", "Plan", "Run", "RunResult", "StopFlag", "TrainSettings", "TrainingSummary",
            "identity_differences", "init_model", "lr_at", "model_config", "parse_schemes", "resolve_plan",
@@ -68,10 +69,11 @@ class Tally:
     tokens: int = 0
     best_loss: float | None = None
     best_step: int | None = None
+    first_loss: float | None = None  # step 1's training loss, before any update: a stuck run never goes below it
 
     def state(self) -> dict:
         return {"best_eval_loss": self.best_loss, "best_step": self.best_step, "train_seconds": self.seconds,
-                "tokens": self.tokens}
+                "tokens": self.tokens, "first_loss": self.first_loss}
 
 
 # ---- one run ----------------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class Run:
             raise LayerprobeError(f"{self.dir} already holds this run (step {record.get('step', 0)} of "
                                   f"{record.get('total_steps', '?')})",
                                   advice="pass {resume} to continue it or {overwrite} to start again")
+        ckpt.check_resumable(self.dir)  # a damaged checkpoint is refused before any run.json changes
 
     def prepare(self) -> None:
         """After the checks: clear for --overwrite, or load the state to resume from (every process)."""
@@ -152,7 +155,11 @@ class Run:
         if self.state is not None:
             from safetensors.torch import load_file
 
-            weights = load_file(str(self.dir / "last" / "model.safetensors"))
+            path = self.dir / "last" / ckpt.WEIGHTS_FILE
+            try:
+                weights = load_file(str(path))
+            except Exception as e:
+                raise ckpt.damaged_checkpoint_error(self.dir, path, str(e).strip()[:160], unchanged=False) from None
             missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
             if missing or unexpected:
@@ -231,7 +238,10 @@ class Run:
         state = self.state or {}
         tally = Tally(step=state.get("step", 0), seconds=state.get("train_seconds", 0.0),
                       tokens=state.get("tokens", 0), best_loss=state.get("best_eval_loss"),
-                      best_step=state.get("best_step"))
+                      best_step=state.get("best_step"), first_loss=state.get("first_loss"))
+        if tally.first_loss is None and tally.step > 0:  # a checkpoint from before first_loss was kept
+            first = [r.get("loss") for r in ckpt.read_metrics(self.dir) if r.get("step") == 1]
+            tally.first_loss = first[0] if first and isinstance(first[0], float) else None
         result = RunResult(scheme=self.scheme, path=str(self.dir), status="running", steps_done=tally.step,
                            total_steps=plan.steps, resumed_from=tally.step if s.resume and self.state else None,
                            checkpoint_step=tally.step if self.state else None)
@@ -239,6 +249,7 @@ class Run:
             old = ckpt.read_run(self.dir) or {}
             for key in ("final_loss", "final_eval_loss", "final_eval_ppl", "layer_output_var"):
                 setattr(result, key, old.get(key))
+            result.best_eval_loss, result.best_step = tally.best_loss, tally.best_step
         if env.is_main:
             ckpt.truncate_metrics(self.dir, tally.step)  # steps after the checkpoint are redone: their metrics go
             ckpt.write_run(self.dir, self._record(result, tally.step))
@@ -323,12 +334,20 @@ class Run:
                     torch.cuda.synchronize()  # so the step's time is the GPU's, not the launch's
                 dt = time.perf_counter() - t0
                 tally.seconds, tally.tokens, tally.step = tally.seconds + dt, tally.tokens + tokens_per_step, step + 1
+                if step == 0:
+                    tally.first_loss = loss
                 record = {"step": tally.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                           "tokens_per_s": tokens_per_step / dt, "tokens": tally.tokens}
                 result.final_loss, result.steps_done = loss, tally.step
                 if is_eval_step:
                     record["layer_grad_norm"] = layer_gnorm
                     record.update(self._evaluate(eval_model, eval_blocks, tally, result, core, model))
+                    blown_up = nonfinite_statistic(record)
+                    if blown_up:
+                        # The loss is finite but the model is not: stop before this state becomes the checkpoint.
+                        result.status, result.diverged_at, result.diverged_reason = "diverged", tally.step, blown_up
+                        log.write(dict(record, diverged=True, reason=blown_up))
+                        break
                 log.write(record)  # before the checkpoint: a checkpoint never runs ahead of its metrics
                 _after_step(self.dir, tally.step)
                 if tally.step % plan.save_every == 0 or tally.step == plan.steps:
@@ -337,7 +356,10 @@ class Run:
                 progress.update(task, completed=tally.step,
                                 info=f"loss {loss:.3f} · {tokens_per_step / dt:,.0f} tok/s{ppl}")
             else:
-                result.status = "completed"
+                stuck = stuck_reason(tally.first_loss, tally.best_loss, tally.step)
+                result.status = "diverged" if stuck else "completed"
+                if stuck:
+                    result.diverged_at, result.diverged_reason = tally.step, stuck
             if result.status == "interrupted" and tally.step != result.checkpoint_step:
                 save_last()
         # run.json and the summary report totals over this session and any before it.
@@ -414,6 +436,7 @@ def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSu
     if say:
         for line in plan.describe(given):
             say(line)
+    check_tokenizer_spec(s.tokenizer)
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out).expanduser()
