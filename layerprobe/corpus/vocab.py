@@ -55,8 +55,22 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     return spec, None
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _refuse_custom_code(spec: str, err: Exception) -> None:
+    first = _first_line(err)
+    if "trust_remote_code" in first or "custom code" in first:
+        raise LayerprobeError(f"tokenizer {spec!r} needs its own code to load, which layerprobe does not run for "
+                              "training data; give a tokenizer without custom code, or none (one is trained on the "
+                              "data)") from None
+
+
 def load_hf_tokenizer(spec: str):
-    """A tokenizer from a local folder or the Hugging Face cache; the hub is asked only when it is not cached."""
+    """A tokenizer from a local folder or the Hugging Face cache; the hub is asked only when it is not cached.
+
+    A tokenizer's own code is never run (nor asked about: transformers would prompt on stdin)."""
     from transformers import AutoTokenizer
 
     local = Path(spec).expanduser()
@@ -65,21 +79,23 @@ def load_hf_tokenizer(spec: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else spec, local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else spec, local_files_only=True,
+                                                 trust_remote_code=False)
         except Exception as e:
             cached_err = e
+        _refuse_custom_code(spec, cached_err)
         if local.is_dir():
-            first = str(cached_err).strip().splitlines()[0] if str(cached_err).strip() else type(cached_err).__name__
-            raise LayerprobeError(f"could not load the tokenizer in {local}: {first}") from None
+            raise LayerprobeError(f"could not load the tokenizer in {local}: {_first_line(cached_err)}") from None
         reach = _hub_unreachable()
         if reach:
             e = cached_err if reach == "offline" else OSError(reach)
         else:
             try:
-                return AutoTokenizer.from_pretrained(spec)
+                return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
             except Exception as e2:
+                _refuse_custom_code(spec, e2)
                 e = e2
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = _first_line(e)
     raise LayerprobeError(
         f"tokenizer {spec!r} is not a local folder, not in the Hugging Face cache, and could not be fetched from the hub "
         f"({first[:160]}): download it once where the hub is reachable, or give its folder"

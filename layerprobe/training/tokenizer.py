@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 
 from ..errors import LayerprobeError
 
@@ -58,22 +57,11 @@ def check_tokenizer_spec(spec: str | None) -> None:
 
 
 def load_tokenizer(spec: str):
-    """A tokenizer named by --tokenizer: a local folder or a hub id."""
-    from transformers import AutoTokenizer
+    """A tokenizer named by --tokenizer: a local folder or a hub id; its own code is never run."""
+    from ..corpus.vocab import load_hf_tokenizer
 
     check_tokenizer_spec(spec)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Never run a tokenizer's own code (train-reference has no --trust-remote-code), nor ask about it.
-            tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "trust_remote_code" in first or "custom code" in first:
-            raise LayerprobeError(f"tokenizer {spec!r} needs its own code to load, which train-reference does not "
-                                  "run; give a tokenizer without custom code, or none (one is trained on the data)"
-                                  ) from None
-        raise LayerprobeError(f"could not load tokenizer {spec!r}: {first}") from None
+    tok = load_hf_tokenizer(spec)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
