@@ -90,8 +90,8 @@ def test_demo_unknown_scheme(tmp_path):
 
 
 def test_committed_demo_report_is_current():
-    """reports/demo/ was made by this version of the code, from all four schemes."""
-    folder = REPO / "reports" / "demo"
+    """examples/demo-report/ was made by this version of the code, from all four schemes."""
+    folder = REPO / "examples" / "demo-report"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["layerprobe_version"] == layerprobe.__version__

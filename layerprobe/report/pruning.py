@@ -185,8 +185,9 @@ def _layer_table(layer: pd.DataFrame) -> Table:
     t = _table("removing one layer", ("layer", "removed"))
     low = set(layer.nsmallest(max(1, len(layer) // 4), "delta_loss")["first_layer"])
     for r in layer.itertuples(index=False):
-        t.add_row(str(r.first_layer), r.removed, *_cells(r), style="bold cyan" if r.first_layer in low else None)
-    t.caption = "cyan: the quarter of layers whose removal hurts least"
+        marked = r.first_layer in low
+        t.add_row(f"{'• ' if marked else ''}{r.first_layer}", r.removed, *_cells(r), style="bold cyan" if marked else None)
+    t.caption = "•: the quarter of layers whose removal hurts least"
     t.caption_justify = "left"
     return t
 
