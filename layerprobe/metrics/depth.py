@@ -92,9 +92,12 @@ def relative_threshold(delta_loss, fraction: float) -> float:
 
 
 def removable_layers_relative(layers, delta_loss, fraction: float) -> list[int]:
-    """The layers whose removal alone costs less than `fraction` of the model's own largest Δloss."""
+    """The layers whose removal alone costs less than `fraction` of the model's own largest Δloss; every
+    layer when no removal raises the loss at all."""
     threshold = relative_threshold(delta_loss, fraction)
-    return removable_layers(layers, delta_loss, threshold) if math.isfinite(threshold) else []
+    if math.isfinite(threshold):
+        return removable_layers(layers, delta_loss, threshold)
+    return [int(layer) for layer, delta in zip(layers, delta_loss) if math.isfinite(float(delta))]
 
 
 def deep_half_share(delta_loss) -> float:
