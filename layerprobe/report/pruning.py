@@ -153,11 +153,12 @@ def write_sweep_figures(result, folder: Path) -> list[dict]:
         out.append({"file": "prune_blocks.png", "caption":
                     "Δloss when the contiguous block of n layers starting at ℓ is removed; dots: the least harmful "
                     "block for each n. Compare with the angular-distance map of analyze."})
-    if curves(result):
+    drawn = [label for label, _, _ in curves(result)]
+    if drawn:
         plot_curves(result, folder / "prune_curves.png")
-        out.append({"file": "prune_curves.png", "caption":
-                    "Perplexity as more layers are removed: greedy (re-measured after every removal) against the "
-                    "rankings from angular distance, Block Influence and plain depth."})
+        out.append({"file": "prune_curves.png", "caption":  # says what is drawn, nothing more
+                    "Perplexity as more layers are removed, " + ("curves: " if len(drawn) > 1 else "curve: ")
+                    + "; ".join(drawn) + "."})
     return out
 
 
