@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..metrics.loss import perplexity
 from . import app
 from .common import console, err_console, user_errors
 
@@ -19,6 +18,8 @@ def _fmt(x, spec=".3f"):
 def summary_table(summary):
     from rich import box
     from rich.table import Table
+
+    from ..metrics.loss import perplexity  # here, not at the top: metrics/ imports torch, --help must not
 
     # Narrow enough for an 80-column terminal; every number is also in OUT/summary.json.
     table = Table(title=f"train-reference → {summary.out}", title_justify="left", box=box.SIMPLE_HEAD,
