@@ -5,7 +5,9 @@ The folders are read into one `ModelResults` per model (`layerprobe.model_result
 Headline numbers, one row per model (see `HEADLINE_DEFINITIONS`; the depth formulas live in
 `layerprobe.metrics.depth`):
 - perplexity: exp(mean next-token cross-entropy) on the data `analyze` used (else the sweep's);
-- removable layers: how many single-layer removals raise the loss by less than `threshold` nats;
+- deep-half share: the share of the total single-layer removal cost that falls on the deeper half;
+- removable layers: how many single-layer removals cost less than 10% of the model's own largest Δloss
+  (scale-free), and, in the details, how many cost less than `threshold` nats;
 - variance growth: least-squares slope of ln(output variance) against normalised depth
   d = ℓ/(L−1), so exp(slope) is the fitted growth factor from the first layer to the last;
 - gradient ratio: mean gradient norm of the last ⌈L/4⌉ layers over that of the first ⌈L/4⌉.
@@ -23,9 +25,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from .defaults import DEPTH_MODES, REMOVABLE_THRESHOLD as DEFAULT_THRESHOLD, check_compare_options
+from .defaults import DEPTH_MODES, REMOVABLE_FRACTION, REMOVABLE_THRESHOLD as DEFAULT_THRESHOLD, check_compare_options
 from .io import write_csv
-from .metrics.depth import grad_ratio, normalised_depth, removable_layers, variance_growth, variance_growth_factor
+from .metrics.depth import (
+    deep_half_share,
+    grad_ratio,
+    normalised_depth,
+    removable_layers,
+    removable_layers_relative,
+    variance_growth,
+    variance_growth_factor,
+)
 from .progress import status
 from .model_results import ModelResults, collect, load_results
 from .results import package_versions, prepare_result_folder, update_manifest
@@ -34,8 +44,12 @@ HEADLINE_DEFINITIONS = {
     "perplexity": "exp of the mean next-token cross-entropy on the data `analyze` used (the prune-sweep's "
                   "full-model row when there is no analysis).",
     "final_eval_perplexity": "perplexity on the held-out split at the last evaluation of training.",
+    "deep_half_share": "share of the total single-layer removal cost (Δloss, from `prune-sweep --mode layer`) "
+                       "that falls on the deeper half of the layers: under ½ when deep layers matter less.",
+    "removable_relative": f"number of layers whose removal alone costs less than {REMOVABLE_FRACTION:.0%} of the "
+                          "model's own largest single-layer Δloss: comparable across model scales.",
     "removable_layers": "number of layers whose removal alone raises the loss by less than the threshold "
-                        "(from `prune-sweep --mode layer`).",
+                        "(from `prune-sweep --mode layer`); depends on the model's scale.",
     "variance_growth": "least-squares slope of ln(output variance) against normalised depth ℓ/(L−1): "
                        "0 = flat, 1 ≈ ×2.7 from the first layer to the last.",
     "variance_growth_factor": "exp(variance growth): the fitted factor by which the residual stream's variance "
@@ -47,11 +61,18 @@ HEADLINE_DEFINITIONS = {
 
 # ----------------------------------------------------------------------------- numbers
 
-def _removable(removal: pd.DataFrame | None, threshold: float) -> tuple[float, list[int]]:
+def _removable(removal: pd.DataFrame | None, threshold: float, relative: bool = False) -> tuple[int | None, list[int]]:
     if removal is None or removal.empty:
-        return float("nan"), []
-    layers = removable_layers(removal["layer"], removal["delta_loss"], threshold)
-    return float(len(layers)), layers
+        return None, []
+    pick = removable_layers_relative if relative else removable_layers
+    layers = pick(removal["layer"], removal["delta_loss"], threshold)
+    return len(layers), layers
+
+
+def _deep_half_share(removal: pd.DataFrame | None, num_layers: int) -> float:
+    if removal is None or removal.empty or len(removal) != num_layers:
+        return float("nan")
+    return deep_half_share(removal.sort_values("layer")["delta_loss"].to_numpy())
 
 
 def _final_eval(training: pd.DataFrame | None) -> tuple[float, float, int | None]:
@@ -91,9 +112,14 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         eval_loss, eval_ppl, _ = _final_eval(m.training)
         row["final_eval_loss"], row["final_eval_perplexity"], row["trained_steps"] = eval_loss, eval_ppl, (
             int(m.training["step"].max()) if m.training is not None else None)
-        n_rem, which = _removable(m.layer_removal(), threshold)
+        removal = m.layer_removal()
+        row["deep_half_share"] = _deep_half_share(removal, L)
+        n_rem, which = _removable(removal, REMOVABLE_FRACTION, relative=True)
+        row["removable_relative"] = n_rem
+        row["removable_relative_which"] = " ".join(map(str, which))
+        n_rem, which = _removable(removal, threshold)
         row["removable_layers"] = n_rem
-        row["removable_which"] = " ".join(map(str, which)) if which else ""
+        row["removable_which"] = " ".join(map(str, which))
         a = m.analysis
         if a is not None:
             g = variance_growth(a.layers["output_variance"], L)
@@ -103,7 +129,61 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         else:
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in ("layers", "trained_steps", "removable_relative", "removable_layers"):  # counts print as 10, not 10.0
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+def _by_scheme(df: pd.DataFrame, col: str) -> dict[str, float]:
+    """{norm scheme: value} for the schemes present once with a finite value of `col`."""
+    d = df.dropna(subset=[col]) if col in df else df.iloc[0:0]
+    d = d[~d["norm_scheme"].duplicated(keep=False)]
+    return {r["norm_scheme"]: float(r[col]) for _, r in d.iterrows() if math.isfinite(float(r[col]))}
+
+
+def paper_checks(df: pd.DataFrame) -> list[dict]:
+    """Which of the papers' claims the headline numbers of `df` reproduce, each as {claim, reproduced, sentence}.
+
+    A claim is checked only when the schemes it names are all in the comparison (once each). The sentences
+    are phrased from the numbers; nothing here decides in advance which scheme comes out ahead."""
+    checks = []
+
+    def check(claim: str, reproduced: bool, evidence: str) -> None:
+        word = "Reproduced" if reproduced else "Not reproduced"
+        checks.append({"claim": claim, "reproduced": bool(reproduced), "sentence": f"{word}: {claim} ({evidence})."})
+
+    var, grad = _by_scheme(df, "variance_growth_factor"), _by_scheme(df, "grad_ratio")
+    ppl, share = _by_scheme(df, "perplexity"), _by_scheme(df, "deep_half_share")
+    if "pre" in var:
+        check("under Pre-LN the output variance grows with depth (Curse of Depth)", var["pre"] > 1,
+              f"fitted growth ×{var['pre']:.3g} from the first layer to the last")
+    if {"pre", "lns"} <= var.keys():
+        check("LayerNorm Scaling grows the variance less than Pre-LN (Curse of Depth)", var["lns"] < var["pre"],
+              f"LNS ×{var['lns']:.3g}, Pre-LN ×{var['pre']:.3g}")
+    if "pre" in grad:
+        check("Pre-LN's deep layers get smaller gradients than its early ones (Mix-LN)", grad["pre"] < 1,
+              f"last/first-quarter gradient ratio {grad['pre']:.3g}")
+    if "post" in grad:
+        check("Post-LN's early layers get smaller gradients than its deep ones (Mix-LN)", grad["post"] > 1,
+              f"last/first-quarter gradient ratio {grad['post']:.3g}")
+    if {"pre", "post", "mix"} <= grad.keys():
+        spread = {s: abs(math.log(grad[s])) for s in ("pre", "post", "mix") if grad[s] > 0}
+        if len(spread) == 3:
+            check("Mix-LN's gradients are the most even across depth of the three (Mix-LN)",
+                  spread["mix"] < min(spread["pre"], spread["post"]),
+                  ", ".join(f"{s} {grad[s]:.3g}" for s in ("mix", "pre", "post")))
+    if {"pre", "lns"} <= grad.keys() and grad["pre"] > 0 and grad["lns"] > 0:
+        check("LNS gives deep layers a larger share of the gradient than Pre-LN (Curse of Depth)",
+              grad["lns"] > grad["pre"], f"gradient ratio LNS {grad['lns']:.3g}, Pre-LN {grad['pre']:.3g}")
+    for s, paper in (("mix", "Mix-LN"), ("lns", "Curse of Depth")):
+        if {"pre", s} <= share.keys():
+            check(f"{s}'s deeper half carries more of the removal cost than Pre-LN's ({paper})",
+                  share[s] > share["pre"], f"deep-half share {s} {share[s]:.0%}, Pre-LN {share['pre']:.0%}")
+        if {"pre", s} <= ppl.keys():
+            check(f"{s} reaches a lower perplexity than Pre-LN ({paper})", ppl[s] < ppl["pre"],
+                  f"{s} {ppl[s]:.2f}, Pre-LN {ppl['pre']:.2f}")
+    return checks
 
 
 def per_layer(models: list[ModelResults]) -> pd.DataFrame:
@@ -232,5 +312,5 @@ def compare_results(
     return comp
 
 
-__all__ = ["Comparison", "ModelResults", "collect", "compare_results", "headline", "load_results",
+__all__ = ["Comparison", "ModelResults", "collect", "compare_results", "headline", "load_results", "paper_checks",
            "per_layer", "training_dynamics", "DEFAULT_THRESHOLD", "DEPTH_MODES", "HEADLINE_DEFINITIONS"]

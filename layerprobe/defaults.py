@@ -21,6 +21,7 @@ DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".csv", ".parquet", ".npy")
 
 # compare
 REMOVABLE_THRESHOLD = 0.05  # nats of loss: removing the layer costs < ~5% perplexity
+REMOVABLE_FRACTION = 0.1  # of the model's own largest single-layer Δloss: a threshold that ignores scale
 DEPTH_MODES = ("auto", "layer", "normalised")
 COMPARE_OUT = "reports/compare"
 
@@ -92,9 +93,11 @@ def check_compare_options(folders, threshold: float, depth: str) -> list:
     return folders
 
 
-def check_demo_counts(steps: int | None, threads: int | None) -> None:
+def check_demo_counts(steps: int | None, threads: int | None, workers: int | None = None) -> None:
     """The demo's numeric options (its schemes and preset are checked by `layerprobe.demo_pipeline.check_options`)."""
     if threads is not None and threads < 1:
         raise LayerprobeError(f"--threads must be at least 1 (got {threads})")
+    if workers is not None and workers < 1:
+        raise LayerprobeError(f"--workers must be at least 1 (got {workers})")
     if steps is not None and steps < 1:
         raise LayerprobeError(f"--steps must be positive (got {steps})")

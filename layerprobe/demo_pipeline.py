@@ -12,7 +12,9 @@ Re-running it reuses finished training runs (the trainer's --resume) unless `fre
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +26,16 @@ from .api import compare
 from .comparison import DEFAULT_THRESHOLD, Comparison
 from .defaults import DEMO_OUT, DEMO_PRESET, DEMO_RUNS, DEMO_SCHEMES, check_demo_counts
 from .errors import LayerprobeError
-from .io import atomic_path, ensure_writable_dir
+from .io import atomic_path, ensure_writable_dir, write_json
 from .loading import load_model
-from .progress import status
+from .progress import RelayDisplay, make_progress, relay_to, status
 from .pruning import prune_sweep
 from .report import render_analysis, render_sweep
 from .reference import NORM_SCHEMES, canonical_scheme, get_preset
 from .training import checkpoint as ckpt
 from .training import train_reference
 from .training.data import prepare_token_data
+from .training.summary import RunResult, TrainingSummary
 
 HELDOUT_FILE = "heldout.npy"
 # The trainer's options that the demo exposes under its own names (the advice in its errors uses them).
@@ -46,10 +49,11 @@ def _say(message: str, enabled: bool) -> None:
         _stage_console.rule(f"[bold]{message}", align="left")
 
 
-def check_options(*, norm: str, preset: str, steps: int | None, threads: int | None) -> list[str]:
+def check_options(*, norm: str, preset: str, steps: int | None, threads: int | None,
+                  workers: int | None = None) -> list[str]:
     """The demo's schemes in canonical names; a LayerprobeError for a bad option, before any folder is made
     or anything is printed (the trainer checks the rest of its settings again)."""
-    check_demo_counts(steps, threads)
+    check_demo_counts(steps, threads, workers)
     try:
         get_preset(preset)
         schemes = list(dict.fromkeys(canonical_scheme(s) for s in norm.split(",") if s.strip()))
@@ -93,13 +97,113 @@ def analyse_and_sweep(run_dir: Path, heldout: Path, folder: Path, *, block_sweep
     return folder
 
 
-def _command_line(*, out, runs, norm, preset, steps, block_sweep, threshold, threads) -> str:
+def _command_line(*, out, runs, norm, preset, steps, block_sweep, threshold, threads, workers) -> str:
     """The `layerprobe demo` command that makes the same report, for the page to quote."""
     command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
     command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
     command += f" --threshold {threshold}" if threshold is not None else ""
     command += f" --threads {threads}" if threads else ""
+    command += f" --workers {workers}" if workers else ""
     return command
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def plan_workers(n_models: int, workers: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, torch threads in each) for `n_models` models.
+
+    By default one single-threaded process per model even when models outnumber cores: the scheduler
+    shares the CPU per runnable thread, so on a machine busy with other work more workers keep a fair
+    share of it, and on a quiet one the total work is the same. With more cores than models, each worker
+    gets its share of them (a 16-core workstation trains 4 models on 4 threads each)."""
+    cores = cores or available_cores()
+    workers = max(1, min(workers or n_models, n_models))
+    return workers, threads or max(1, cores // workers)
+
+
+@dataclass
+class _Job:
+    """One model's whole share of the demo: train, then analyze and prune-sweep on the held-out blocks."""
+
+    scheme: str
+    runs: Path
+    out: Path
+    preset: str
+    steps: int | None
+    fresh: bool
+    block_sweep: bool
+    threads: int | None
+    progress: bool
+    train_options: dict
+
+
+_worker_queue = None  # in a worker process: where its progress events go
+
+
+def _start_worker(queue, threads: int) -> None:
+    global _worker_queue
+    _worker_queue = queue
+    torch.set_num_threads(threads)
+
+
+def _run_job(job: _Job) -> tuple[RunResult, dict, Path | None]:
+    """Train, analyze and sweep one model; returns its RunResult, the training settings and its report folder
+    (None when Ctrl-C stopped the training)."""
+    if _worker_queue is not None and job.progress:
+        relay_to(_worker_queue, job.scheme)  # this job's bars show in the parent, labelled with the scheme
+    try:
+        summary = train_reference(norm=job.scheme, preset=job.preset, steps=job.steps, data="builtin",
+                                  out=str(job.runs), resume=not job.fresh, overwrite=job.fresh,
+                                  progress=job.progress, threads=job.threads, **job.train_options)
+    except LayerprobeError as e:
+        # The advice is rendered in the demo's flags here: only the text survives the trip to the parent.
+        raise LayerprobeError(e.renamed(**DEMO_FLAGS).text()) from None
+    run = summary.runs[0]
+    if summary.interrupted:
+        return run, summary.settings, None
+    run_dir = Path(run.path)
+    heldout = heldout_blocks(run_dir, job.runs / HELDOUT_FILE, progress=job.progress)
+    folder = analyse_and_sweep(run_dir, heldout, job.out / run.scheme, block_sweep=job.block_sweep,
+                               progress=job.progress)
+    return run, summary.settings, folder
+
+
+def _run_jobs(jobs: list[_Job], workers: int, threads: int, progress: bool) -> list[tuple]:
+    """Every job, in `workers` spawned processes of `threads` threads each (in this process when workers is 1);
+    results in the jobs' order. A worker's progress shows in this process's one display."""
+    if workers == 1:
+        torch.set_num_threads(threads)
+        return [_run_job(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
+    queue = ctx.Queue()
+    with make_progress(progress) as display, RelayDisplay(queue, display):
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(queue, threads))
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                # A bad folder or option fails every model the same way; stop the rest rather than finish
+                # their training first (their runs stay resumable: checkpoints are written atomically).
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise failed[0].exception()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the workers too: each saves its run (the trainer's stop flag) before it ends.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    return [f.result() for f in futures]
 
 
 def demo(
@@ -113,43 +217,46 @@ def demo(
     threshold: float | None = None,
     block_sweep: bool = True,
     threads: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
     **train_options,
 ) -> Comparison:
     """Train one tiny model per norm scheme, analyse and prune-sweep each, and write the comparison to `out`.
 
-    `threads`: CPU threads for torch in every step (default: torch's choice; 1 is steadier on a machine shared
-    with other jobs). `train_options` go to `layerprobe.training.train_reference` (e.g. layers=, seq_len=).
+    The models are independent, so each is trained, analysed and swept in its own process (`workers`,
+    default one per scheme), with `threads` torch threads each (default: the available cores shared out);
+    `workers=1` runs everything one after another in this process. Same results either way.
+    `train_options` go to `layerprobe.training.train_reference` (e.g. layers=, seq_len=).
     Returns the `Comparison`; its `.html` is the report.
     """
     started = time.perf_counter()
-    schemes = check_options(norm=norm, preset=preset, steps=steps, threads=threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    schemes = check_options(norm=norm, preset=preset, steps=steps, threads=threads, workers=workers)
     out, runs = Path(out), Path(runs)
     ensure_writable_dir(out)
     ensure_writable_dir(runs)
-    _say(f"1/3 training {len(schemes)} {preset} models ({', '.join(schemes)}) on the builtin corpus", progress)
-    try:
-        summary = train_reference(norm=norm, preset=preset, steps=steps, data="builtin", out=str(runs),
-                                  resume=not fresh, overwrite=fresh, progress=progress, threads=threads,
-                                  **train_options)
-    except LayerprobeError as e:
-        raise e.renamed(**DEMO_FLAGS) from None  # the trainer's advice, in the demo's flags
+    n_workers, n_threads = plan_workers(len(schemes), workers, threads)
+    where = (f"in {n_workers} processes of {n_threads} thread{'s' * (n_threads > 1)}" if n_workers > 1
+             else f"one after another, {n_threads} thread{'s' * (n_threads > 1)}")
+    _say(f"training, analysing and prune-sweeping {len(schemes)} {preset} models ({', '.join(schemes)}) "
+         f"on the builtin corpus, {where}", progress)
+    jobs = [_Job(scheme, runs, out, preset, steps, fresh, block_sweep, threads, progress, train_options)
+            for scheme in schemes]
+    if n_workers == 1:
+        for job in jobs:
+            job.threads = n_threads
+    results = _run_jobs(jobs, n_workers, n_threads, progress)
+    summary = TrainingSummary(out=str(runs), settings=results[0][1], runs=[r for r, _, _ in results],
+                              interrupted=any(folder is None for _, _, folder in results))
+    write_json(runs / "summary.json", summary.as_dict())  # every scheme's, not the last worker's
     if summary.interrupted:
         raise KeyboardInterrupt
     run_dirs = [Path(r.path) for r in summary.runs]
-    heldout = heldout_blocks(run_dirs[0], runs / HELDOUT_FILE, progress=progress)
-    result_dirs = []
-    for i, (run, run_dir) in enumerate(zip(summary.runs, run_dirs), 1):
-        _say(f"2/3 [{i}/{len(run_dirs)}] {run.scheme}: analyze and prune-sweep on the held-out blocks", progress)
-        result_dirs.append(analyse_and_sweep(run_dir, heldout, out / run.scheme, block_sweep=block_sweep,
-                                             progress=progress))
+    result_dirs = [folder for _, _, folder in results]
 
-    _say("3/3 comparing", progress)
+    _say("comparing", progress)
     title = f"layerprobe demo — {', '.join(schemes)} ({preset} preset, trained on the builtin corpus)"
     command = _command_line(out=out, runs=runs, norm=norm, preset=preset, steps=steps, block_sweep=block_sweep,
-                            threshold=threshold, threads=threads)
+                            threshold=threshold, threads=threads, workers=workers)
     comp = compare([*run_dirs, *result_dirs], out=out, title=title,
                    threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress,
                    command=command)
@@ -157,4 +264,5 @@ def demo(
     return comp
 
 
-__all__ = ["demo", "analyse_and_sweep", "check_options", "heldout_blocks", "DEMO_FLAGS", "DEMO_SCHEMES"]
+__all__ = ["demo", "analyse_and_sweep", "available_cores", "check_options", "heldout_blocks", "plan_workers",
+           "DEMO_FLAGS", "DEMO_SCHEMES"]

@@ -11,6 +11,8 @@ the hub is probed once with a short timeout before transformers is asked to down
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -348,13 +350,40 @@ def _config_error(e: Exception, resolved: ResolvedSpec) -> LayerprobeError:
     return LayerprobeError(f"could not read the model config in {resolved.where}: {text}")
 
 
+@contextlib.contextmanager
+def no_hf_progress_bars():
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards") off inside the block: ours are
+    the progress bars on screen. Restores the switch as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class _Quiet:
-    """Silence transformers' logging and Python warnings while loading: we report problems ourselves."""
+    """Silence transformers' logging, its progress bars and Python warnings while loading: we report problems
+    ourselves, and ours are the progress bars on screen (transformers' "Loading weights" bar follows its own
+    switch; the GGUF reader's "Converting and de-quantizing" bar is plain tqdm, given `disable=True` here)."""
 
     def __enter__(self):
         self._log = logging.getLogger("transformers")
         self._level = self._log.level
         self._log.setLevel(logging.ERROR)
+        self._bars = no_hf_progress_bars()
+        self._bars.__enter__()
+        self._gguf = self._gguf_tqdm = None
+        try:
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+            self._gguf, self._gguf_tqdm = gguf_utils, gguf_utils.tqdm
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+        except (ImportError, AttributeError):
+            pass
         self._warn = warnings.catch_warnings()
         self._warn.__enter__()
         warnings.simplefilter("ignore")
@@ -362,6 +391,9 @@ class _Quiet:
 
     def __exit__(self, *exc):
         self._warn.__exit__(*exc)
+        if self._gguf is not None:
+            self._gguf.tqdm = self._gguf_tqdm
+        self._bars.__exit__(*exc)
         self._log.setLevel(self._level)
         return False
 

@@ -24,6 +24,7 @@ SLOW_TESTS = {
     ("test_demo", "test_demo_analyses_the_held_out_blocks"),
     ("test_demo", "test_demo_rerun_reuses_the_trained_models"),
     ("test_demo", "test_demo_runs_of_another_config"),
+    ("test_demo", "test_parallel_demo_equals_the_sequential_one"),
     ("test_notebook", "test_quickstart_notebook_executes"),  # a Jupyter kernel runs the quickstart
     ("test_html_chromium", "test_compare_report_in_chromium"),  # headless Chromium
     ("test_html_chromium", "test_model_index_in_chromium"),

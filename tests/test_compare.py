@@ -100,9 +100,65 @@ def test_headline_matches_the_result_files(results, comparison):
         assert row["grad_ratio"] == pytest.approx(g[-q:].mean() / g[:q].mean())
         assert row["removable_layers"] == (single["delta_loss"] < DEFAULT_THRESHOLD).sum()
         assert len(single) == L
+        # Scale-free numbers, by hand: the deeper half's share of the positive removal costs, and the
+        # layers that cost less than 10% of the largest single-layer Δloss.
+        costs = {int(r): max(float(dl), 0.0) for r, dl in zip(single["removed"], single["delta_loss"])}
+        deep = sum(c for layer, c in costs.items() if layer >= L - L // 2)
+        if sum(costs.values()) > 0:
+            assert row["deep_half_share"] == pytest.approx(deep / sum(costs.values()))
+        else:  # an untrained model: no removal costs anything
+            assert math.isnan(row["deep_half_share"])
+        top = max(float(dl) for dl in single["delta_loss"])
+        expected = sum(float(dl) < 0.1 * top for dl in single["delta_loss"]) if top > 0 else L  # nothing costs
+        assert row["removable_relative"] == expected
+        assert str(row["removable_layers"]) == str(int(row["removable_layers"]))  # an integer, never 3.0
     assert h.loc["llama", "norm_scheme"] == "pre" and h.loc["opt-post", "norm_scheme"] == "post"
     # Post-LN normalises every layer's output: its variance does not grow with depth.
     assert abs(h.loc["opt-post", "variance_growth"]) < 0.05
+
+
+def test_deep_half_share_and_relative_threshold():
+    from layerprobe.metrics.depth import deep_half_share, removable_layers_relative
+
+    assert deep_half_share([1, 1, 1, 1]) == pytest.approx(0.5)
+    assert deep_half_share([3, 1, 0, 0]) == pytest.approx(0.0)
+    assert deep_half_share([1, -5, 2, 1, 1]) == pytest.approx(2 / 5)  # L = 5: the last 2; negatives cost 0
+    assert math.isnan(deep_half_share([0.0, -0.1])) and math.isnan(deep_half_share([1.0]))
+    # Scale-free: multiplying every Δloss by 100 changes neither number.
+    d = [0.002, 0.03, 0.001, 0.0105, 0.0029]  # threshold 0.003
+    assert removable_layers_relative(range(5), d, 0.1) == [0, 2, 4]
+    assert removable_layers_relative(range(5), [100 * x for x in d], 0.1) == [0, 2, 4]
+    assert deep_half_share([100 * x for x in d]) == pytest.approx(deep_half_share(d))
+    assert removable_layers_relative(range(3), [-0.01, -0.2, 0.0], 0.1) == [0, 1, 2]  # no removal costs
+
+
+def _headline(**cols):
+    schemes = ["pre", "post", "mix", "lns"]
+    return pd.DataFrame({"model": schemes, "norm_scheme": schemes, **cols})
+
+
+def test_paper_checks_follow_the_numbers():
+    """The verdicts are read off the numbers: swapping two models' numbers flips them."""
+    from layerprobe.comparison import paper_checks
+
+    base = dict(variance_growth_factor=[4.5, 1.0, 2.6, 2.0], grad_ratio=[0.34, 1.44, 1.08, 0.26],
+                perplexity=[297.0, 204.6, 201.5, 242.8], deep_half_share=[0.2, 0.5, 0.4, 0.3])
+    verdicts = {c["claim"]: c["reproduced"] for c in paper_checks(_headline(**base))}
+    lns_var = next(k for k in verdicts if k.startswith("LayerNorm Scaling grows"))
+    lns_grad = next(k for k in verdicts if k.startswith("LNS gives deep layers"))
+    mix_even = next(k for k in verdicts if k.startswith("Mix-LN's gradients"))
+    assert verdicts[lns_var] and not verdicts[lns_grad] and verdicts[mix_even]
+    swapped = dict(base, variance_growth_factor=[2.0, 1.0, 2.6, 4.5], grad_ratio=[0.26, 1.44, 3.0, 0.34])
+    flipped = {c["claim"]: c["reproduced"] for c in paper_checks(_headline(**swapped))}
+    assert not flipped[lns_var] and flipped[lns_grad] and not flipped[mix_even]
+    for c in paper_checks(_headline(**base)):
+        assert c["sentence"].startswith("Reproduced: " if c["reproduced"] else "Not reproduced: ")
+    sentence = next(c["sentence"] for c in paper_checks(_headline(**base)) if c["claim"] == lns_grad)
+    assert "0.26" in sentence and "0.34" in sentence  # the numbers behind the verdict
+    # A claim about a scheme that is not in the comparison is not checked.
+    only_pre = pd.DataFrame({"model": ["pre"], "norm_scheme": ["pre"], "grad_ratio": [0.3]})
+    assert [c["claim"] for c in paper_checks(only_pre)] == ["Pre-LN's deep layers get smaller gradients than its "
+                                                             "early ones (Mix-LN)"]
 
 
 def test_threshold_changes_the_count(results):
@@ -227,6 +283,38 @@ def test_cli_compare(results, tmp_path):
     assert "llama" in text and "opt-post" in text and "removable" in text
     assert "wrote" in text and (out / "index.html").is_file()
     assert json.loads((out / "manifest.json").read_text())["compare"]["threshold_nats"] == 0.1
+
+
+def test_cli_compare_at_80_columns_never_cuts_numbers(results, tmp_path):
+    """Piped, at 80 columns: every headline number and model name appears whole, and nothing is cut short."""
+    import os
+    import subprocess
+    import sys
+
+    from layerprobe.report.compare_table import fmt, visible_columns
+
+    folders = [results[k] for k in ("llama", "opt-post", "run", "run-analysis")]
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "layerprobe", "compare", *map(str, folders), "--out",
+                           str(tmp_path / "r"), "-q"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
+    headline = layerprobe.compare(folders, out=None, progress=False).headline
+    for c, _, f in visible_columns(headline, terminal=True):
+        for v in headline[c]:
+            assert re.search(r"(^|\s)" + re.escape(fmt(v, f)) + r"(\s|$)", text, re.M), (c, fmt(v, f), text)
+
+
+def test_train_reference_help_at_80_columns_keeps_option_names():
+    from layerprobe.cli import app
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train-reference"]
+    _, text = run_cli("train-reference", "--help")
+    for param in command.params:
+        for name in param.opts:
+            assert re.search(re.escape(name) + r"\b", text), name
 
 
 def test_no_folders():

@@ -57,6 +57,51 @@ def test_demo_analyses_the_held_out_blocks(micro_demo):
         assert analysis["data"].endswith("heldout.npy")
 
 
+def test_parallel_demo_equals_the_sequential_one(micro_demo, tmp_path):
+    """The default demo trains, analyses and sweeps each scheme in its own spawned process; one after another
+    in this process (--workers 1) it logs the same losses and writes the same numbers."""
+    root, args, _ = micro_demo
+    seq = [a for a in args]
+    seq[seq.index("--out") + 1], seq[seq.index("--runs") + 1] = str(tmp_path / "report"), str(tmp_path / "runs")
+    result = runner.invoke(app, [*seq, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    timing = {"tokens_per_s"}
+    for scheme in ("pre", "lns"):
+        lines = [[{k: v for k, v in json.loads(x).items() if k not in timing}
+                  for x in (folder / scheme / "metrics.jsonl").read_text().splitlines()]
+                 for folder in (root / "runs", tmp_path / "runs")]
+        assert lines[0] == lines[1] and len(lines[0]) == 6
+        layers = [pd.read_csv(folder / scheme / "layers.csv") for folder in (root / "report", tmp_path / "report")]
+        pd.testing.assert_frame_equal(*layers)
+    heads = [pd.read_csv(folder / "headline.csv") for folder in (root / "report", tmp_path / "report")]
+    pd.testing.assert_frame_equal(*heads)
+    summary = json.loads((root / "runs" / "summary.json").read_text())
+    assert [r["scheme"] for r in summary["runs"]] == ["pre", "lns"]  # every worker's run, not the last one's
+
+
+def test_plan_workers():
+    from layerprobe.demo_pipeline import plan_workers
+
+    assert plan_workers(4, None, None, cores=2) == (4, 1)  # busy-machine fair share: one process per model
+    assert plan_workers(4, None, None, cores=16) == (4, 4)  # a workstation: the cores shared out
+    assert plan_workers(4, 1, None, cores=2) == (1, 2)  # one after another, every core
+    assert plan_workers(2, 8, None, cores=16) == (2, 8)  # never more processes than models
+    assert plan_workers(4, None, 3, cores=2) == (4, 3)  # --threads is per process
+
+
+def test_demo_bad_preset_says_nothing_before_its_error(tmp_path):
+    result = runner.invoke(app, ["demo", "--preset", "huge", "--out", str(tmp_path / "r"), "--runs",
+                                 str(tmp_path / "runs")])
+    assert_one_line_error(result, result.output, "huge")
+    assert result.output.startswith("error:"), result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+
+
+def test_demo_bad_workers(tmp_path):
+    result = runner.invoke(app, ["demo", "--workers", "0", "--out", str(tmp_path / "r")])
+    assert_one_line_error(result, result.output, "--workers")
+
+
 def test_demo_rerun_reuses_the_trained_models(micro_demo):
     root, args, _ = micro_demo
     metrics = root / "runs" / "pre" / "metrics.jsonl"
@@ -90,8 +135,8 @@ def test_demo_unknown_scheme(tmp_path):
 
 
 def test_committed_demo_report_is_current():
-    """reports/demo/ was made by this version of the code, from all four schemes."""
-    folder = REPO / "reports" / "demo"
+    """examples/demo-report/ was made by this version of the code, from all four schemes."""
+    folder = REPO / "examples" / "demo-report"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["layerprobe_version"] == layerprobe.__version__

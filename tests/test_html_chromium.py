@@ -295,8 +295,9 @@ def test_model_index_in_chromium(compare_report, tmp_path):
 
 
 def test_committed_demo_report_in_chromium(tmp_path):
-    html = REPO / "reports" / "demo" / "index.html"
-    assert html.is_file(), "reports/demo/index.html is missing: run `layerprobe demo` and commit reports/demo/"
+    html = REPO / "examples" / "demo-report" / "index.html"
+    assert html.is_file(), ("examples/demo-report/index.html is missing: run `layerprobe demo --out "
+                            "examples/demo-report` and commit it")
     seen = check_page(html, tmp_path)
     assert len(seen["images"]) >= 8  # per-layer curves, heat maps and training figures
     for scheme in ("pre", "post", "mix", "lns"):

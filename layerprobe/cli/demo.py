@@ -26,17 +26,19 @@ def demo_command(
     threshold: float = typer.Option(defaults.REMOVABLE_THRESHOLD, help="'Removable' layers: removing one alone costs "
                                                                        "less than this many nats."),
     block_sweep: bool = typer.Option(True, "--block-sweep/--no-block-sweep", help="Also remove every contiguous block."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is steadier "
-                                                     "on a busy machine)."),
+    workers: Optional[int] = typer.Option(None, help="Processes that train, analyse and sweep the models side by "
+                                                     "side (default: one per scheme; 1: one after another)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads in each process (default: the available cores "
+                                                     "shared out among the processes, at least 1)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The whole story offline: train tiny Pre-LN, Post-LN, Mix-LN and LNS models, analyse and prune-sweep each, compare."""
-    defaults.check_demo_counts(steps, threads)  # before the library loads
+    defaults.check_demo_counts(steps, threads, workers)  # before the library loads
     from ..demo_pipeline import demo
     from ..report.compare import headline_table
 
     comp = demo(out=out, runs=runs, norm=norm, preset=preset, steps=steps, fresh=fresh, threshold=threshold,
-                block_sweep=block_sweep, threads=threads, progress=not quiet)
+                block_sweep=block_sweep, threads=threads, workers=workers, progress=not quiet)
     console.print(headline_table(comp))
     err_console.print(f"wrote {comp.html} in {comp.seconds / 60:.1f} min (checkpoints in {runs}/, one folder "
                       f"per model in {out}/)", highlight=False)

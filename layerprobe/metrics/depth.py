@@ -15,7 +15,13 @@ depth L (layers ℓ = 0 … L−1):
                     (Li et al., 2024, arXiv:2412.13795) reports.
 - removable layers  the layers whose removal alone raises the mean next-token loss by less than a
                     threshold (in nats), read off a single-layer pruning sweep (Gromov et al., 2024,
-                    arXiv:2403.17887; Men et al., 2024, ShortGPT, arXiv:2403.03853).
+                    arXiv:2403.17887; Men et al., 2024, ShortGPT, arXiv:2403.03853). An absolute threshold
+                    depends on the model's scale (a toy's Δloss is a few hundredths of a nat); the relative
+                    one, a fraction of the model's own largest single-layer Δloss, does not.
+- deep-half share   Σ_{ℓ ≥ ⌈L/2⌉} c_ℓ / Σ_ℓ c_ℓ with c_ℓ = max(Δloss_ℓ, 0), the removal cost of layer ℓ:
+                    the share of the total single-layer removal cost that falls on the deeper half (the
+                    last ⌊L/2⌋ layers). Scale-free; well under 1/2 when deep layers do little (Pre-LN's
+                    Curse of Depth), around or above 1/2 when they carry their share.
 
 Plain numpy on per-layer arrays: the caller decides where the curves come from (analyze, or the
 per-layer statistics the trainer logs at each evaluation).
@@ -78,5 +84,35 @@ def removable_layers(layers, delta_loss, threshold: float) -> list[int]:
     return [int(layer) for layer, delta in zip(layers, delta_loss) if float(delta) < threshold]
 
 
-__all__ = ["grad_ratio", "normalised_depth", "quarter", "removable_layers", "variance_growth",
-           "variance_growth_factor"]
+def relative_threshold(delta_loss, fraction: float) -> float:
+    """`fraction` of the largest single-layer Δloss (NaN when no removal costs anything)."""
+    d = np.asarray(delta_loss, dtype=float)
+    top = np.nanmax(d) if np.isfinite(d).any() else float("nan")
+    return float(fraction * top) if top > 0 else float("nan")
+
+
+def removable_layers_relative(layers, delta_loss, fraction: float) -> list[int]:
+    """The layers whose removal alone costs less than `fraction` of the model's own largest Δloss; every
+    layer when no removal raises the loss at all."""
+    threshold = relative_threshold(delta_loss, fraction)
+    if math.isfinite(threshold):
+        return removable_layers(layers, delta_loss, threshold)
+    return [int(layer) for layer, delta in zip(layers, delta_loss) if math.isfinite(float(delta))]
+
+
+def deep_half_share(delta_loss) -> float:
+    """Share of the total single-layer removal cost max(Δloss_ℓ, 0) that falls on the last ⌊L/2⌋ layers.
+
+    `delta_loss[ℓ]` is layer ℓ's Δloss, ℓ = 0 … L−1. NaN for fewer than two layers, a missing Δloss, or
+    when no removal costs anything."""
+    d = np.asarray(delta_loss, dtype=float)
+    L = len(d)
+    if L < 2 or not np.isfinite(d).all():
+        return float("nan")
+    cost = np.clip(d, 0, None)
+    total = cost.sum()
+    return float(cost[L - L // 2:].sum() / total) if total > 0 else float("nan")
+
+
+__all__ = ["deep_half_share", "grad_ratio", "normalised_depth", "quarter", "relative_threshold",
+           "removable_layers", "removable_layers_relative", "variance_growth", "variance_growth_factor"]

@@ -22,7 +22,7 @@ import torch
 from ..anatomy import find_anatomy
 from ..errors import LayerprobeError
 from ..io import check_output_dir
-from ..loading import context_length, load_model
+from ..loading import context_length, load_model, no_hf_progress_bars
 from ..opening import open_model
 from .prefix import PrefixRunner
 from .surgery import check_removal, format_removed, pruned, removal_config_changes
@@ -116,7 +116,8 @@ def save_pruned(
 
 def _write_weights(net, tokenizer, remove: tuple[int, ...], layers_path: str | None, tmp: Path) -> None:
     """save_pretrained of the model without `remove` (and its tokenizer) into `tmp`."""
-    with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), warnings.catch_warnings():
+    with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), no_hf_progress_bars(), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             small.save_pretrained(tmp)

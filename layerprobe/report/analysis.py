@@ -127,8 +127,9 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def summary_table(result) -> Table:
     s = result.summary
+    source = str(s.get("norm_scheme_source") or "").replace(" (", ": ").rstrip(")")  # no nested parentheses
     t = Table(title=f"{s.get('model')} — {s.get('num_layers')} layers, norm scheme {s.get('norm_scheme')} "
-                    f"({s.get('norm_scheme_source')})", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+                    f"({source})", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
               pad_edge=False, caption_justify="left")
     cols = [("layer", "layer", "d"), ("angular_distance", "angular", ".3f"), ("block_influence", "BI", ".3f"),
             ("output_variance", "out var", ".2e"), ("update_variance", "upd var", ".2e"),
@@ -141,8 +142,10 @@ def summary_table(result) -> Table:
     for _, row in df.iterrows():
         cells = [_fmt(row[c].item() if hasattr(row[c], "item") else row[c], spec) if c in row else "—"
                  for c, _, spec in cols]
-        style = "bold cyan" if int(row["layer"]) in lowest else None
-        t.add_row(*cells, style=style)
+        marked = int(row["layer"]) in lowest
+        if marked:  # a symbol, so the mark shows without colour too
+            cells[0] = f"• {cells[0]}"
+        t.add_row(*cells, style="bold cyan" if marked else None)
     t.caption = (f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens; "
-                 "cyan: the quarter of layers with the lowest angular distance")
+                 "•: the quarter of layers with the lowest angular distance")
     return t

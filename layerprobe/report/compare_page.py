@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .._version import __version__
-from ..comparison import HEADLINE_DEFINITIONS
+from ..comparison import HEADLINE_DEFINITIONS, paper_checks
 from ..results import package_versions
 from .compare_figures import styles
 from .compare_table import HEADLINE_COLUMNS, fmt, visible_columns
@@ -26,8 +26,9 @@ def _headline_html(comp, styles) -> str:
             if c == "model":
                 color = styles[row["model"]]["color"]
                 text = f'<span class="swatch" style="background:{color}"></span>{text}'
-            elif c == "removable_layers" and pd.notna(row["removable_layers"]) and pd.notna(row["layers"]):
-                which = [int(x) for x in str(row.get("removable_which") or "").split()]
+            elif c in ("removable_layers", "removable_relative") and pd.notna(row[c]) and pd.notna(row["layers"]):
+                listed = row.get("removable_which" if c == "removable_layers" else "removable_relative_which")
+                which = [int(x) for x in str(listed if pd.notna(listed) else "").split()]
                 rest = [ell for ell in range(int(row["layers"])) if ell not in which]
                 if which and rest and len(which) > len(rest):
                     text += f' <span class="muted">all but ℓ = {esc(", ".join(map(str, rest)))}</span>'
@@ -43,7 +44,7 @@ def _headline_html(comp, styles) -> str:
 def _definitions_html(comp) -> str:
     items = []
     shown = {c for c, _, _ in visible_columns(comp.headline)}
-    names = {c: h for c, h, _, _ in HEADLINE_COLUMNS}
+    names = {c: h for c, h, _, _, _ in HEADLINE_COLUMNS}
     for key, text in HEADLINE_DEFINITIONS.items():
         if key in shown:
             if key == "removable_layers":
@@ -76,10 +77,15 @@ def findings(comp) -> list[str]:
         out.append(f"Gradient norm of the last quarter of layers over the first quarter: {text} "
                    "(< 1: deep layers get smaller gradients, as the Mix-LN paper reports for Pre-LN; "
                    "> 1: early layers do, as for Post-LN).")
+    text = ranked("deep_half_share", ".0%")
+    if text:
+        out.append(f"Share of the single-layer removal cost that falls on the deeper half, lowest first: {text} "
+                   "(under 50%: the deep layers matter less than the early ones).")
     if "removable_layers" in df and df["removable_layers"].notna().sum() >= 1:
         d = df.dropna(subset=["removable_layers"])
         parts = [f"{r['model']} {int(r['removable_layers'])}/{int(r['layers'])}" for _, r in d.iterrows()]
-        out.append(f"Layers whose removal alone costs less than {comp.threshold:g} nats: " + ", ".join(parts) + ".")
+        out.append(f"Layers whose removal alone costs less than {comp.threshold:g} nats: " + ", ".join(parts) +
+                   " (an absolute threshold: it depends on the models' scale).")
     return out
 
 
@@ -166,6 +172,10 @@ def render_html(comp, out: Path, title: str) -> str:
                      "perplexities and Δloss are not directly comparable; the per-layer shapes are.")
     if facts:
         parts.append('<ul class="findings">' + "".join(f"<li>{esc(s)}</li>" for s in facts) + "</ul>")
+    checks = paper_checks(comp.headline)
+    if checks:
+        parts.append("<h3>Where these models reproduce the papers</h3><ul class=\"findings\">" +
+                     "".join(f"<li>{esc(c['sentence'])}</li>" for c in checks) + "</ul>")
     parts.append("<details open><summary>How each number is defined</summary>" + _definitions_html(comp) + "</details>")
     x_note = ("<p class=\"muted\">The models have different depths, so the x axis is the normalised depth "
               "ℓ/(L−1).</p>" if comp.depth == "normalised" else "")

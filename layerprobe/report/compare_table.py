@@ -1,4 +1,8 @@
-"""The headline table of a comparison: which columns say something, how values print, the terminal table."""
+"""The headline table of a comparison: which columns say something, how values print, the terminal table.
+
+The terminal table never cuts a number or a name: when the models do not fit side by side in the
+terminal's width (80 columns when piped), it turns so that each model is a column and each quantity a row.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,39 @@ import math
 import numpy as np
 import pandas as pd
 from rich import box
+from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 HEADLINE_COLUMNS = [
-    # column, header in the report, header in the terminal, format
-    ("model", "model", "model", None),
-    ("norm_scheme", "norm scheme", "norm", None),
-    ("layers", "layers", "L", "d"),
-    ("perplexity", "perplexity", "ppl", ".2f"),
-    ("final_eval_perplexity", "held-out ppl at the end of training", "train ppl", ".2f"),
-    ("removable_layers", "removable layers", "removable", "d"),
-    ("variance_growth", "variance growth (slope)", "var slope", ".2f"),
-    ("variance_growth_factor", "variance growth factor", "var ×", ".3g"),
-    ("grad_ratio", "gradient ratio last/first quarter", "∇ last/first", ".3g"),
+    # column, header in the report, header in the terminal, format, detail (in the report's table, not the terminal's)
+    ("model", "model", "model", None, False),
+    ("norm_scheme", "norm scheme", "norm", None, False),
+    ("layers", "layers", "L", "d", False),
+    ("perplexity", "perplexity", "ppl", ".2f", False),
+    ("final_eval_perplexity", "held-out ppl at the end of training", "train ppl", ".2f", False),
+    ("deep_half_share", "deep-half share of removal cost", "deep½ cost", ".0%", False),
+    ("removable_relative", "removable layers (< 10% of max Δloss)", "removable", "d", False),
+    ("removable_layers", "removable layers (absolute threshold)", "removable abs", "d", True),
+    ("variance_growth", "variance growth (slope)", "var slope", ".2f", True),
+    ("variance_growth_factor", "variance growth factor", "var ×", ".3g", False),
+    ("grad_ratio", "gradient ratio last/first quarter", "∇ last/first", ".3g", False),
 ]
+
+NOTES = {  # the terminal table's caption, for the columns it shows
+    "perplexity": "ppl: on the analysed data",
+    "final_eval_perplexity": "train ppl: held-out, at the end of training",
+    "deep_half_share": "deep½ cost: share of the single-layer removal cost on the deeper half",
+    "removable_relative": "removable: layers whose removal costs < 10% of the model's largest Δloss",
+    "variance_growth_factor": "var ×: fitted growth of the output variance from the first layer to the last",
+    "grad_ratio": "∇ last/first: mean gradient norm of the last ⌈L/4⌉ layers over the first ⌈L/4⌉",
+}
 
 
 def fmt(v, spec) -> str:
     """A headline value as text; "—" for a missing or non-finite one (the one place that decides)."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
     if spec == "d":
         return str(int(v))
@@ -35,33 +53,64 @@ def fmt(v, spec) -> str:
 
 
 def _repeats(df: pd.DataFrame, col: str, other: str) -> bool:
+    if col not in df or other not in df:
+        return False
+    if not (pd.api.types.is_numeric_dtype(df[col]) and pd.api.types.is_numeric_dtype(df[other])):
+        return bool((df[col].astype(str) == df[other].astype(str)).all())
     a, b = df[col].astype(float), df[other].astype(float)
     return bool(np.allclose(a, b, rtol=1e-6, equal_nan=True))
 
 
 def visible_columns(df: pd.DataFrame, terminal: bool = False):
-    """The headline columns that say something: no all-empty column, no column that repeats another (when
-    the analysis ran on the trainer's held-out split, its perplexity is the final held-out perplexity)."""
-    return [(c, t if terminal else h, f) for c, h, t, f in HEADLINE_COLUMNS if c in df.columns and
+    """The headline columns that say something, as (column, header, format): no all-empty column, no column
+    that repeats another (when the analysis ran on the trainer's held-out split, its perplexity is the final
+    held-out perplexity; when every model is named after its scheme). The terminal leaves out the details."""
+    return [(c, t if terminal else h, f) for c, h, t, f, detail in HEADLINE_COLUMNS
+            if c in df.columns and not (terminal and detail) and
             (f is None or df[c].notna().any()) and
-            not (c == "final_eval_perplexity" and _repeats(df, c, "perplexity"))]
+            not (c == "final_eval_perplexity" and _repeats(df, c, "perplexity")) and
+            not (terminal and c == "norm_scheme" and _repeats(df, c, "model"))]
 
 
-def headline_table(comp) -> Table:
-    """The headline numbers for the terminal."""
-    t = Table(title=f"comparison of {len(comp.models)} model(s)", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
-    cols = visible_columns(comp.headline, terminal=True)
+def _wide(comp, cols, title: str) -> Table:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for c, header, _ in cols:
-        t.add_column(header, justify="left" if c in ("model", "norm_scheme") else "right")
+        numeric = c not in ("model", "norm_scheme")
+        t.add_column(header, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
     for _, row in comp.headline.iterrows():
         t.add_row(*[fmt(row[c], f) for c, _, f in cols])
-    notes = {"perplexity": "ppl: on the analysed data", "final_eval_perplexity": "train ppl: held-out, at the end of training",
-             "removable_layers": f"removable: layers whose removal alone costs < {comp.threshold:g} nats",
-             "variance_growth": "var slope: slope of ln(output variance) against depth ℓ/(L−1), var × = exp(slope)",
-             "grad_ratio": "∇ last/first: mean gradient norm of the last ⌈L/4⌉ layers over the first ⌈L/4⌉"}
-    t.caption = "; ".join(text for c, text in notes.items() if c in {c for c, _, _ in cols})
-    t.caption_justify = "left"
     return t
 
 
+def _tall(comp, cols, title: str) -> Table:
+    """One column per model, one row per quantity."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("", justify="left", overflow="fold")
+    for label in comp.headline["model"]:
+        t.add_column(str(label), justify="right", overflow="fold")
+    for c, header, f in cols:
+        if c != "model":
+            t.add_row(header, *[fmt(v, f) for v in comp.headline[c]])
+    return t
+
+
+def _fits(table: Table, width: int) -> bool:
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum <= width
+
+
+def headline_table(comp, width: int | None = None):
+    """The headline numbers for the terminal, side by side when they fit in `width` (default: the terminal's),
+    else one column per model; a caption says what each column is."""
+    width = width or Console().width
+    cols = visible_columns(comp.headline, terminal=True)
+    title = f"comparison of {len(comp.models)} model(s)"
+    table = _wide(comp, cols, title)
+    if not _fits(table, width):
+        table = _tall(comp, cols, title)
+    shown = {c for c, _, _ in cols}
+    caption = [text for c, text in NOTES.items() if c in shown]
+    if "removable_layers" in comp.headline and comp.headline["removable_layers"].notna().any():
+        counts = ", ".join(f"{m} {fmt(v, 'd')}" for m, v in zip(comp.headline["model"], comp.headline["removable_layers"]))
+        caption.append(f"removable at an absolute < {comp.threshold:g} nats: {counts}")
+    return Group(table, Text("\n".join(caption), style="dim"))

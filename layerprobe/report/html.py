@@ -100,6 +100,22 @@ def _analyze_summary(section: dict) -> str:
     return key_value_table(items)
 
 
+TOKEN_KEYS = ("data", "text_column", "seq_len", "samples", "seed")  # what decides which tokens a command read
+
+
+def _tokens_note(manifest: dict) -> str | None:
+    """A sentence saying which tokens analyze and prune-sweep each read, when they read different ones."""
+    a, p = manifest.get("analyze"), manifest.get("prune-sweep")
+    if not (isinstance(a, dict) and isinstance(p, dict)) or all(a.get(k) == p.get(k) for k in TOKEN_KEYS):
+        return None
+
+    def tokens(s: dict) -> str:
+        return f"{s.get('samples')} samples × {s.get('seq_len')} tokens of {s.get('data')} (seed {s.get('seed')})"
+
+    return (f"The analysis and the pruning sweep read different tokens: the analysis {tokens(a)}, the sweep "
+            f"{tokens(p)}. Their losses and perplexities are not directly comparable.")
+
+
 def write_model_index(folder: str | Path) -> Path:
     """index.html for one model's folder: every command's section whose results are there."""
     folder = Path(folder)
@@ -125,6 +141,9 @@ def write_model_index(folder: str | Path) -> Path:
     subtitle = (f"model <code>{esc(name)}</code> · layerprobe {esc(manifest.get('layerprobe_version', '?'))}"
                 f" · torch {esc(versions.get('torch', '?'))} · transformers {esc(versions.get('transformers', '?'))}"
                 " · layer index ℓ is 0-based")
+    note = _tokens_note(manifest)
+    if note:
+        parts.insert(0, f'<p class="note">{esc(note)}</p>')
     out = folder / "index.html"
     write_text(out, page(f"layerprobe — {name}", subtitle, "".join(parts) or "<p>No results yet.</p>"))
     return out

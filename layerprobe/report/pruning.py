@@ -153,11 +153,12 @@ def write_sweep_figures(result, folder: Path) -> list[dict]:
         out.append({"file": "prune_blocks.png", "caption":
                     "Δloss when the contiguous block of n layers starting at ℓ is removed; dots: the least harmful "
                     "block for each n. Compare with the angular-distance map of analyze."})
-    if curves(result):
+    drawn = [label for label, _, _ in curves(result)]
+    if drawn:
         plot_curves(result, folder / "prune_curves.png")
-        out.append({"file": "prune_curves.png", "caption":
-                    "Perplexity as more layers are removed: greedy (re-measured after every removal) against the "
-                    "rankings from angular distance, Block Influence and plain depth."})
+        out.append({"file": "prune_curves.png", "caption":  # says what is drawn, nothing more
+                    "Perplexity as more layers are removed, " + ("curves: " if len(drawn) > 1 else "curve: ")
+                    + "; ".join(drawn) + "."})
     return out
 
 
@@ -185,8 +186,9 @@ def _layer_table(layer: pd.DataFrame) -> Table:
     t = _table("removing one layer", ("layer", "removed"))
     low = set(layer.nsmallest(max(1, len(layer) // 4), "delta_loss")["first_layer"])
     for r in layer.itertuples(index=False):
-        t.add_row(str(r.first_layer), r.removed, *_cells(r), style="bold cyan" if r.first_layer in low else None)
-    t.caption = "cyan: the quarter of layers whose removal hurts least"
+        marked = r.first_layer in low
+        t.add_row(f"{'• ' if marked else ''}{r.first_layer}", r.removed, *_cells(r), style="bold cyan" if marked else None)
+    t.caption = "•: the quarter of layers whose removal hurts least"
     t.caption_justify = "left"
     return t
 
