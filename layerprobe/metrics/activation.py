@@ -1,0 +1,19 @@
+"""Massive activations (Sun et al., "Massive Activations in Large Language Models", arXiv 2402.17762).
+
+    max_activation_ℓ      = max over tokens and hidden units of |y_ℓ|
+    mean_abs_activation_ℓ = mean over tokens and hidden units of |y_ℓ|
+
+with y_ℓ the output of layer ℓ (the residual stream, before the final norm). Sun et al. find a few
+units whose magnitude is ~10⁴× the median appear abruptly in early layers and stay; the ratio of
+the two columns shows such an outlier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |y|, Σ |y|) over every element, on y's device; Σ in float64."""
+    a = y.abs()
+    return a.max().double(), a.sum(dtype=torch.float64)
