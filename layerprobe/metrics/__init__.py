@@ -7,7 +7,7 @@ from .activation import activation_extremes
 from .angular import angular_distance_matrix, angular_long_table, unit_vectors
 from .gradients import grad_norms_by_group
 from .influence import block_influence, cosine_and_norms, cosine_per_token
-from .lens import LOCK_IN_TOP1, lens_sums, lock_in_layer
+from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lock_in_layer
 from .loss import cross_entropy_rows, next_token_loss_sum, perplexity, predicted_tokens
 from .update import update_sums
 from .variance import RunningMoments
@@ -15,6 +15,7 @@ from .variance import RunningMoments
 __all__ = [
     "activation_extremes",
     "LOCK_IN_TOP1",
+    "final_distribution",
     "lens_sums",
     "lock_in_layer",
     "update_sums",

@@ -14,6 +14,10 @@ import torch
 
 
 def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max |y|, Σ |y|) over every element, on y's device; Σ in float64."""
-    a = y.abs()
-    return a.max().double(), a.sum(dtype=torch.float64)
+    """(max |y|, Σ |y|) over every element, on y's device; Σ in float64.
+
+    As the ∞- and 1-norms of the flattened tensor: no |y| temporary the size of the activations.
+    """
+    flat = y.reshape(-1)
+    return (torch.linalg.vector_norm(flat, float("inf")).double(),
+            torch.linalg.vector_norm(flat, 1, dtype=torch.float64))

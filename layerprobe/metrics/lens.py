@@ -17,6 +17,7 @@ there on, the lens's top prediction agrees with the final one on most tokens and
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +25,26 @@ import torch.nn.functional as F
 LOCK_IN_TOP1 = 0.5
 
 
-def lens_sums(final_logits: torch.Tensor, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class FinalDistribution(NamedTuple):
+    """log p_final in float32 and its argmax, for a chunk of tokens: formed once, used for every layer."""
+
+    log_p: torch.Tensor  # [N, V]
+    top: torch.Tensor  # [N]
+
+
+def final_distribution(final_logits: torch.Tensor) -> FinalDistribution:
+    return FinalDistribution(F.log_softmax(final_logits.float(), dim=-1), final_logits.argmax(-1))
+
+
+def lens_sums(final: FinalDistribution, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ KL(p_final ‖ p_ℓ), number of tokens whose top-1 agrees) over rows of [N, V] logits.
 
     Softmax and the KL are taken in float32 (bf16 logits are upcast), the sum in float64; both
     stay on the logits' device (no host sync). A token with p_final(v) = 0 contributes 0 for v.
     """
-    log_final = F.log_softmax(final_logits.float(), dim=-1)
     log_layer = F.log_softmax(layer_logits.float(), dim=-1)
-    kl = F.kl_div(log_layer, log_final, log_target=True, reduction="none").sum(-1)
-    agree = (layer_logits.argmax(-1) == final_logits.argmax(-1)).sum()
+    kl = F.kl_div(log_layer, final.log_p, log_target=True, reduction="none").sum(-1)
+    agree = (layer_logits.argmax(-1) == final.top).sum()
     return kl.sum(dtype=torch.float64), agree
 
 
