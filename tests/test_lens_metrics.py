@@ -243,3 +243,29 @@ def test_lock_in_layer():
     assert lock_in_layer([0.9, 0.8, 1.0]) == 0
     assert lock_in_layer([0.9, 0.2]) is None
     assert lock_in_layer([0.1, float("nan"), 0.7]) == 2
+
+
+def test_massive_onset_and_second_half_ratio():
+    from layerprobe.metrics import massive_onset, second_half_ratio
+
+    assert massive_onset([1.0, 50.0, 300.0, 290.0], [1.0, 1.0, 2.0, 2.0]) == 2
+    assert massive_onset([1.0, 2.0], [1.0, 1.0]) is None
+    # medians of [9, 1, 2] and [1, 0.5, 0.5] (middle layer 3 of 7 left out): 0.5 / 2
+    assert second_half_ratio([9, 1, 2, 100, 1, 0.5, 0.5]) == pytest.approx(0.25)
+    assert math.isnan(second_half_ratio([1.0]))
+
+
+def test_depth_findings_sentences():
+    import pandas as pd
+
+    from layerprobe.report.depth_findings import depth_findings
+
+    a = pd.DataFrame({"lens_top1": [0.1, 0.6, 0.4, 0.7, 1.0], "relative_update": [4.0, 1.0, 1.0, 0.5, 0.5],
+                      "max_activation": [1.0, 500.0, 500.0, 500.0, 400.0], "mean_abs_activation": [1.0] * 5})
+    b = a.assign(lens_top1=[0.0, 0.0, 0.0, 0.0, 1.0], max_activation=[2.0] * 5)
+    lens, update, act = depth_findings([("A $x$", a), ("B", b), ("C", None)])
+    assert "Csordás et al." in lens and "A $x$: layer 3 of 0–4 (depth 0.75)" in lens and "B: layer 4" in lens
+    assert "C" not in lens
+    assert "A $x$: 0.50×" in update  # medians 1.0 (first two) -> 0.5 (last two)
+    assert "Sun et al." in act and "A $x$: from layer 1" in act and "B: no layer (largest max/mean 2×)" in act
+    assert depth_findings([("C", None)]) == []

@@ -21,3 +21,18 @@ def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = y.reshape(-1)
     return (torch.linalg.vector_norm(flat, float("inf")).double(),
             torch.linalg.vector_norm(flat, 1, dtype=torch.float64))
+
+
+MASSIVE_RATIO = 100.0
+
+
+def massive_onset(max_activation, mean_abs_activation, ratio: float = MASSIVE_RATIO) -> int | None:
+    """First layer whose largest |activation| is at least `ratio` × its mean |activation| (None if none).
+
+    Sun et al. call an activation massive when it is ~10³-10⁴× the median; against the mean (which
+    the outliers themselves raise) 100× is a conservative threshold.
+    """
+    for layer, (peak, mean) in enumerate(zip(max_activation, mean_abs_activation)):
+        if mean and mean > 0 and peak / mean >= ratio:
+            return layer
+    return None

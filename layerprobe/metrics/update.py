@@ -35,3 +35,20 @@ def update_sums(x: torch.Tensor, d: torch.Tensor,
     ratio = torch.where(seen, d_norm / x_norm.clamp_min(_EPS), 0.0)
     cos = torch.where(seen, torch.linalg.vecdot(d, x) / (d_norm * x_norm).clamp_min(_EPS), 0.0)
     return ratio.sum(dtype=torch.float64), cos.sum(dtype=torch.float64), seen.sum()
+
+
+def second_half_ratio(values) -> float:
+    """Median of a per-layer series over the second half of the layers divided by its median over
+    the first half (the odd middle layer counts in neither); NaN with fewer than two layers.
+
+    Medians, because the first layer often rewrites the embedding many times over and would
+    dominate a mean.
+    """
+    import statistics
+
+    v = [float(x) for x in values]
+    half = len(v) // 2
+    if half == 0:
+        return float("nan")
+    a, b = statistics.median(v[:half]), statistics.median(v[len(v) - half:])
+    return b / a if a else float("nan")
