@@ -266,6 +266,6 @@ def test_depth_findings_sentences():
     lens, update, act = depth_findings([("A $x$", a), ("B", b), ("C", None)])
     assert "Csordás et al." in lens and "A $x$: layer 3 of 0–4 (depth 0.75)" in lens and "B: layer 4" in lens
     assert "C:" not in lens
-    assert "A $x$: 0.50×" in update  # medians 1.0 (first two) -> 0.5 (last two)
+    assert "A $x$: 0.20×" in update  # medians 2.5 (first two layers) -> 0.5 (last two)
     assert "Sun et al." in act and "A $x$: from layer 1" in act and "B: no layer (largest max/mean 2×)" in act
     assert depth_findings([("C", None)]) == []
