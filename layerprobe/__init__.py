@@ -1,20 +1,49 @@
-"""layerprobe: which layers of a language model actually contribute, and why."""
+"""layerprobe: which layers of a language model actually contribute, and why.
 
-__version__ = "0.1.0"
+The public names load on first use (PEP 562), so that `import layerprobe` and `layerprobe --help`
+do not pay for torch, transformers, pandas and matplotlib until a command needs them.
+"""
 
-from . import reference  # noqa: E402,F401  (registers our checkpoints with the transformers Auto classes)
-from .analysis import analyze  # noqa: E402
-from .errors import LayerprobeError  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .results import AnalysisResult, load  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["analyze", "load", "load_model", "AnalysisResult", "LayerprobeError", "__version__"]
+import importlib
+import importlib.util
 
-from .comparison import Comparison, compare  # noqa: E402
-__all__ += ["compare", "Comparison"]
+from ._hf_registration import register_when_transformers_loads
+from ._version import __version__
 
-from .pruning import SweepResult, prune_sweep, save_pruned  # noqa: E402
-__all__ += ["prune_sweep", "save_pruned", "SweepResult"]
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "analyze": "analysis",
+    "load": "results",
+    "load_model": "loading",
+    "AnalysisResult": "results",
+    "LayerprobeError": "errors",
+    "compare": "api",
+    "Comparison": "comparison",
+    "prune_sweep": "pruning",
+    "save_pruned": "pruning",
+    "SweepResult": "pruning",
+    "demo": "demo_pipeline",  # not `demo.py`: importing a submodule would shadow the function
+}
 
-from .demo import demo  # noqa: E402
-__all__ += ["demo"]
+__all__ = [*_PUBLIC, "__version__"]
+
+# `import layerprobe` promises that AutoModelForCausalLM.from_pretrained(run_dir) loads our reference
+# checkpoints; the registration needs torch, so it happens when transformers is first imported.
+register_when_transformers_loads()
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a subpackage: layerprobe.reference, ...
+        raise AttributeError(f"module 'layerprobe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

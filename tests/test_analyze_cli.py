@@ -16,8 +16,8 @@ from tiny_models import make_tiny
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_tiny("llama", tmp_path_factory.mktemp("llama") / "model")
+def llama_dir(tiny_dir):
+    return tiny_dir("llama")
 
 
 @pytest.fixture(scope="module")

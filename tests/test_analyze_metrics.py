@@ -27,9 +27,9 @@ SAMPLES, SEQ = 6, 24
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "opt"])
-def tiny(request, tmp_path_factory):
+def tiny(request, tmp_path_factory, tiny_dir):
     arch = request.param
-    folder = make_tiny(arch, tmp_path_factory.mktemp(arch) / "model")
+    folder = tiny_dir(arch)
     loaded = load_model(str(folder), device="cpu", dtype="float32")
     ids = torch.randint(0, loaded.model.config.vocab_size, (SAMPLES, SEQ), generator=torch.Generator().manual_seed(1))
     npy = tmp_path_factory.mktemp(f"{arch}-data") / "ids.npy"

@@ -56,14 +56,13 @@ def _get(root, path):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """arch -> model, each built once per module and loaded through the real loader."""
-    root = tmp_path_factory.mktemp("anatomy")
+def models(tiny_dir):
+    """arch -> model, each loaded once per module through the real loader."""
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            cache[arch] = load_model(str(make_tiny(arch, root / arch)), load_tokenizer=False).model
+            cache[arch] = load_model(str(tiny_dir(arch)), load_tokenizer=False).model
         return cache[arch]
 
     return get

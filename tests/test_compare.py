@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 import layerprobe
-from layerprobe.comparison import (DEFAULT_THRESHOLD, grad_ratio, load_results, quarter, variance_growth)
+from layerprobe.comparison import DEFAULT_THRESHOLD, load_results
+from layerprobe.metrics.depth import grad_ratio, quarter, variance_growth
 from layerprobe.report.style import SCHEME_COLORS, model_styles
 from cli_helpers import assert_one_line_error, run_cli
 from tiny_models import make_tiny

@@ -28,18 +28,9 @@ def _error(spec, **kwargs) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> folder of a saved tiny model, built once per module."""
-    root = tmp_path_factory.mktemp("loading")
-    cache = {}
-
-    def get(arch, **kw):
-        key = (arch, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = make_tiny(arch, root / f"{arch}-{len(cache)}", **kw)
-        return cache[key]
-
-    return get
+def tiny(tiny_dir):
+    """arch -> folder of a saved tiny model, built once per session (conftest.py)."""
+    return tiny_dir
 
 
 # --- every architecture loads from a folder ------------------------------------------------------
@@ -396,11 +387,6 @@ def test_layerprobe_checkpoint_without_reference_package(tmp_path, monkeypatch):
 
 
 # --- the real SmolLM2-135M GGUF ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2", device="cpu")  # ~20 s: dequantising the Q4_1 weights
-
 
 def test_smollm2_gguf(smollm2):
     lm = smollm2

@@ -51,13 +51,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
+def tiny(tiny_dir):
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            folder = make_tiny(arch, root / arch, **ARCHS[arch][1])
+            folder = tiny_dir(arch, **ARCHS[arch][1])
             cache[arch] = load_model(str(folder), device="cpu")
         return cache[arch]
 
@@ -387,11 +386,6 @@ def test_bad_input_is_one_line_and_exit_2(tiny, ids_file, tmp_path, args, messag
 
 
 # -- the real model ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2", device="cpu")
-
-
 @pytest.mark.slow
 def test_smollm2_layer_sweep_equals_naive(smollm2):
     lm = smollm2

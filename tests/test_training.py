@@ -77,6 +77,82 @@ def test_every_scheme_starts_from_the_same_weights():
     assert not torch.equal(other_seed["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
 
 
+# ---- per-layer statistics: the definitions analyze uses, checked with plain loops ----------------------------
+
+def _plain_variance(values: list[float]) -> float:
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values) / len(values)
+
+
+def test_layer_statistics_match_plain_loops():
+    """Held-out loss, output variance (population variance over samples, positions and units, as analyze's),
+    token variance, and per-layer and total gradient norms (before clipping) against loops over layers/tokens."""
+    from layerprobe.training.distributed import DistEnv
+    from layerprobe.training.layer_stats import clip_gradients, evaluate, gradient_norms
+
+    model = init_model(reference_config("micro", "pre"), seed=3)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, model.config.vocab_size, (3, 12), generator=g)
+    env = DistEnv()
+    stats = evaluate(model, blocks, micro_batch_size=2, env=env)  # a full and a partial micro-batch
+
+    outputs = {i: [] for i in range(len(model.model.layers))}
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out))
+               for i, layer in enumerate(model.model.layers)]
+    nll = []
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(input_ids=block[None], use_cache=False).logits[0].double()
+            for t in range(len(block) - 1):
+                row = logits[t].tolist()
+                top = max(row)
+                log_z = top + math.log(math.fsum(math.exp(x - top) for x in row))
+                nll.append(log_z - row[int(block[t + 1])])
+    for h in handles:
+        h.remove()
+    assert stats.loss == pytest.approx(math.fsum(nll) / len(nll), rel=1e-6)
+    for layer, outs in outputs.items():
+        tokens = [vec.tolist() for out in outs for vec in out.reshape(-1, out.shape[-1])]
+        assert len(tokens) == 3 * 12
+        population = _plain_variance([x for vec in tokens for x in vec])
+        per_token = math.fsum(_plain_variance(vec) for vec in tokens) / len(tokens)
+        assert stats.output_variance[layer] == pytest.approx(population, rel=1e-6), layer
+        assert stats.token_variance[layer] == pytest.approx(per_token, rel=1e-6), layer
+        assert population >= per_token  # the spread between tokens' means is the difference
+
+    model.zero_grad()
+    model(input_ids=blocks, labels=blocks, use_cache=False).loss.backward()
+    total, per_layer = gradient_norms(model, env, sharded=False, per_layer=True)
+
+    def plain_norm(params):
+        return math.sqrt(math.fsum(x * x for p in params for x in p.grad.flatten().tolist()))
+
+    assert total == pytest.approx(plain_norm(model.parameters()), rel=1e-6)
+    assert per_layer == pytest.approx([plain_norm(layer.parameters()) for layer in model.model.layers], rel=1e-6)
+    assert gradient_norms(model, env, sharded=False, per_layer=False) == (total, None)
+    # Clipping uses the norm already measured: afterwards the gradients' norm is the limit.
+    before = [p.grad.clone() for p in model.parameters()]
+    clip_gradients(model, total, max_norm=total / 4)
+    assert gradient_norms(model, env, sharded=False, per_layer=False)[0] == pytest.approx(total / 4, rel=1e-5)
+    assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))
+    clip_gradients(model, total / 4, max_norm=total)  # under the limit: untouched
+    assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))
+
+
+def test_block_batches_split_the_global_batch_over_processes():
+    from layerprobe.training.data import BatchSource, BlockBatches
+
+    blocks = torch.arange(10 * 3).reshape(10, 3)
+    source = BlockBatches(blocks, batch_size=4, seed=5)
+    assert isinstance(source, BatchSource)
+    order = BatchOrder(10, 4, seed=5)
+    for step in (0, 1, 7):
+        whole = source.batch(step)
+        assert torch.equal(whole, blocks[order.rows(step)])
+        assert torch.equal(torch.cat([source.batch(step, r, 2) for r in range(2)]), whole)
+        assert torch.equal(torch.cat([source.batch(step, r, 4) for r in range(4)]), whole)
+
+
 def test_recover_finishes_a_swap_cut_short(tmp_path):
     run = tmp_path / "run"
     (run / ".last.old").mkdir(parents=True)  # crash after `last` moved aside, before the new one moved in
@@ -136,6 +212,9 @@ def test_metrics_every_step_and_layer_statistics_every_k_steps(trained):
         assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]))
         assert len(r["layer_grad_norm"]) == len(r["layer_output_var"]) == 4
         assert all(g > 0 for g in r["layer_grad_norm"]) and all(v > 0 for v in r["layer_output_var"])
+        assert len(r["layer_token_var"]) == 4 and all(0 < t <= v for t, v in zip(r["layer_token_var"], r["layer_output_var"]))
+        # Per-layer and total norms are taken from the same gradients, before clipping.
+        assert math.fsum(g * g for g in r["layer_grad_norm"]) <= r["grad_norm"] ** 2
     # Pre-LN: the residual stream's variance grows with depth at initialisation and early in training.
     assert read_metrics(out / "pre")[-1]["layer_output_var"][-1] > read_metrics(out / "pre")[-1]["layer_output_var"][0]
     best = read_json(out / "lns" / "run.json")["best_eval_loss"]
@@ -217,6 +296,7 @@ def test_a_folder_holding_another_run_is_refused_unless_resume_or_overwrite(tmp_
 
 # ---- faults -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # each of these three starts child processes: a real SIGKILL, a real Ctrl-C, torchrun
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     """4 steps, a real SIGKILL (after step 5 was logged, so step 5 is redone), resume for 4 more == 8 in one go."""
     args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 8, "--save-every", 4, "--eval-every", 2]
@@ -236,6 +316,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     args = ["train-reference", *MICRO, "--norm", "pre", "--steps", 300, "--save-every", 1000, "--out", tmp_path]
     proc = subprocess.Popen([sys.executable, "-m", "layerprobe", *map(str, args)], env=env_single_thread(),
@@ -315,8 +396,11 @@ def torchrun(args, nproc=2):
         env=env_single_thread(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_ddp_and_fsdp_match_one_process_at_the_same_global_batch(tmp_path):
-    args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 5, "--batch-size", 8, "--eval-every", 5]
+    # Gradient norms here are ~0.55: a clip at 0.1 scales every step, so clipping is checked across processes too.
+    args = ["train-reference", *MICRO, "--norm", "mix", "--steps", 5, "--batch-size", 8, "--eval-every", 5,
+            "--grad-clip", 0.1]
     single = run_layerprobe([*args, "--out", tmp_path / "one"])
     assert single.returncode == 0, single.stderr
     one = read_metrics(tmp_path / "one" / "mix")

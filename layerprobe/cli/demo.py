@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from . import app
 from .common import console, err_console, user_errors
 
@@ -14,19 +15,24 @@ from .common import console, err_console, user_errors
 @app.command("demo")
 @user_errors
 def demo_command(
-    out: Path = typer.Option(Path("reports/demo"), help="Report folder: the comparison's index.html and one folder per model."),
-    runs: Path = typer.Option(Path("runs/demo"), help="Where the trained checkpoints go (one folder per scheme)."),
-    norm: str = typer.Option("pre,post,mix,lns", help="Norm schemes to train and compare."),
-    preset: str = typer.Option("tiny", help="Model size preset: tiny (the demo) or micro (a smoke run in seconds)."),
+    out: Path = typer.Option(Path(defaults.DEMO_OUT), help="Report folder: the comparison's index.html and one "
+                                                           "folder per model."),
+    runs: Path = typer.Option(Path(defaults.DEMO_RUNS), help="Where the trained checkpoints go (one folder per scheme)."),
+    norm: str = typer.Option(defaults.DEMO_SCHEMES, help="Norm schemes to train and compare."),
+    preset: str = typer.Option(defaults.DEMO_PRESET, help="Model size preset: tiny (the demo) or micro (a smoke run "
+                                                          "in seconds)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per model (default: the preset's)."),
     fresh: bool = typer.Option(False, "--fresh", help="Train again even where runs/ already holds finished runs."),
-    threshold: float = typer.Option(0.05, help="'Removable' layers: removing one alone costs less than this many nats."),
+    threshold: float = typer.Option(defaults.REMOVABLE_THRESHOLD, help="'Removable' layers: removing one alone costs "
+                                                                       "less than this many nats."),
     block_sweep: bool = typer.Option(True, "--block-sweep/--no-block-sweep", help="Also remove every contiguous block."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is steadier "
+                                                     "on a busy machine)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The whole story offline: train tiny Pre-LN, Post-LN, Mix-LN and LNS models, analyse and prune-sweep each, compare."""
-    from ..demo import demo
+    defaults.check_demo_counts(steps, threads)  # before the library loads
+    from ..demo_pipeline import demo
     from ..report.compare import headline_table
 
     comp = demo(out=out, runs=runs, norm=norm, preset=preset, steps=steps, fresh=fresh, threshold=threshold,

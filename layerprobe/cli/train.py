@@ -19,6 +19,8 @@ def summary_table(summary):
     from rich import box
     from rich.table import Table
 
+    from ..metrics.loss import perplexity  # imports torch: only once there is a table to print
+
     # Narrow enough for an 80-column terminal; every number is also in OUT/summary.json.
     table = Table(title=f"train-reference → {summary.out}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True)
@@ -27,18 +29,12 @@ def summary_table(summary):
     for r in summary.runs:
         status = {"diverged": f"[red]diverged@{r.diverged_at}[/]", "interrupted": "[yellow]stopped[/]",
                   "completed": "done"}.get(r.status, r.status)
-        best = "—" if r.best_eval_loss is None else f"{_exp(r.best_eval_loss):.1f}@{r.best_step}"
+        best = "—" if r.best_eval_loss is None else f"{perplexity(r.best_eval_loss):.1f}@{r.best_step}"
         var = r.layer_output_var
         growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
         table.add_row(r.scheme, status, f"{r.steps_done}/{r.total_steps}", _fmt(r.final_eval_ppl, ".1f"), best,
                       growth, _fmt(r.tokens_per_s, ",.0f"))
     return table
-
-
-def _exp(x):
-    import math
-
-    return math.exp(min(x, 700.0))
 
 
 @app.command("train-reference")

@@ -6,6 +6,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..io import atomic_path  # noqa: E402
 
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
@@ -50,19 +53,17 @@ def new_figure(width: float = 7.5, height: float = 4.2):
     return fig, ax
 
 
-def save_figure(fig, path) -> None:
-    """Write a PNG atomically and release the figure."""
-    from ..io import atomic_path
-
-    fig.tight_layout()
+def save_figure(fig, path, tight: bool = True) -> None:
+    """Write a PNG atomically and release the figure. `tight=False` for figures laid out by
+    matplotlib's constrained layout (panel grids with a shared colour bar)."""
+    if tight:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
 def integer_ticks(ax, n_layers: int) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 16)))
 
 

@@ -129,3 +129,28 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     from ..io import write_text
 
     write_text(run_dir / METRICS_FILE, text)
+
+
+class MetricsLog:
+    """Appends one JSON line per record to metrics.jsonl, flushed at once so a crash loses no logged step.
+    Only the main process writes (`enabled`); on the others it is a no-op."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

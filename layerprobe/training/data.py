@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -89,3 +90,33 @@ class BatchOrder:
         for i in range(start, start + self.batch_size):
             out.append(self._permutation(i // self.n)[i % self.n])
         return torch.stack(out)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where the run loop gets its token blocks: one global batch per optimizer step, split over processes.
+
+    `batch(step, rank, world_size)` returns this process's rows of step `step` (0-based), an int64 tensor
+    [batch_size // world_size, seq_len] on the CPU. It must be a pure function of (data seed, step, rank,
+    world_size), and the ranks' rows laid end to end must be the global batch a single process would get:
+    that is what makes a resumed run, a reordered scheme list and a DDP run train on the same data.
+    A source reading memory-mapped token files implements the same method.
+    """
+
+    batch_size: int  # global: sequences per optimizer step, over all processes
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor: ...
+
+
+class BlockBatches:
+    """A `BatchSource` over token blocks held in memory, in the order of `BatchOrder`."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
+        self.blocks, self.batch_size = blocks, batch_size
+        self.order = BatchOrder(len(blocks), batch_size, seed)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        if self.batch_size % world_size:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {world_size} processes")
+        per_rank = self.batch_size // world_size
+        return self.blocks[self.order.rows(step)[rank * per_rank:(rank + 1) * per_rank]]

@@ -1,0 +1,37 @@
+"""`layerprobe prepare-data`: tokenize a corpus once into a memory-mapped token file for training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import QuietOpt, TextColumnOpt, console, err_console, user_errors
+
+
+@app.command("prepare-data")
+@user_errors
+def prepare_data_command(
+    spec: str = typer.Argument(..., help="file (.txt .jsonl .jsonl.gz .json.gz .csv .parquet) | folder of them | hf:NAME[:CONFIG[:SPLIT]]"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or hub id (t5-base: the papers'), or bpe[:N] (the default): a byte-level BPE of N ids (default 32000) trained on the first 32 MB. For a prepared folder: the tokenizer it must have been made with."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the cache, $LAYERPROBE_CACHE or ~/.cache/layerprobe/tokens/<key>)."),
+    text_column: TextColumnOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tokenize SPEC into OUT/tokens.bin + OUT/index.json; an interrupted run resumes where it stopped."""
+    from ..corpus import prepare_data
+
+    say = (lambda m: None) if quiet else (lambda m: err_console.print(m, highlight=False))
+    res = prepare_data(spec, tokenizer, out, text_column=text_column, progress=not quiet, on_status=say)
+    ix = res.index
+    tok = ix["tokenizer"]
+    verb = "already prepared" if res.reused else f"prepared in {ix.get('seconds', 0):.1f} s"
+    console.print(f"{res.path}: {verb}", highlight=False)
+    console.print(
+        f"  {ix['documents']:,} documents, {ix['tokens']:,} tokens ({ix['dtype']}, {ix['bytes'] / 1e6:,.1f} MB) "
+        f"from {ix['text_bytes'] / 1e6:,.1f} MB of text", highlight=False)
+    console.print(
+        f"  tokenizer {tok['name']} ({tok['vocab_len']:,} ids, largest id seen {tok['max_id']:,}); documents end with "
+        f"{tok['separator']}; a model needs an embedding of {tok['embedding_size']:,} rows", highlight=False)

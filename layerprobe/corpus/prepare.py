@@ -1,0 +1,353 @@
+"""Preparation: a data spec and a tokenizer become DIR/tokens.bin (token ids) + DIR/index.json.
+
+Layout of a prepared folder:
+  tokens.bin    the token ids of every document, each followed by the separator (EOS), uint16 when the
+                tokenizer has at most 65,536 ids, else uint32, native little-endian
+  index.json    format version, source, tokenizer fingerprint, dtype, counts; written LAST, so a folder
+                without it is never taken for a complete one
+  tokenizer/    the tokenizer used (save_pretrained), so training reads the very same ids
+While running: tokens.bin.partial and progress.json (pieces and tokens written so far).
+
+Interrupted preparations RESUME: the partial file is cut back to the token count progress.json
+recorded after its last fully written chunk, and the reader skips the pieces already written. The
+reader's order is fixed, so the result equals a preparation done in one go (tested).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LayerprobeError
+from ..io import ensure_writable_dir, write_json
+from .readers import INDEX_NAME, fingerprint_key, is_prepared_dir, iter_pieces, parse_hf_spec, source_bytes, source_fingerprint
+from .vocab import SAMPLE_BYTES, embedding_size, fingerprint, load_hf_tokenizer, parse_tokenizer_spec, separator, train_bpe_on_sample
+
+FORMAT = "layerprobe-tokens"
+FORMAT_VERSION = 1
+TOKENS_NAME, PARTIAL_NAME, STATE_NAME, TOKENIZER_DIR = "tokens.bin", "tokens.bin.partial", "progress.json", "tokenizer"
+CHUNK_BYTES = 4 << 20  # text per encode_batch call: enough pieces for every core, bounded memory
+CHARS_PER_TOKEN_LOW = 2.0  # disk estimate: English BPE gives ~4 characters per token; assume half
+
+
+@dataclass
+class Prepared:
+    path: Path
+    index: dict
+    reused: bool  # True when an existing complete folder was used as it is
+
+
+def cache_root() -> Path:
+    """Where prepared data is cached: $LAYERPROBE_CACHE/tokens, else ~/.cache/layerprobe/tokens."""
+    base = os.environ.get("LAYERPROBE_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "layerprobe") / "tokens"
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    p = Path(path).expanduser() / INDEX_NAME
+    try:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayerprobeError(f"cannot read {p}: {e}; prepare the data again with prepare-data") from None
+    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+        raise LayerprobeError(f"{p} is not a layerprobe token index of format version {FORMAT_VERSION}; prepare the data again")
+    return index
+
+
+def check_tokenizer_matches(index: dict, tokenizer_spec: str | None, tokenizer=None, where: str = "") -> None:
+    """A prepared folder must have been made with the tokenizer asked for: name both when not."""
+    if tokenizer_spec is None and tokenizer is None:
+        return
+    have = index["tokenizer"]
+    asked = tokenizer_spec or type(tokenizer).__name__
+    if tokenizer is not None:
+        same = fingerprint(tokenizer) == have["fingerprint"]
+    else:
+        name, n = parse_tokenizer_spec(tokenizer_spec)
+        same = have["name"] == (f"bpe:{n}" if name == "bpe" else tokenizer_spec)
+        if not same and name != "bpe":
+            try:  # a folder and a hub id can name the same tokenizer: compare what they hold
+                same = fingerprint(load_hf_tokenizer(tokenizer_spec)) == have["fingerprint"]
+            except LayerprobeError:
+                same = False
+    if not same:
+        raise LayerprobeError(
+            f"the prepared data {where or ''} was made with tokenizer {have['name']!r} (fingerprint {have['fingerprint']}), "
+            f"not {asked!r}: prepare it again with --tokenizer {asked}, or ask for {have['name']!r}"
+        )
+
+
+def preparation_key(spec: str, tokenizer_spec: str, text_column: str | None, tok_fingerprint: str | None) -> str:
+    return fingerprint_key({"format_version": FORMAT_VERSION, "source": source_fingerprint(spec, text_column),
+                            "tokenizer": tokenizer_spec if tok_fingerprint is None else tok_fingerprint})
+
+
+def _disk_estimate(spec: str, itemsize: int) -> int | None:
+    b = source_bytes(spec)
+    if b is None:
+        return None
+    gz = str(spec).endswith(".gz") or (Path(spec).is_dir() and any(Path(spec).rglob("*.gz")))
+    text = b * (4 if gz else 1)  # gzip shrinks text about 3-4x
+    return int(text / CHARS_PER_TOKEN_LOW * itemsize)
+
+
+def _chunked(pieces, chunk_bytes: int, skip: int):
+    """Groups of pieces of about chunk_bytes of text, after skipping `skip` pieces (resume)."""
+    group, size = [], 0
+    for i, p in enumerate(pieces):
+        if i < skip:
+            continue
+        n = len(p.text.encode("utf-8"))
+        group.append(p)
+        size += n
+        if size >= chunk_bytes:
+            yield group, size
+            group, size = [], 0
+    if group:
+        yield group, size
+
+
+def _prefetch(gen, depth: int = 2):
+    """Run a generator in a thread, `depth` items ahead: reading overlaps the tokenizer's Rust threads."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens; the fast tokenizer encodes the batch on all cores."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [e.ids for e in enc(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _write_chunk(f, arr: np.ndarray) -> None:
+    f.write(arr.tobytes())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _resolve_out(spec: str, tokenizer_spec: str, text_column: str | None, out, tok_fp: str | None) -> tuple[Path, str]:
+    key = preparation_key(spec, tokenizer_spec, text_column, tok_fp)
+    if out is None:
+        return cache_root() / key, key
+    return Path(out).expanduser(), key
+
+
+def _check_out(path: Path, key: str) -> str:
+    """'complete' (same preparation already there), 'resume', or 'fresh'; an error for a folder holding something else."""
+    if not path.exists():
+        return "fresh"
+    if not path.is_dir():
+        raise LayerprobeError(f"--out {path} is a file; give a folder")
+    if (path / INDEX_NAME).is_file():
+        index = read_index(path)
+        if index.get("key") == key:
+            return "complete"
+        raise LayerprobeError(
+            f"--out {path} already holds prepared data of {index['source']['spec']!r} with tokenizer "
+            f"{index['tokenizer']['name']!r}; choose another --out or delete that folder"
+        )
+    ours = {PARTIAL_NAME, STATE_NAME, TOKENIZER_DIR, TOKENS_NAME}
+    others = [p.name for p in path.iterdir() if p.name not in ours and not p.name.startswith(".")]
+    if others:
+        raise LayerprobeError(f"--out {path} is not empty (it holds {', '.join(sorted(others)[:3])}); give a new or empty folder")
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "fresh"
+    return "resume" if state.get("key") == key else "fresh"
+
+
+def _validate_spec(spec: str) -> str:
+    if spec.startswith("hf:"):
+        parse_hf_spec(spec)
+        return "hf"
+    if is_prepared_dir(spec):
+        return "prepared"
+    source_bytes(spec)  # raises for a missing path, an unsupported file, an empty folder
+    return "folder" if Path(spec).expanduser().is_dir() else "file"
+
+
+def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike | None = None, *,
+                 text_column: str | None = None, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
+                 on_status=None) -> Prepared:
+    """Tokenize a data spec once into a prepared folder (`out`, or the cache); reuse it when already there.
+
+    `tokenizer`: 'bpe' / 'bpe:N' (a byte-level BPE of N ids trained on the first SAMPLE_BYTES of the
+    data; the default), a tokenizer folder, or a hub id. A spec that is already a prepared folder is
+    checked against the tokenizer, when one is named, and returned as it is.
+    """
+    spec = str(spec)
+    kind = _validate_spec(spec)
+    tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer or "bpe")
+    if kind == "prepared":
+        from .store import TokenStore
+
+        store = TokenStore(spec, tokenizer=tokenizer)  # validates the index, the size and the tokenizer
+        return Prepared(store.path, store.index, reused=True)
+    tok_spec = f"bpe:{bpe_vocab}" if tok_name == "bpe" else str(tokenizer)
+    # A named tokenizer is keyed by its fingerprint; a BPE by its size (it is a pure function of the data).
+    hf_tok = None if tok_name == "bpe" else load_hf_tokenizer(tokenizer)
+    path, key = _resolve_out(spec, tok_spec, text_column, out, fingerprint(hf_tok) if hf_tok is not None else None)
+    state_kind = _check_out(path, key)
+    if state_kind == "complete":
+        from .store import TokenStore
+
+        store = TokenStore(path)
+        return Prepared(store.path, store.index, reused=True)
+    say = on_status or (lambda msg: None)
+
+    # Disk space first (before training a tokenizer or creating the folder), where the size is estimable.
+    itemsize = 2 if (bpe_vocab if hf_tok is None else len(hf_tok)) <= 1 << 16 else 4
+    need = _disk_estimate(spec, itemsize)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need is not None and state_kind != "resume" and need > free:
+        raise LayerprobeError(
+            f"preparing {spec} needs about {need / 1e6:,.0f} MB in {path} (at ~{CHARS_PER_TOKEN_LOW:g} characters per "
+            f"token) and only {free / 1e6:,.0f} MB are free: free space there or choose another --out / LAYERPROBE_CACHE"
+        )
+
+    # The tokenizer: the one saved by an interrupted run of this preparation, else loaded or trained.
+    tok_dir = path / TOKENIZER_DIR
+    if hf_tok is not None:
+        tok = hf_tok
+    elif state_kind == "resume" and tok_dir.is_dir():
+        tok = load_hf_tokenizer(str(tok_dir))
+    else:
+        say(f"training a byte-level BPE of {bpe_vocab} ids on the first {SAMPLE_BYTES >> 20} MB of {spec}")
+        tok = train_bpe_on_sample(iter_pieces(spec, text_column), bpe_vocab)
+        state_kind = "fresh"
+    vocab_len = len(tok)
+    dtype = np.dtype(np.uint16) if vocab_len <= 1 << 16 else np.dtype(np.uint32)
+    sep_id, sep_desc = separator(tok)
+
+    ensure_writable_dir(path)  # created only now: bad input above leaves nothing behind
+    partial, state_path = path / PARTIAL_NAME, path / STATE_NAME
+    state = {"key": key, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+    if state_kind == "resume":
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if not partial.exists() and (path / TOKENS_NAME).exists():
+            os.replace(path / TOKENS_NAME, partial)  # stopped between the final rename and the index
+        if not partial.exists() or partial.stat().st_size < state["tokens"] * dtype.itemsize:
+            state_kind, state = "fresh", {**state, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+    if state_kind == "fresh":
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tok.save_pretrained(str(tok_dir))
+        partial.unlink(missing_ok=True)
+        (path / TOKENS_NAME).unlink(missing_ok=True)
+    else:
+        say(f"resuming an interrupted preparation at {state['tokens']:,} tokens ({state['pieces']:,} pieces)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # encode_batch on every core
+
+    from ..progress import make_progress
+
+    total_b = source_bytes(spec)
+    t0 = time.perf_counter()
+    done_b0 = state["text_bytes"]
+    try:
+        with open(partial, "r+b" if partial.exists() else "wb") as f, make_progress(progress) as bar:
+            f.truncate(state["tokens"] * dtype.itemsize)  # drop a chunk written after the last recorded state
+            f.seek(0, os.SEEK_END)
+            task = bar.add_task("tokenizing (MB)", total=max(1, round(total_b / 1e6)) if total_b else None,
+                                completed=state["text_bytes"] / 1e6, info="")
+            for group, nbytes in _prefetch(_chunked(iter_pieces(spec, text_column), chunk_bytes, state["pieces"])):
+                ids = encode_texts(tok, [p.text for p in group])
+                flat: list[int] = []
+                docs = 0
+                for p, row in zip(group, ids):
+                    flat.extend(row)
+                    if p.last:
+                        docs += 1
+                        if sep_id is not None:
+                            flat.append(sep_id)
+                arr = np.asarray(flat, dtype=np.int64)
+                if arr.size:
+                    mx = int(arr.max())
+                    if mx >= 1 << (8 * dtype.itemsize):
+                        raise LayerprobeError(f"the tokenizer produced id {mx}, beyond its {vocab_len} ids; it cannot be stored as {dtype}")
+                    state["max_id"] = max(state["max_id"], mx)
+                _write_chunk(f, arr.astype(dtype))
+                state["pieces"] += len(group)
+                state["tokens"] += int(arr.size)
+                state["documents"] += docs
+                state["text_bytes"] += nbytes
+                write_json(state_path, state)
+                secs = max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=state["text_bytes"] / 1e6,
+                           info=f"{(state['text_bytes'] - done_b0) / 1e6 / secs:.1f} MB/s · {state['tokens']:,} tokens")
+            if total_b:
+                bar.update(task, completed=total_b / 1e6)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            written = partial.stat().st_size if partial.exists() else 0
+            partial.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            est = f"about {need / 1e6:,.0f} MB in all" if need else "more than that"
+            raise LayerprobeError(
+                f"the disk holding {path} filled up after {written / 1e6:,.1f} MB of token ids ({est} needed); "
+                "the partial file was removed: free space there or choose another --out / LAYERPROBE_CACHE"
+            ) from None
+        raise
+    if state["tokens"] == 0:
+        raise LayerprobeError(f"the data {spec!r} holds no text to tokenize")
+
+    index = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "source": {"spec": spec, "kind": kind, "text_column": text_column, **{k: v for k, v in source_fingerprint(spec, text_column).items() if k == "files"}},
+        "tokenizer": {"name": tok_spec, "class": type(tok).__name__, "fingerprint": fingerprint(tok), "vocab_len": vocab_len,
+                      "eos_id": sep_id, "separator": sep_desc, "max_id": state["max_id"],
+                      "embedding_size": embedding_size(vocab_len, state["max_id"])},
+        "dtype": dtype.name,
+        "documents": state["documents"],
+        "tokens": state["tokens"],
+        "bytes": state["tokens"] * dtype.itemsize,
+        "text_bytes": state["text_bytes"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    os.replace(partial, path / TOKENS_NAME)
+    write_json(path / INDEX_NAME, index)  # last: from here the folder is complete
+    state_path.unlink(missing_ok=True)
+    return Prepared(path, index, reused=False)

@@ -1,0 +1,82 @@
+"""The depth headline numbers: how a model's per-layer profile changes from its first layer to its last.
+
+Each number summarises one per-layer curve in a way that can be compared across models of different
+depth L (layers ℓ = 0 … L−1):
+
+- normalised depth  d(ℓ) = ℓ / (L−1), 0 for the first layer and 1 for the last (0 when L = 1).
+- quarter           q(L) = ⌈L/4⌉ layers (at least 1).
+- variance growth   the least-squares slope b of  ln Var(h_ℓ) ≈ a + b·d(ℓ)  over the layers with a finite,
+                    positive output variance; exp(b) is the fitted factor by which the residual stream's
+                    variance grows from the first layer's output to the last's. The Curse of Depth
+                    (Sun et al., 2025, arXiv:2502.05795) shows that under Pre-LN this variance grows with
+                    depth, so deep blocks approach the identity; LayerNorm Scaling keeps it in check.
+- gradient ratio    mean_{ℓ ≥ L−q} ‖∇θ_ℓ‖ / mean_{ℓ < q} ‖∇θ_ℓ‖: below 1 when deep layers get smaller
+                    gradients (Pre-LN), above 1 when early ones do (Post-LN), as Mix-LN
+                    (Li et al., 2024, arXiv:2412.13795) reports.
+- removable layers  the layers whose removal alone raises the mean next-token loss by less than a
+                    threshold (in nats), read off a single-layer pruning sweep (Gromov et al., 2024,
+                    arXiv:2403.17887; Men et al., 2024, ShortGPT, arXiv:2403.03853).
+
+Plain numpy on per-layer arrays: the caller decides where the curves come from (analyze, or the
+per-layer statistics the trainer logs at each evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def normalised_depth(layers, num_layers: int) -> np.ndarray:
+    """ℓ / (L−1) for each 0-based layer index ℓ; zeros when L = 1."""
+    layers = np.asarray(layers, dtype=float)
+    return layers / (num_layers - 1) if num_layers > 1 else np.zeros_like(layers)
+
+
+def quarter(num_layers: int) -> int:
+    """How many layers make a quarter: ⌈L/4⌉, at least 1."""
+    return max(1, math.ceil(num_layers / 4))
+
+
+def variance_growth(output_variance, num_layers: int | None = None) -> float:
+    """Least-squares slope of ln(output variance) against normalised depth ℓ/(L−1).
+
+    `output_variance[ℓ]` is layer ℓ's output variance; L is `num_layers` (default: the array's length).
+    Layers with a missing, zero or negative variance are left out of the fit; NaN when fewer than two remain.
+    """
+    v = np.asarray(output_variance, dtype=float)
+    L = num_layers or len(v)
+    d = normalised_depth(np.arange(len(v)), L)
+    ok = np.isfinite(v) & (v > 0)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(d[ok], np.log(v[ok]), 1)[0])
+
+
+def variance_growth_factor(slope: float) -> float:
+    """exp(variance growth): the fitted growth of the variance from the first layer to the last."""
+    return math.exp(slope) if math.isfinite(slope) else float("nan")
+
+
+def grad_ratio(grad_norm) -> float:
+    """Mean gradient norm of the last ⌈L/4⌉ layers over that of the first ⌈L/4⌉.
+
+    NaN for fewer than two layers, for any missing norm, or when the first quarter's mean is zero.
+    """
+    g = np.asarray(grad_norm, dtype=float)
+    L = len(g)
+    if L < 2 or not np.isfinite(g).all():
+        return float("nan")
+    q = quarter(L)
+    first, last = g[:q].mean(), g[-q:].mean()
+    return float(last / first) if first > 0 else float("nan")
+
+
+def removable_layers(layers, delta_loss, threshold: float) -> list[int]:
+    """The layers ℓ whose removal alone raises the loss by less than `threshold` nats (Δloss_ℓ < threshold)."""
+    return [int(layer) for layer, delta in zip(layers, delta_loss) if float(delta) < threshold]
+
+
+__all__ = ["grad_ratio", "normalised_depth", "quarter", "removable_layers", "variance_growth",
+           "variance_growth_factor"]

@@ -1,0 +1,124 @@
+"""What the trainer measures per layer: held-out loss, output variance and gradient norms.
+
+Each is the definition `analyze` uses, from `layerprobe.metrics`, so a trained run's curves and an
+analysis of its checkpoint are the same quantities:
+
+- output variance: the population variance of a layer's output over every sample, position and hidden
+  unit (`RunningMoments`), the quantity whose growth with depth the Curse-of-Depth paper plots;
+- token variance: the variance over hidden units of each token's output, averaged over tokens. It leaves
+  out the spread between tokens' means, so it is logged under its own name;
+- gradient norms: L2 norms of the accumulated gradients (`grad_norms_by_group`), per decoder layer and
+  over all parameters, taken from the same gradients, before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..metrics import RunningMoments, grad_norms_by_group
+from ..metrics.loss import next_token_loss_sum, predicted_tokens
+from .distributed import DistEnv, all_reduce_sum
+from .model import autocast, unwrap
+
+
+@dataclass
+class EvalStats:
+    loss: float  # mean next-token cross-entropy over every held-out predicted token (nats)
+    output_variance: list[float]  # per layer, RunningMoments' population variance
+    token_variance: list[float]  # per layer, mean over tokens of the variance over hidden units
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, micro_batch_size: int, env: DistEnv,
+             autocast_dtype: torch.dtype | None = None) -> EvalStats:
+    """Held-out loss and each layer's output statistics over `blocks`, split over and summed across processes.
+
+    Each process reads blocks rank, rank + world, ...; the sums (count, sum, sum of squares per layer, loss
+    sum, predicted tokens) are all-reduced before any ratio is taken, so the result does not depend on the
+    number of processes.
+    """
+    layers = unwrap(model).model.layers
+    moments = [RunningMoments() for _ in layers]
+    token_var_sum = torch.zeros(len(layers), dtype=torch.float64)
+    tokens_seen = 0
+
+    def hook(index):
+        def fn(module, args, output):
+            h = (output[0] if isinstance(output, (tuple, list)) else output).float()
+            moments[index].update(h)
+            token_var_sum[index] += h.var(dim=-1, unbiased=False).sum(dtype=torch.float64).cpu()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    n_pred = 0
+    mine = blocks[env.rank::env.world_size]
+    try:
+        for i in range(0, len(mine), micro_batch_size):
+            ids = mine[i:i + micro_batch_size].to(env.device)
+            with autocast(autocast_dtype, env.device):
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss_sum += next_token_loss_sum(logits, ids).double().cpu()
+            n_pred += predicted_tokens(ids)
+            tokens_seen += ids.shape[0] * ids.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    per_layer = torch.tensor([[float(m.count), float(m.s1), float(m.s2)] for m in moments], dtype=torch.float64)
+    totals = all_reduce_sum(env, torch.cat([loss_sum, torch.tensor([float(n_pred), float(tokens_seen)],
+                                                                    dtype=torch.float64),
+                                            token_var_sum, per_layer.flatten()]))
+    L = len(layers)
+    loss = (totals[0] / totals[1]).item()
+    token_variance = (totals[3:3 + L] / totals[2]).tolist()
+    output_variance = []
+    for n, s1, s2 in totals[3 + L:].reshape(L, 3).tolist():
+        merged = RunningMoments()
+        merged.add_sums(int(n), torch.tensor(s1, dtype=torch.float64), torch.tensor(s2, dtype=torch.float64))
+        output_variance.append(merged.variance)
+    return EvalStats(loss=loss, output_variance=output_variance, token_variance=token_variance)
+
+
+def gradient_norms(model, env: DistEnv, *, sharded: bool, per_layer: bool) -> tuple[float, list[float] | None]:
+    """(total, per decoder layer) L2 norms of the accumulated gradients, before any clipping.
+
+    Both come from `grad_norms_by_group` over the same gradients: the total over every parameter, each
+    layer's over its parameters. DDP gradients are already averaged across processes, so the local norm
+    is the global one; under FSDP each process holds a shard of every gradient, so the squared norms of
+    the shards are summed across processes.
+    """
+    core = unwrap(model)
+
+    def params(module):
+        if not sharded:
+            return [p for p in module.parameters() if p.grad is not None]
+        return [SimpleNamespace(grad=p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+                for p in module.parameters() if p.grad is not None]
+
+    groups = {"total": params(core)}
+    if per_layer:
+        groups.update({f"layer{i}": params(layer) for i, layer in enumerate(core.model.layers)})
+    norms = grad_norms_by_group(groups)
+    if sharded:
+        squares = torch.tensor([v * v for v in norms.values()], dtype=torch.float64)
+        norms = dict(zip(norms, all_reduce_sum(env, squares).sqrt().tolist()))
+    layers = [norms[f"layer{i}"] for i in range(len(core.model.layers))] if per_layer else None
+    return norms["total"], layers
+
+
+def clip_gradients(model, total_norm: float, max_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)), as `clip_grad_norm_` does, with the
+    norm already measured (and logged) rather than measured again."""
+    if max_norm <= 0 or not math.isfinite(total_norm):
+        return
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, coef)
