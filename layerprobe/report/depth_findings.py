@@ -53,7 +53,7 @@ def update_finding(models: list[tuple[str, pd.DataFrame | None]]) -> str | None:
         return None
     return ("Csordás et al. (arXiv 2505.13898) also report that second-half layers write much less into the "
             "residual stream, relative to its size, than first-half layers; here the median relative update "
-            f"‖y−x‖/‖x‖ of the second-half layers is, against the first half's, {_join(parts)}.")
+            f"‖y−x‖/‖x‖ of the second-half layers is, against the first half's, {_join(parts)} (below 1× agrees with them).")
 
 
 def activation_finding(models: list[tuple[str, pd.DataFrame | None]]) -> str | None:
