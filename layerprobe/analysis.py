@@ -11,19 +11,27 @@ from .anatomy import Anatomy
 from .capture import LayerCapture
 from .defaults import check_measure_options
 from .loading import LoadedModel
-from .metrics import angular_long_table, grad_norms_by_group, next_token_loss_sum, perplexity, predicted_tokens
+from .metrics import angular_long_table, lock_in_layer, grad_norms_by_group, next_token_loss_sum, perplexity, predicted_tokens
 from .opening import Opening, open_model
 from .progress import make_progress
 from .results import AnalysisResult
 
 GRAD_COLUMNS = ("grad_norm", "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm")
-SUBLAYER_COLUMNS = ["layer", "module", "kind", "params", "grad_norm"]
+SUBLAYER_COLUMNS = ["layer", "module", "kind", "params", "grad_norm", "relative_update", "update_cosine"]
 
 
-def _layer_grad_norms(anatomy: Anatomy, index: int) -> tuple[list[dict], dict]:
-    """Layer `index`'s gradient norm per top-level child (rows) and per kind and in total (one row)."""
+def _layer_grad_norms(anatomy: Anatomy, index: int, grad: bool = True) -> tuple[list[dict], dict]:
+    """Layer `index`'s gradient norm per top-level child (rows) and per kind and in total (one row).
+
+    Without `grad` the rows are still there (module, kind, params) with NaN gradient norms.
+    """
     groups = anatomy.parameter_groups(index)
     kinds = {name: kind for name, (kind, _) in anatomy.sublayers(index).items()}
+    if not grad:
+        rows = [{"layer": index, "module": child, "kind": kinds.get(child, "other"),
+                 "params": sum(p.numel() for _, p in params), "grad_norm": float("nan")}
+                for child, params in groups.items()]
+        return rows, {col: float("nan") for col in GRAD_COLUMNS}
     norms = grad_norms_by_group({k: [p for _, p in v] for k, v in groups.items()})
     by_kind: dict[str, list] = {}
     rows = []
@@ -40,14 +48,28 @@ def _layer_grad_norms(anatomy: Anatomy, index: int) -> tuple[list[dict], dict]:
     return rows, row
 
 
-def _gradient_tables(anatomy: Anatomy) -> tuple[pd.DataFrame, list[dict]]:
+def _gradient_tables(anatomy: Anatomy, grad: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """Per module (top-level child of each layer) and per layer/kind gradient norms."""
     sub_rows, layer_rows = [], []
     for i in range(anatomy.num_layers):
-        rows, row = _layer_grad_norms(anatomy, i)
+        rows, row = _layer_grad_norms(anatomy, i, grad)
         sub_rows += rows
         layer_rows.append(row)
-    return pd.DataFrame(sub_rows), layer_rows
+    return pd.DataFrame(sub_rows, columns=SUBLAYER_COLUMNS[:5]), layer_rows
+
+
+def _add_sublayer_updates(sublayers: pd.DataFrame, capture: LayerCapture, dtype: torch.dtype) -> pd.DataFrame:
+    """relative_update and update_cosine on the rows of the attention and MLP children whose outputs
+    are the layer's updates (NaN on other rows, and on layers where they are not: see capture)."""
+    updates = capture.sublayer_updates(dtype)
+    rel, cos = [], []
+    for layer, module in zip(sublayers["layer"], sublayers["module"]):
+        attn, mlp = capture.sublayer_names[int(layer)]
+        which = "attention" if module == attn else ("mlp" if module == mlp else None)
+        r, c = updates.get((int(layer), which), (float("nan"), float("nan")))
+        rel.append(r)
+        cos.append(c)
+    return sublayers.assign(relative_update=rel, update_cosine=cos)
 
 
 def _forward_pass(net, ids: torch.Tensor, grad: bool, n_pred: int) -> float:
@@ -66,7 +88,8 @@ def _forward_pass(net, ids: torch.Tensor, grad: bool, n_pred: int) -> float:
     return float(loss_sum.detach())
 
 
-def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool) -> tuple[LayerCapture, float]:
+def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
+             lens_chunk: int | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss."""
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
     n_pred = predicted_tokens(blocks)
@@ -76,7 +99,7 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
         net.zero_grad(set_to_none=True)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
-    capture = LayerCapture(anatomy, tokens=tokens)
+    capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
     with capture, make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
@@ -98,15 +121,19 @@ def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.Dat
         "block_influence": capture.block_influence(),
         "output_variance": [m.variance for m in capture.output_moments],
         "update_variance": [m.variance for m in capture.update_moments],
+        "lens_kl": capture.lens_kl(),
+        "lens_top1": capture.lens_top1(),
+        "relative_update": capture.relative_update(),
+        "update_cosine": capture.update_cosine(),
+        "max_activation": capture.max_activation(),
+        "mean_abs_activation": capture.mean_abs_activation(),
     })
+    sublayers, grad_rows = _gradient_tables(anatomy, grad)
+    layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
     if grad:
-        sublayers, grad_rows = _gradient_tables(anatomy)
-        layers = pd.concat([layers, pd.DataFrame(grad_rows)], axis=1)
         anatomy.model.zero_grad(set_to_none=True)
-    else:
-        sublayers = pd.DataFrame(columns=SUBLAYER_COLUMNS)
-        for col in GRAD_COLUMNS:
-            layers[col] = float("nan")
+    dtype = next(anatomy.model.parameters()).dtype
+    sublayers = _add_sublayer_updates(sublayers, capture, dtype)
     layers["norm_placement"] = capture.placement or ["?"] * L
     return layers, angular_long_table(angular_mean), sublayers
 
@@ -129,6 +156,8 @@ def _summary(opening: Opening, capture: LayerCapture, loss: float) -> dict[str, 
         "norm_scheme": scheme,
         "norm_scheme_source": source,
         "post_ln_layers": post_k,
+        # First layer from which the logit lens's top-1 stays >= 0.5 (metrics/lens.py).
+        "lens_lock_in_layer": lock_in_layer(capture.lens_top1()),
         "measured_norm_scheme": measured,
         "measured_post_ln_layers": measured_k,
         "layers_path": anatomy.layers_path,
@@ -153,9 +182,14 @@ def analyze(
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     progress: bool = True,
+    lens_chunk: int | None = None,
 ) -> AnalysisResult:
     """Measure every layer of a causal LM on `data`: angular distance (l x n), Block Influence,
-    output variance, gradient norms per layer and sublayer, loss and perplexity.
+    output variance, logit lens (KL to the final distribution, top-1 agreement), relative update
+    and update cosine per layer and per attention/MLP sublayer, massive activations, gradient norms
+    per layer and sublayer, loss and perplexity: all from one hooked pass (+ one backward).
+
+    `lens_chunk`: tokens per logit-lens chunk (default: 2^24 logits' worth) — memory only.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and
@@ -168,7 +202,8 @@ def analyze(
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
     torch.manual_seed(seed)
-    capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress)
+    capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
+                             lens_chunk=lens_chunk)
     layers, angular, sublayers = _tables(capture, opening.anatomy, grad)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad)
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,

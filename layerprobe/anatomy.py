@@ -145,6 +145,38 @@ class Anatomy:
         """
         return _parent_of(self.model, self.layers_path)
 
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's own logits for residual-stream vectors h [..., H] (the logit lens' p_ℓ).
+
+        What the CausalLM does after its last layer: the final norm, OPT's `project_out` when the
+        model has one, the output head, then the final logit transform the config names
+        (Gemma-2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite `logits_scaling`).
+        h is cast to the head's dtype and device, as the model's own stream would be.
+        """
+        if self.head is None:
+            raise LayerprobeError("this model has no output head (get_output_embeddings() is None): no logit lens")
+        weight = getattr(self.head, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            h = h.to(device=weight.device, dtype=weight.dtype)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        project_out = getattr(self.layers_parent[0], "project_out", None)
+        if isinstance(project_out, nn.Module):
+            h = project_out(h)
+        logits = self.head(h)
+        config = getattr(self.model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, (int, float)) and getattr(config, "model_type", "").startswith("cohere"):
+            logits = logits * scale
+        divisor = getattr(config, "logits_scaling", None)
+        if isinstance(divisor, (int, float)) and divisor:
+            logits = logits / divisor
+        return logits
+
     def sublayers(self, index: int) -> dict[str, tuple[str, nn.Module]]:
         """Top-level children of layer `index` that hold parameters: name -> (kind, module)."""
         out = {}
@@ -193,7 +225,7 @@ def _parallel_residual(config) -> bool | None:
         return bool(getattr(config, "use_parallel_residual", True))
     if model_type == "falcon":
         return bool(getattr(config, "new_decoder_architecture", False) or getattr(config, "parallel_attn", True))
-    if model_type in ARCH_NORM_SCHEME or model_type == "opt":
+    if model_type in ARCH_NORM_SCHEME or model_type in ("opt", "layerprobe"):
         return False
     return None
 

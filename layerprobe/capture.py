@@ -3,6 +3,13 @@
 The residual stream is read at the layers (input of layer l, output of the last layer), not from
 `output_hidden_states`, whose last entry comes after the final norm. Nothing is kept across
 batches but running sums, so memory does not grow with the number of samples.
+
+The logit lens needs the final distribution, known only once the model returns: a forward hook on
+the model itself reads its logits and applies the model's readout to the layer outputs already
+held for the angular distance (the same tokens), in chunks of tokens, under no_grad.
+Sublayer updates come from forward hooks on each layer's attention and MLP children; they are
+kept only for layers whose output is exactly input + attention + MLP (checked on the data), the
+Pre-LN residual form, where those outputs are the updates (see `sublayer_updates`).
 """
 
 from __future__ import annotations
@@ -11,9 +18,18 @@ import torch
 
 from .anatomy import Anatomy, layer_input, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
-from .metrics import RunningMoments, angular_distance_matrix, block_influence, cosine_and_norms, unit_vectors
+from .metrics import (RunningMoments, activation_extremes, angular_distance_matrix, block_influence,
+                      cosine_and_norms, final_distribution, lens_sums, unit_vectors, update_sums)
 
 TOKENS = ("last", "all")
+# Logits per lens chunk (layers x tokens x vocabulary): 2^24 float32 = 64 MiB, whatever the batch size.
+LENS_CHUNK_ELEMENTS = 1 << 24
+# y = x + attention + MLP holds to rounding: |y - x - a - m| <= this many eps of the dtype x (|x|+|a|+|m|).
+DECOMPOSITION_EPS = 16
+
+
+def _ratio_sums() -> list:
+    return [0.0, 0.0, 0]  # Σ ‖d‖/‖x‖, Σ cos(d, x), tokens
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -28,7 +44,8 @@ class LayerCapture:
     Call `end_batch()` after each forward so the batch's angular-distance matrix is folded in.
     """
 
-    def __init__(self, anatomy: Anatomy, tokens: str = "last", detect_placement: bool = True):
+    def __init__(self, anatomy: Anatomy, tokens: str = "last", detect_placement: bool = True,
+                 lens: bool = True, lens_chunk: int | None = None):
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {TOKENS}")
         self.anatomy = anatomy
@@ -50,6 +67,33 @@ class LayerCapture:
         self._norm_feeds_input = [False] * L  # a norm child reads the layer's input: Pre-LN
         self._norm_outputs: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._is_post = [False] * L
+        # Logit lens (metrics/lens.py): sums over the angular-distance tokens.
+        self.lens = lens and anatomy.head is not None
+        self.lens_chunk = lens_chunk
+        self.lens_kl_sum = [0.0] * L
+        self.lens_top1_sum = [0] * L
+        self.lens_count = 0
+        # Residual updates (metrics/update.py) and activation extremes (metrics/activation.py), all tokens.
+        self.update_ratio_sum = [0.0] * L
+        self.update_cos_sum = [0.0] * L
+        self.update_count = [0] * L  # tokens whose input is not all zero
+        self.act_max: list[torch.Tensor | float] = [float("nan")] * L
+        self.act_abs_sum = [0.0] * L
+        # Sublayer updates: per layer, the attention and MLP child read by hooks (None if not one).
+        self.sublayer_names: list[tuple[str | None, str | None]] = [self._sublayer_pair(i) for i in range(L)]
+        self.parallel = anatomy.extra.get("parallel_residual")
+        self._sub_out: dict[tuple[int, str], torch.Tensor] = {}
+        self.sub_sums = {(i, w): _ratio_sums() for i in range(L) for w in ("attention", "mlp")}
+        self.decomposition_error: list[torch.Tensor | float] = [0.0] * L
+        self._checking_decomposition = True
+
+    def _sublayer_pair(self, index: int) -> tuple[str | None, str | None]:
+        """(attention child, MLP child) of a layer: the one child of kind attention, and the last
+        child of kind mlp (OPT's fc1, fc2: fc2 writes the update). None where there is none."""
+        kinds = [(name, kind) for name, (kind, _) in self.anatomy.sublayers(index).items()]
+        attn = [n for n, k in kinds if k == "attention"]
+        mlp = [n for n, k in kinds if k == "mlp"]
+        return (attn[0] if len(attn) == 1 else None), (mlp[-1] if mlp else None)
 
     # -- hooks -----------------------------------------------------------------------------
     def _store_unit(self, depth: int, h: torch.Tensor) -> None:
@@ -76,7 +120,7 @@ class LayerCapture:
                 if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
                     x, y = x.float(), y.float()
                 # The output's sum of squares comes from the norms Block Influence already needs.
-                cos, _, y_norm = cosine_and_norms(x, y)
+                cos, x_norm, y_norm = cosine_and_norms(x, y)
                 self.cos_sum[index] = self.cos_sum[index] + cos.sum(dtype=torch.float64)
                 self.cos_count[index] += cos.numel()
                 self.output_moments[index].add_sums(
@@ -84,7 +128,17 @@ class LayerCapture:
                 )
                 # The update is small next to the stream in deep layers: form it, rather than
                 # expanding |y - x|^2, which would cancel catastrophically.
-                self.update_moments[index].update(y - x)
+                d = y - x
+                self.update_moments[index].update(d)
+                ratio, ucos, n = update_sums(x, d, x_norm)
+                self.update_ratio_sum[index] = self.update_ratio_sum[index] + ratio
+                self.update_cos_sum[index] = self.update_cos_sum[index] + ucos
+                self.update_count[index] = self.update_count[index] + n
+                peak, abs_sum = activation_extremes(y)
+                prev = self.act_max[index]
+                self.act_max[index] = peak if isinstance(prev, float) else torch.maximum(prev, peak)
+                self.act_abs_sum[index] = self.act_abs_sum[index] + abs_sum
+                self._sublayer_updates(index, x, y, x_norm)
                 if index == self.num_layers - 1:
                     self._store_unit(self.num_layers, y)
                 if self._placement_handles:
@@ -92,6 +146,73 @@ class LayerCapture:
                     self._norm_outputs[index] = []
 
         return hook
+
+    def _sublayer_updates(self, index: int, x, y, x_norm) -> None:
+        """Attention and MLP updates of layer `index`, if both children's outputs were seen.
+
+        Where y = x + a + m (Pre-LN, sequential or parallel), a is the attention's update of x and
+        m the MLP's update of x + a (sequential) or of x (parallel residual: both read x). The
+        relative violation of that identity on the first batch is kept; tables drop layers where it fails.
+        """
+        a = self._sub_out.pop((index, "attention"), None)
+        m = self._sub_out.pop((index, "mlp"), None)
+        if a is None or m is None or a.numel() != x.numel() or m.numel() != x.numel():
+            self.decomposition_error[index] = float("inf")
+            return
+        # OPT's fc2 sees the tokens flattened to [B*T, H]: same rows, another shape.
+        a, m = a.detach().to(x.dtype).reshape(x.shape), m.detach().to(x.dtype).reshape(x.shape)
+        if self._checking_decomposition:
+            # Like the norm placement, a property of the architecture: the first batch tells it.
+            scale = x_norm.sum() + torch.linalg.vector_norm(a, dim=-1).sum() + torch.linalg.vector_norm(m, dim=-1).sum()
+            err = (torch.linalg.vector_norm(y - x - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()
+            prev = self.decomposition_error[index]
+            self.decomposition_error[index] = err.clamp_min(prev) if isinstance(prev, float) else torch.maximum(prev, err)
+        for which, update, stream, norm in (("attention", a, x, x_norm),
+                                             ("mlp", m, x if self.parallel else x + a, x_norm if self.parallel else None)):
+            if which == "mlp" and self.parallel is None:
+                continue  # an architecture we do not know: the stream the MLP writes into is unknown
+            sums = self.sub_sums[(index, which)]
+            r, c, n = update_sums(stream, update, norm)
+            sums[0], sums[1], sums[2] = sums[0] + r, sums[1] + c, sums[2] + n
+
+    def _child_hook(self, index: int, which: str):
+        def hook(module, args, output):
+            try:
+                self._sub_out[(index, which)] = residual_tensor(output)
+            except LayerprobeError:  # an output we cannot read: this layer gets no sublayer rows
+                pass
+
+        return hook
+
+    def _model_hook(self, module, args, output):
+        """After the model returns: the logit lens for every layer, from its own logits."""
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            logits = output[0]
+        if not isinstance(logits, torch.Tensor) or any(u is None for u in self._units[1:]):
+            return
+        with torch.no_grad():
+            self._lens(logits.detach())
+
+    def _lens(self, logits: torch.Tensor) -> None:
+        """Every layer's lens for a chunk of tokens in one readout: one pass over the head's weights
+        (vocabulary x hidden) per chunk, not one per layer; with a handful of tokens the matmul is
+        bound by reading those weights (30x slower per layer on SmolLM2 with 4 tokens)."""
+        L, vocab = self.num_layers, logits.shape[-1]
+        final = logits[:, -1, :] if self.tokens == "last" else logits.reshape(-1, vocab)
+        # Tokens per chunk: never more than LENS_CHUNK_ELEMENTS logits for all layers together.
+        step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (vocab * L))
+        for start in range(0, final.shape[0], step):
+            f = final_distribution(final[start:start + step])
+            device = f.log_p.device
+            # y_layer = the input of the next layer, already held for the angular distance
+            h = torch.cat([self._units[layer + 1][start:start + step].to(device) for layer in range(L)])
+            lens_logits = self.anatomy.readout(h).to(device).reshape(L, -1, vocab)
+            for layer in range(L):
+                kl, agree = lens_sums(f, lens_logits[layer])
+                self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl
+                self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree
+        self.lens_count += final.shape[0]
 
     def _norm_hook(self, index: int):
         # Placement is read from tensor identity, not values: a Pre-LN norm is handed the very
@@ -114,12 +235,18 @@ class LayerCapture:
         for i, layer in enumerate(self.anatomy.layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._post_hook(i), with_kwargs=True))
+            children = dict(layer.named_children())
+            for which, name in zip(("attention", "mlp"), self.sublayer_names[i]):
+                if name is not None:
+                    self._handles.append(children[name].register_forward_hook(self._child_hook(i, which)))
             if self.detect_placement and self.placement is None:
                 for name, (kind, module) in self.anatomy.sublayers(i).items():
                     if kind == "norm":
                         self._placement_handles.append(
                             module.register_forward_hook(self._norm_hook(i), with_kwargs=True)
                         )
+        if self.lens:
+            self._handles.append(self.anatomy.model.register_forward_hook(self._model_hook))
         return self
 
     def __exit__(self, *exc):
@@ -127,6 +254,7 @@ class LayerCapture:
             h.remove()
         self._handles, self._placement_handles = [], []
         self._inputs.clear()
+        self._sub_out.clear()
         return False
 
     # -- per batch -------------------------------------------------------------------------
@@ -137,6 +265,8 @@ class LayerCapture:
         self.angular_sum += angular_distance_matrix(unit_vectors(units))
         self.angular_count += units.shape[1]
         self._units = [None] * (self.num_layers + 1)
+        self._sub_out.clear()
+        self._checking_decomposition = False
         if self._placement_handles:
             # Placement is a property of the architecture: one batch tells it; stop paying for it.
             self.placement = [
@@ -153,6 +283,46 @@ class LayerCapture:
 
     def block_influence(self) -> list[float]:
         return [block_influence(s, c) for s, c in zip(self.cos_sum, self.cos_count)]
+
+    def lens_kl(self) -> list[float]:
+        """Mean KL(p_final ‖ p_layer) in nats per layer (NaN without a lens)."""
+        n = self.lens_count
+        return [float(s) / n if n else float("nan") for s in self.lens_kl_sum]
+
+    def lens_top1(self) -> list[float]:
+        n = self.lens_count
+        return [float(s) / n if n else float("nan") for s in self.lens_top1_sum]
+
+    def relative_update(self) -> list[float]:
+        return [float(s) / int(c) if int(c) else float("nan") for s, c in zip(self.update_ratio_sum, self.update_count)]
+
+    def update_cosine(self) -> list[float]:
+        return [float(s) / int(c) if int(c) else float("nan") for s, c in zip(self.update_cos_sum, self.update_count)]
+
+    def max_activation(self) -> list[float]:
+        return [float(v) for v in self.act_max]
+
+    def mean_abs_activation(self) -> list[float]:
+        return [float(s) / m.count if m.count else float("nan") for s, m in zip(self.act_abs_sum, self.output_moments)]
+
+    def decomposes(self, index: int, dtype: torch.dtype) -> bool:
+        """Whether layer `index`'s output was input + attention + MLP on the first batch, to rounding."""
+        return float(self.decomposition_error[index]) <= DECOMPOSITION_EPS * torch.finfo(dtype).eps
+
+    def sublayer_updates(self, dtype: torch.dtype) -> dict[tuple[int, str], tuple[float, float]]:
+        """(layer, "attention"|"mlp") -> (relative_update, update_cosine), for the layers whose output
+        is exactly input + attention output + MLP output (`dtype`: the model's, for the rounding bound).
+
+        Under Post-LN (and sandwich, DeepNorm, HybridNorm's FFN) the residual add sits inside a norm:
+        the sublayer's output is not what the stream gains, so those layers get no sublayer rows; the
+        layer-level relative_update (y − x) still includes what the norm does.
+        """
+        out = {}
+        for (index, which), (r, c, n) in self.sub_sums.items():
+            n = int(n)
+            if n and self.decomposes(index, dtype):
+                out[(index, which)] = (float(r) / n, float(c) / n)
+        return out
 
     def measured_scheme(self) -> tuple[str, int | None]:
         return summarize_measured_scheme(self.placement or [])

@@ -195,7 +195,9 @@ def per_layer(models: list[ModelResults]) -> pd.DataFrame:
             continue
         df = pd.DataFrame({"layer": range(L)})
         if m.analysis is not None:
-            cols = [c for c in ("layer", "angular_distance", "block_influence", "output_variance", "grad_norm")
+            cols = [c for c in ("layer", "angular_distance", "block_influence", "output_variance", "grad_norm",
+                                "lens_kl", "lens_top1", "relative_update", "update_cosine", "max_activation",
+                                "mean_abs_activation")
                     if c in m.analysis.layers.columns]
             df = df.merge(m.analysis.layers[cols], on="layer", how="left")
         removal = m.layer_removal()

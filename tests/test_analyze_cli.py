@@ -142,4 +142,7 @@ def test_smollm2_gguf_end_to_end(tmp_path):
     assert summary["norm_scheme"] == "pre" and summary["measured_norm_scheme"] == "pre"
     assert "smollm2" in proc.stdout.lower() or "SmolLM2" in proc.stdout
     html = (out / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    # angular heatmap, layer importance, output variance, logit lens, residual updates, activations, gradients
+    assert html.count("data:image/png;base64,") == 7
+    assert (layers["lens_kl"].iloc[:-1] > 0).all() and layers["lens_top1"].iloc[-1] == 1.0
+    assert (layers["max_activation"] > layers["mean_abs_activation"]).all()

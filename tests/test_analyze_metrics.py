@@ -158,6 +158,9 @@ def test_capture_keeps_no_per_sample_state(tmp_path):
     def state_bytes():
         moments = capture.output_moments + capture.update_moments
         tensors = [capture.angular_sum] + [t for m in moments for t in (m.s1, m.s2)] + list(capture.cos_sum)
+        tensors += capture.lens_kl_sum + capture.lens_top1_sum + capture.update_ratio_sum + capture.update_cos_sum
+        tensors += capture.update_count + capture.act_max + capture.act_abs_sum + capture.decomposition_error
+        tensors += [t for sums in capture.sub_sums.values() for t in sums]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     sizes = []
@@ -165,10 +168,10 @@ def test_capture_keeps_no_per_sample_state(tmp_path):
         for step in range(5):
             loaded.model(input_ids=torch.randint(0, 256, (3, 16)), use_cache=False)
             capture.end_batch()
-            assert capture._inputs == {} and all(u is None for u in capture._units)
+            assert capture._inputs == {} and capture._sub_out == {} and all(u is None for u in capture._units)
             sizes.append(state_bytes())
     assert len(set(sizes)) == 1
-    assert capture.angular_count == 5 * 3 * 16
+    assert capture.angular_count == 5 * 3 * 16 and capture.lens_count == 5 * 3 * 16
 
 
 def test_norm_placement_is_measured(tmp_path):

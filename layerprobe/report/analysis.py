@@ -94,6 +94,85 @@ def plot_grad_norms(result, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _has(df, col: str) -> bool:
+    return col in df and df[col].astype(float).notna().any()
+
+
+def plot_logit_lens(result, path: Path) -> None:
+    """Logit lens by depth: KL to the final distribution (log axis) and top-1 agreement, lock-in marked."""
+    from ..metrics import LOCK_IN_TOP1, lock_in_layer
+
+    df = result.layers
+    fig, ax = new_figure()
+    kl = df["lens_kl"].astype(float)
+    # The last layer's KL is 0 up to rounding (its lens is the model's own output): off the log axis.
+    ax.semilogy(df["layer"], kl.where(kl > 1e-6), "o-", color="#0072B2", markersize=3.5,
+                label="KL(p_final ‖ p_ℓ), nats (left; 0 at the last layer)")
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("KL to the final next-token distribution (nats, log scale)")
+    ax2 = ax.twinx()
+    ax2.plot(df["layer"], df["lens_top1"], "s--", color="#D55E00", markersize=3.5,
+             label="top-1 agrees with the final prediction (right)")
+    ax2.set_ylim(-0.03, 1.03)
+    ax2.spines["right"].set_visible(True)
+    ax2.set_ylabel("fraction of tokens, top-1 = final top-1")
+    ax2.grid(False)
+    lock = lock_in_layer([float(v) for v in df["lens_top1"]])
+    if lock is not None:
+        ax.axvline(lock, color="#555555", linestyle=":", linewidth=1.2,
+                   label=f"lock-in: top-1 ≥ {LOCK_IN_TOP1:g} from layer {lock} on")
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=8, loc="center left")
+    ax.set_title(_title(result, "logit lens: when the final prediction forms"), parse_math=False)
+    integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
+def plot_residual_updates(result, path: Path) -> None:
+    """Relative update ‖y−x‖/‖x‖ and update cosine cos(y−x, x) by depth, per layer and per sublayer."""
+    df, sub = result.layers, result.sublayers
+    fig, first = new_figure(7.5, 5.6)
+    first.remove()
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax1.plot(df["layer"], df["relative_update"], "o-", color="#000000", markersize=3.5, label="whole layer")
+    ax2.plot(df["layer"], df["update_cosine"], "o-", color="#000000", markersize=3.5, label="whole layer")
+    if _has(sub, "relative_update"):
+        for kind, style, color, label in (("attention", "^--", "#0072B2", "attention"), ("mlp", "s--", "#D55E00", "MLP")):
+            rows = sub[sub["kind"] == kind].dropna(subset=["relative_update"]).sort_values("layer")
+            if len(rows):
+                ax1.plot(rows["layer"], rows["relative_update"], style, color=color, markersize=3, label=label)
+                ax2.plot(rows["layer"], rows["update_cosine"], style, color=color, markersize=3, label=label)
+    ax1.set_yscale("log")  # the first layer often rewrites the embedding many times over
+    ax1.set_ylabel("‖update‖ / ‖stream‖ (log)")
+    ax2.axhline(0, color="#999999", linewidth=0.8)
+    ax2.set_ylabel("cos(update, stream)")
+    ax2.set_xlabel(LAYER_AXIS)
+    ax1.legend(fontsize=8, ncols=3)
+    ax1.set_title(_title(result, "how much each layer rewrites the residual stream"), parse_math=False)
+    for ax in (ax1, ax2):
+        integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
+def plot_activations(result, path: Path) -> None:
+    """Massive activations: max |y_ℓ| against mean |y_ℓ| by depth (log axis)."""
+    df = result.layers
+    fig, ax = new_figure()
+    ax.semilogy(df["layer"], df["max_activation"], "o-", color="#D55E00", markersize=3.5,
+                label="max |activation| over tokens and units")
+    ax.semilogy(df["layer"], df["mean_abs_activation"], "s--", color="#0072B2", markersize=3.5,
+                label="mean |activation|")
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("|layer output| (residual stream, log scale)")
+    ax.set_title(_title(result, "massive activations against depth"), parse_math=False)
+    ax.legend(fontsize=8)
+    integer_ticks(ax, len(df))
+    save_figure(fig, path)
+
+
 def write_analysis_figures(result, folder: Path) -> list[dict]:
     """Write the analyze PNGs; returns [{file, caption}] for the manifest and the HTML page."""
     figures = [
@@ -106,6 +185,21 @@ def write_analysis_figures(result, folder: Path) -> list[dict]:
         ("output_variance.png", plot_output_variance,
          "Variance of the residual stream after each layer. Under Pre-LN it grows with depth (Curse of Depth)."),
     ]
+    if _has(result.layers, "lens_kl"):
+        figures.append(("logit_lens.png", plot_logit_lens,
+                        "Logit lens (nostalgebraist 2020; Csordás et al. 2025): the model's final norm and head applied "
+                        "to each layer's output. KL to the final next-token distribution in nats (log axis) and the "
+                        "fraction of tokens whose top-1 already matches the final one; dotted: the lock-in layer, the "
+                        "first from which top-1 agreement stays ≥ 0.5."))
+    if _has(result.layers, "relative_update"):
+        figures.append(("residual_updates.png", plot_residual_updates,
+                        "Relative update ‖y−x‖/‖x‖ and update cosine cos(y−x, x) per layer (mean over tokens), and per "
+                        "attention/MLP sublayer where the layer's output is input + attention + MLP (Pre-LN). Cosine < 0: "
+                        "the layer erases part of the stream; ≈ 0: writes new directions; > 0: amplifies it."))
+    if _has(result.layers, "max_activation"):
+        figures.append(("activations.png", plot_activations,
+                        "Largest |activation| in each layer's output against the mean (Sun et al. 2024, massive "
+                        "activations): a gap of orders of magnitude marks a few outlier units."))
     if result.layers["grad_norm"].notna().any():
         figures.append(("grad_norms.png", plot_grad_norms,
                         "L2 norm of the gradient of the mean LM loss per layer and sublayer. Pre-LN shrinks deep "

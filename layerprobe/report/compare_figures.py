@@ -271,12 +271,131 @@ def plot_training_dynamics(comp, path: Path) -> bool:
     return True
 
 
+def _literal_legend(ax, **kwargs) -> None:
+    """A legend whose labels (model names) are shown as typed, never as matplotlib maths."""
+    legend = ax.legend(**kwargs)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+
+
+def _overlay_models(comp, metrics: list[str]):
+    """(model, its rows with every metric present, style) for the models that have `metrics`."""
+    df, by_model = comp.per_layer, styles(comp)
+    if df.empty or any(c not in df.columns for c in metrics):
+        return []
+    out = []
+    for m in comp.models:
+        d = df[df["model"] == m.label].dropna(subset=metrics)
+        if not d.empty:
+            out.append((m, d.sort_values("layer"), by_model[m.label]))
+    return out
+
+
+def plot_logit_lens(comp, path: Path) -> bool:
+    """Logit lens across models: KL to each model's final distribution (log) and top-1 agreement, with
+    each model's lock-in layer marked on the top-1 curve."""
+    from ..metrics import LOCK_IN_TOP1, lock_in_layer
+
+    rows = _overlay_models(comp, ["lens_kl", "lens_top1"])
+    if not rows:
+        return False
+    fig, first = new_figure(7.5, 6.0)
+    first.remove()
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    for m, d, st in rows:
+        kw = dict(color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3.5, linewidth=1.6)
+        kl = d["lens_kl"].where(d["lens_kl"] > 1e-6)  # the last layer is the model's own output: KL 0
+        ax1.plot(_x(comp, d), kl, label=legend_label(m), **kw)
+        ax2.plot(_x(comp, d), d["lens_top1"], **kw)
+        lock = lock_in_layer(list(d["lens_top1"]))
+        if lock is not None:
+            at = d[d["layer"] == lock]
+            ax2.plot(_x(comp, at), at["lens_top1"], marker="o", markersize=10, markerfacecolor="none",
+                     markeredgecolor=st["color"], markeredgewidth=1.6, linestyle="none")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("KL(p_final ‖ p_ℓ), nats (log)")
+    ax2.axhline(LOCK_IN_TOP1, color="#999999", linestyle=":", linewidth=1)
+    ax2.set_ylim(-0.03, 1.03)
+    ax2.set_ylabel("top-1 = final top-1 (fraction)")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+    _x_axis(comp, ax2)
+    ax1.set_title("logit lens: distance to the final prediction; circles: lock-in layer")
+    _literal_legend(ax1, fontsize=8, ncols=2 if len(rows) > 4 else 1)
+    save_figure(fig, path)
+    return True
+
+
+def plot_residual_updates(comp, path: Path) -> bool:
+    """Relative update ‖y−x‖/‖x‖ (log) and update cosine cos(y−x, x) across models."""
+    rows = _overlay_models(comp, ["relative_update", "update_cosine"])
+    if not rows:
+        return False
+    fig, first = new_figure(7.5, 6.0)
+    first.remove()
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    for m, d, st in rows:
+        kw = dict(color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3.5, linewidth=1.6)
+        ax1.plot(_x(comp, d), d["relative_update"].where(d["relative_update"] > 0), label=legend_label(m), **kw)
+        ax2.plot(_x(comp, d), d["update_cosine"], **kw)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("‖y−x‖ / ‖x‖ (log)")
+    ax2.axhline(0, color="#999999", linewidth=0.8)
+    ax2.set_ylabel("cos(y−x, x)")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+    _x_axis(comp, ax2)
+    ax1.set_title("how much each layer rewrites the residual stream")
+    _literal_legend(ax1, fontsize=8, ncols=2 if len(rows) > 4 else 1)
+    save_figure(fig, path)
+    return True
+
+
+def plot_massive_activations(comp, path: Path) -> bool:
+    """max |y_ℓ| over mean |y_ℓ| across models (log): where massive activations appear and stay."""
+    rows = _overlay_models(comp, ["max_activation", "mean_abs_activation"])
+    if not rows:
+        return False
+    fig, ax = new_figure(7.5, 4.4)
+    for m, d, st in rows:
+        ratio = d["max_activation"] / d["mean_abs_activation"].where(d["mean_abs_activation"] > 0)
+        ax.plot(_x(comp, d), ratio, color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
+                markersize=3.5, linewidth=1.6, label=legend_label(m))
+    ax.set_yscale("log")
+    ax.set_ylabel("max |activation| / mean |activation| (log)")
+    _x_axis(comp, ax)
+    ax.set_title("massive activations: largest unit against the typical one")
+    _literal_legend(ax, fontsize=8, ncols=2 if len(rows) > 4 else 1)
+    save_figure(fig, path)
+    return True
+
+
+# file, plot, caption: the depth-use curves of issue 12, drawn after PER_LAYER.
+DEPTH_USE = [
+    ("compare_logit_lens.png", plot_logit_lens,
+     "Logit lens (nostalgebraist 2020; Csordás et al., arXiv 2505.13898): each model's own final norm and head "
+     "applied to each layer's output. Top: KL to the model's final next-token distribution (nats, log); bottom: "
+     "fraction of tokens whose top-1 already matches the final one. Circles: the lock-in layer, the first from "
+     "which that fraction stays ≥ 0.5."),
+    ("compare_residual_updates.png", plot_residual_updates,
+     "How much each layer rewrites the residual stream: ‖y−x‖/‖x‖ (top, log) and cos(y−x, x) (bottom; < 0 erases, "
+     "≈ 0 writes new directions, > 0 amplifies), averaged over all tokens. Csordás et al. report that second-half "
+     "layers contribute much less than first-half ones."),
+    ("compare_massive_activations.png", plot_massive_activations,
+     "Largest |activation| in each layer's output over the mean |activation| (log). Sun et al. (arXiv 2402.17762) "
+     "find massive activations, 10³–10⁴× the typical one, appearing abruptly in an early layer and staying."),
+]
+
+
 def write_figures(comp, out: Path) -> list[dict]:
     """Every figure the comparison has data for; returns [{file, caption, section}]."""
     figures = []
     what = "normalised depth" if comp.depth == "normalised" else "layer"
     for metric, file, ylabel, scale, title, caption in PER_LAYER:
         if plot_per_layer(comp, metric, out / file, ylabel, scale, f"{title}, by {what}"):
+            figures.append({"file": file, "caption": caption, "section": "per-layer"})
+    for file, plot, caption in DEPTH_USE:
+        if plot(comp, out / file):
             figures.append({"file": file, "caption": caption, "section": "per-layer"})
     if plot_angular_heatmaps(comp, out / "compare_angular_heatmaps.png"):
         figures.append({"file": "compare_angular_heatmaps.png", "section": "angular", "wide": True,

@@ -12,6 +12,7 @@ from ..comparison import HEADLINE_DEFINITIONS, paper_checks
 from ..results import package_versions
 from .compare_figures import styles
 from .compare_table import HEADLINE_COLUMNS, fmt, visible_columns
+from .depth_findings import depth_findings
 from .html import esc, img_tag, page
 
 def _headline_html(comp, styles) -> str:
@@ -86,6 +87,7 @@ def findings(comp) -> list[str]:
         parts = [f"{r['model']} {int(r['removable_layers'])}/{int(r['layers'])}" for _, r in d.iterrows()]
         out.append(f"Layers whose removal alone costs less than {comp.threshold:g} nats: " + ", ".join(parts) +
                    " (an absolute threshold: it depends on the models' scale).")
+    out += depth_findings([(m.label, m.analysis.layers if m.analysis is not None else None) for m in comp.models])
     return out
 
 

@@ -1,0 +1,38 @@
+"""Massive activations (Sun et al., "Massive Activations in Large Language Models", arXiv 2402.17762).
+
+    max_activation_ℓ      = max over tokens and hidden units of |y_ℓ|
+    mean_abs_activation_ℓ = mean over tokens and hidden units of |y_ℓ|
+
+with y_ℓ the output of layer ℓ (the residual stream, before the final norm). Sun et al. find a few
+units whose magnitude is ~10⁴× the median appear abruptly in early layers and stay; the ratio of
+the two columns shows such an outlier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |y|, Σ |y|) over every element, on y's device; Σ in float64.
+
+    As the ∞- and 1-norms of the flattened tensor: no |y| temporary the size of the activations.
+    """
+    flat = y.reshape(-1)
+    return (torch.linalg.vector_norm(flat, float("inf")).double(),
+            torch.linalg.vector_norm(flat, 1, dtype=torch.float64))
+
+
+MASSIVE_RATIO = 100.0
+
+
+def massive_onset(max_activation, mean_abs_activation, ratio: float = MASSIVE_RATIO) -> int | None:
+    """First layer whose largest |activation| is at least `ratio` × its mean |activation| (None if none).
+
+    Sun et al. call an activation massive when it is ~10³-10⁴× the median; against the mean (which
+    the outliers themselves raise) 100× is a conservative threshold.
+    """
+    for layer, (peak, mean) in enumerate(zip(max_activation, mean_abs_activation)):
+        if mean and mean > 0 and peak / mean >= ratio:
+            return layer
+    return None

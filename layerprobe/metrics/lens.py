@@ -1,0 +1,59 @@
+"""Logit lens (nostalgebraist, "interpreting GPT: the logit lens", 2020): what the model would
+predict if it stopped after layer ℓ. Used to measure effective depth by Csordás et al., "Do
+Language Models Use Their Depth Efficiently?", arXiv 2505.13898.
+
+p_ℓ = softmax(readout(y_ℓ)), where y_ℓ is the output of layer ℓ before the final norm and
+`readout` is the model's own final norm, output head and final logit transform
+(`Anatomy.readout`). p_final is the model's own next-token distribution (its logits).
+
+    lens_kl_ℓ   = mean over tokens of KL(p_final ‖ p_ℓ) = Σ_v p_final(v) (log p_final(v) − log p_ℓ(v)), nats
+    lens_top1_ℓ = fraction of tokens where argmax p_ℓ = argmax p_final
+
+The tokens are those of the angular distance (the last of each sample, or every one).
+The lock-in layer is the first layer from which lens_top1 stays ≥ 0.5 to the last layer: from
+there on, the lens's top prediction agrees with the final one on most tokens and keeps agreeing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOCK_IN_TOP1 = 0.5
+
+
+class FinalDistribution(NamedTuple):
+    """log p_final in float32 and its argmax, for a chunk of tokens: formed once, used for every layer."""
+
+    log_p: torch.Tensor  # [N, V]
+    top: torch.Tensor  # [N]
+
+
+def final_distribution(final_logits: torch.Tensor) -> FinalDistribution:
+    return FinalDistribution(F.log_softmax(final_logits.float(), dim=-1), final_logits.argmax(-1))
+
+
+def lens_sums(final: FinalDistribution, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ KL(p_final ‖ p_ℓ), number of tokens whose top-1 agrees) over rows of [N, V] logits.
+
+    Softmax and the KL are taken in float32 (bf16 logits are upcast), the sum in float64; both
+    stay on the logits' device (no host sync). A token with p_final(v) = 0 contributes 0 for v.
+    """
+    log_layer = F.log_softmax(layer_logits.float(), dim=-1)
+    kl = F.kl_div(log_layer, final.log_p, log_target=True, reduction="none").sum(-1)
+    agree = (layer_logits.argmax(-1) == final.top).sum()
+    return kl.sum(dtype=torch.float64), agree
+
+
+def lock_in_layer(top1: list[float], threshold: float = LOCK_IN_TOP1) -> int | None:
+    """First layer from which top-1 agreement stays ≥ `threshold` through the last layer (None if never)."""
+    found = None
+    for layer in range(len(top1) - 1, -1, -1):
+        value = top1[layer]
+        if value is None or math.isnan(value) or value < threshold:
+            break
+        found = layer
+    return found
