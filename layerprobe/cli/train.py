@@ -43,7 +43,7 @@ def summary_table(summary):
 @app.command("train-reference")
 @user_errors
 def train_reference_command(
-    norm: Optional[str] = typer.Option(None, help="Comma list of norm schemes: pre, post, mix, lns, deepnorm, sandwich (any case). Default: pre,post,mix,lns (or the recipe's)."),
+    norm: Optional[str] = typer.Option(None, help="Comma list of norm schemes: pre, post, mix, lns, deepnorm, sandwich, dyt, hybrid, hybrid_star (any case). Default: pre,post,mix,lns (or the recipe's)."),
     preset: Optional[str] = typer.Option(None, help="micro | tiny (CPU, the default) | 71m | 130m | 250m | 350m | 1b (the papers' sizes)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the recipe's, else the preset's)."),
     tokens: Optional[str] = typer.Option(None, help="Token budget instead of --steps, e.g. 1.1B or 500M: steps = ceil(tokens / (batch x seq))."),
