@@ -334,3 +334,19 @@ def test_cli_prepare_data_and_its_errors(corpus, prepared, tmp_path):
     assert result.exit_code == 2
     assert_one_line_error(result, text, "at least 257 ids")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_concurrent_preparations_of_one_spec_prepare_it_once(corpus, tmp_path, monkeypatch):
+    """Two processes asking for the same data at once (the demo's workers, two runs sharing the cache): one
+    prepares, the other waits for it and reuses the folder; neither sees a half-written one."""
+    import functools
+    import multiprocessing
+
+    monkeypatch.setenv("LAYERPROBE_CACHE", str(tmp_path / "cache"))  # inherited by the spawned processes
+    spec = str(corpus.data / "b_c4-train.00000-of-01024.json.gz")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(functools.partial(prepare_data, tokenizer="bpe:600", progress=False), [spec, spec])
+    assert results[0].path == results[1].path
+    assert sorted(r.reused for r in results) == [False, True]
+    assert results[0].index["tokens"] == results[1].index["tokens"] > 0
+    assert TokenStore(results[0].path, tokenizer="bpe:600").n_tokens == results[0].index["tokens"]

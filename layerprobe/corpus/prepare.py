@@ -15,6 +15,7 @@ reader's order is fixed, so the result equals a preparation done in one go (test
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -232,6 +233,33 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     # A named tokenizer is keyed by its fingerprint; a BPE by its size (it is a pure function of the data).
     hf_tok = None if tok_name == "bpe" else load_hf_tokenizer(tokenizer)
     path, key = _resolve_out(spec, tok_spec, text_column, out, fingerprint(hf_tok) if hf_tok is not None else None)
+    # One preparation of a folder at a time: parallel runs on the same data (the demo's workers, two jobs
+    # sharing the cache) wait here, then find it complete and reuse it.
+    with _preparation_lock(path):
+        return _prepare_into(path, key, spec, kind, tok_spec, hf_tok, bpe_vocab, text_column=text_column,
+                             chunk_bytes=chunk_bytes, progress=progress, on_status=on_status)
+
+
+@contextlib.contextmanager
+def _preparation_lock(path: Path):
+    """An exclusive advisory lock (flock) for preparing `path`, kept beside the cache, so it is released
+    when its holder ends however it ends (a SIGKILL included)."""
+    import fcntl
+    import hashlib
+
+    locks = cache_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(str(path.expanduser().resolve()).encode("utf-8")).hexdigest()[:20]
+    with open(locks / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_into(path: Path, key: str, spec: str, kind: str, tok_spec: str, hf_tok, bpe_vocab: int, *,
+                  text_column, chunk_bytes: int, progress: bool, on_status) -> Prepared:
     state_kind = _check_out(path, key)
     if state_kind == "complete":
         from .store import TokenStore
@@ -243,37 +271,59 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     # Disk space first (before training a tokenizer or creating the folder), where the size is estimable.
     itemsize = 2 if (bpe_vocab if hf_tok is None else len(hf_tok)) <= 1 << 16 else 4
     need = _disk_estimate(spec, itemsize)
+    if state_kind != "resume":
+        _check_free_space(spec, path, need)
+    tok, state_kind = _tokenizer_for(spec, text_column, path, hf_tok, bpe_vocab, state_kind, say)
+    dtype = np.dtype(np.uint16) if len(tok) <= 1 << 16 else np.dtype(np.uint32)
+
+    ensure_writable_dir(path)  # created only now: bad input above leaves nothing behind
+    state = _start_state(path, key, tok, dtype, state_kind, say)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # encode_batch on every core
+    t0 = time.perf_counter()
+    _tokenize_into(path, spec, text_column, tok, dtype, state, chunk_bytes=chunk_bytes, need=need, progress=progress)
+    if state["tokens"] == 0:
+        raise LayerprobeError(f"the data {spec!r} holds no text to tokenize")
+    index = _index(spec, kind, text_column, key, tok_spec, tok, dtype, state, seconds=time.perf_counter() - t0)
+    os.replace(path / PARTIAL_NAME, path / TOKENS_NAME)
+    write_json(path / INDEX_NAME, index)  # last: from here the folder is complete
+    (path / STATE_NAME).unlink(missing_ok=True)
+    return Prepared(path, index, reused=False)
+
+
+def _check_free_space(spec: str, path: Path, need: int | None) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if need is not None and state_kind != "resume" and need > free:
+    if need is not None and need > free:
         raise LayerprobeError(
             f"preparing {spec} needs about {need / 1e6:,.0f} MB in {path} (at ~{CHARS_PER_TOKEN_LOW:g} characters per "
             f"token) and only {free / 1e6:,.0f} MB are free: free space there or choose another --out / LAYERPROBE_CACHE"
         )
 
-    # The tokenizer: the one saved by an interrupted run of this preparation, else loaded or trained.
+
+def _tokenizer_for(spec, text_column, path: Path, hf_tok, bpe_vocab: int, state_kind: str, say):
+    """The named tokenizer; else the BPE an interrupted run of this preparation saved; else a new BPE (which
+    makes the preparation start afresh). Returns (tokenizer, state kind)."""
     tok_dir = path / TOKENIZER_DIR
     if hf_tok is not None:
-        tok = hf_tok
-    elif state_kind == "resume" and tok_dir.is_dir():
-        tok = load_hf_tokenizer(str(tok_dir))
-    else:
-        say(f"training a byte-level BPE of {bpe_vocab} ids on the first {SAMPLE_BYTES >> 20} MB of {spec}")
-        tok = train_bpe_on_sample(iter_pieces(spec, text_column), bpe_vocab)
-        state_kind = "fresh"
-    vocab_len = len(tok)
-    dtype = np.dtype(np.uint16) if vocab_len <= 1 << 16 else np.dtype(np.uint32)
-    sep_id, sep_desc = separator(tok)
+        return hf_tok, state_kind
+    if state_kind == "resume" and tok_dir.is_dir():
+        return load_hf_tokenizer(str(tok_dir)), state_kind
+    say(f"training a byte-level BPE of {bpe_vocab} ids on the first {SAMPLE_BYTES >> 20} MB of {spec}")
+    return train_bpe_on_sample(iter_pieces(spec, text_column), bpe_vocab), "fresh"
 
-    ensure_writable_dir(path)  # created only now: bad input above leaves nothing behind
-    partial, state_path = path / PARTIAL_NAME, path / STATE_NAME
-    state = {"key": key, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+
+def _start_state(path: Path, key: str, tok, dtype: np.dtype, state_kind: str, say) -> dict:
+    """The progress record to continue from: the interrupted run's if its partial file holds what it says,
+    else a fresh one (the tokenizer saved beside it, stale files removed)."""
+    partial, state_path, tok_dir = path / PARTIAL_NAME, path / STATE_NAME, path / TOKENIZER_DIR
+    fresh = {"key": key, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+    state = fresh
     if state_kind == "resume":
         state = json.loads(state_path.read_text(encoding="utf-8"))
         if not partial.exists() and (path / TOKENS_NAME).exists():
             os.replace(path / TOKENS_NAME, partial)  # stopped between the final rename and the index
         if not partial.exists() or partial.stat().st_size < state["tokens"] * dtype.itemsize:
-            state_kind, state = "fresh", {**state, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+            state_kind, state = "fresh", {**state, **fresh}
     if state_kind == "fresh":
         shutil.rmtree(tok_dir, ignore_errors=True)
         tok.save_pretrained(str(tok_dir))
@@ -281,13 +331,32 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
         (path / TOKENS_NAME).unlink(missing_ok=True)
     else:
         say(f"resuming an interrupted preparation at {state['tokens']:,} tokens ({state['pieces']:,} pieces)")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # encode_batch on every core
+    return state
 
+
+def _flatten(group, ids, sep_id: int | None) -> tuple[np.ndarray, int]:
+    """One chunk's token ids end to end, the separator after each document's last piece; and its document count."""
+    flat: list[int] = []
+    docs = 0
+    for p, row in zip(group, ids):
+        flat.extend(row)
+        if p.last:
+            docs += 1
+            if sep_id is not None:
+                flat.append(sep_id)
+    return np.asarray(flat, dtype=np.int64), docs
+
+
+def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: dict, *, chunk_bytes: int,
+                   need: int | None, progress: bool) -> None:
+    """Encode the pieces not yet in the partial file, chunk by chunk, appending ids and recording `state` after
+    each chunk (so an interruption resumes there). A full disk removes the partial file and says so."""
     from ..progress import make_progress
 
+    partial, state_path = path / PARTIAL_NAME, path / STATE_NAME
+    sep_id, _ = separator(tok)
     total_b = source_bytes(spec)
-    t0 = time.perf_counter()
-    done_b0 = state["text_bytes"]
+    t0, done_b0 = time.perf_counter(), state["text_bytes"]
     try:
         with open(partial, "r+b" if partial.exists() else "wb") as f, make_progress(progress) as bar:
             f.truncate(state["tokens"] * dtype.itemsize)  # drop a chunk written after the last recorded state
@@ -295,20 +364,11 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
             task = bar.add_task("tokenizing (MB)", total=max(1, round(total_b / 1e6)) if total_b else None,
                                 completed=state["text_bytes"] / 1e6, info="")
             for group, nbytes in _prefetch(_chunked(iter_pieces(spec, text_column), chunk_bytes, state["pieces"])):
-                ids = encode_texts(tok, [p.text for p in group])
-                flat: list[int] = []
-                docs = 0
-                for p, row in zip(group, ids):
-                    flat.extend(row)
-                    if p.last:
-                        docs += 1
-                        if sep_id is not None:
-                            flat.append(sep_id)
-                arr = np.asarray(flat, dtype=np.int64)
+                arr, docs = _flatten(group, encode_texts(tok, [p.text for p in group]), sep_id)
                 if arr.size:
                     mx = int(arr.max())
                     if mx >= 1 << (8 * dtype.itemsize):
-                        raise LayerprobeError(f"the tokenizer produced id {mx}, beyond its {vocab_len} ids; it cannot be stored as {dtype}")
+                        raise LayerprobeError(f"the tokenizer produced id {mx}, beyond its {len(tok)} ids; it cannot be stored as {dtype}")
                     state["max_id"] = max(state["max_id"], mx)
                 _write_chunk(f, arr.astype(dtype))
                 state["pieces"] += len(group)
@@ -322,35 +382,34 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
             if total_b:
                 bar.update(task, completed=total_b / 1e6)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            written = partial.stat().st_size if partial.exists() else 0
-            partial.unlink(missing_ok=True)
-            state_path.unlink(missing_ok=True)
-            est = f"about {need / 1e6:,.0f} MB in all" if need else "more than that"
-            raise LayerprobeError(
-                f"the disk holding {path} filled up after {written / 1e6:,.1f} MB of token ids ({est} needed); "
-                "the partial file was removed: free space there or choose another --out / LAYERPROBE_CACHE"
-            ) from None
-        raise
-    if state["tokens"] == 0:
-        raise LayerprobeError(f"the data {spec!r} holds no text to tokenize")
+        if e.errno != errno.ENOSPC:
+            raise
+        written = partial.stat().st_size if partial.exists() else 0
+        partial.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+        est = f"about {need / 1e6:,.0f} MB in all" if need else "more than that"
+        raise LayerprobeError(
+            f"the disk holding {path} filled up after {written / 1e6:,.1f} MB of token ids ({est} needed); "
+            "the partial file was removed: free space there or choose another --out / LAYERPROBE_CACHE"
+        ) from None
 
-    index = {
+
+def _index(spec, kind, text_column, key, tok_spec, tok, dtype: np.dtype, state: dict, *, seconds: float) -> dict:
+    """index.json: what the token file holds and how it was made (the tokenizer's fingerprint included)."""
+    sep_id, sep_desc = separator(tok)
+    files = {k: v for k, v in source_fingerprint(spec, text_column).items() if k == "files"}
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "key": key,
-        "source": {"spec": spec, "kind": kind, "text_column": text_column, **{k: v for k, v in source_fingerprint(spec, text_column).items() if k == "files"}},
-        "tokenizer": {"name": tok_spec, "class": type(tok).__name__, "fingerprint": fingerprint(tok), "vocab_len": vocab_len,
+        "source": {"spec": spec, "kind": kind, "text_column": text_column, **files},
+        "tokenizer": {"name": tok_spec, "class": type(tok).__name__, "fingerprint": fingerprint(tok), "vocab_len": len(tok),
                       "eos_id": sep_id, "separator": sep_desc, "max_id": state["max_id"],
-                      "embedding_size": embedding_size(vocab_len, state["max_id"])},
+                      "embedding_size": embedding_size(len(tok), state["max_id"])},
         "dtype": dtype.name,
         "documents": state["documents"],
         "tokens": state["tokens"],
         "bytes": state["tokens"] * dtype.itemsize,
         "text_bytes": state["text_bytes"],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
-    os.replace(partial, path / TOKENS_NAME)
-    write_json(path / INDEX_NAME, index)  # last: from here the folder is complete
-    state_path.unlink(missing_ok=True)
-    return Prepared(path, index, reused=False)
