@@ -174,6 +174,22 @@ def _run_job(job: _Job) -> tuple[RunResult, dict, Path | None]:
     return run, summary.settings, folder
 
 
+def _stop_workers(pool, grace: float = 10.0) -> None:
+    """End every worker of a pool whose job failed. SIGTERM first: a worker in training saves its run (the
+    trainer's stop flag) and then idles in the pool, which never ends it once a job has failed, so whatever
+    is still alive after `grace` seconds is killed. Runs stay resumable: checkpoints are written atomically."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=False, cancel_futures=True)  # waiting would join workers that will never take a job
+
+
 def _run_jobs(jobs: list[_Job], workers: int, threads: int, progress: bool) -> list[tuple]:
     """Every job, in `workers` spawned processes of `threads` threads each (in this process when workers is 1);
     results in the jobs' order. A worker's progress shows in this process's one display."""
@@ -194,9 +210,7 @@ def _run_jobs(jobs: list[_Job], workers: int, threads: int, progress: bool) -> l
             if failed:
                 # A bad folder or option fails every model the same way; stop the rest rather than finish
                 # their training first (their runs stay resumable: checkpoints are written atomically).
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    process.terminate()
-                pool.shutdown(wait=True, cancel_futures=True)
+                _stop_workers(pool)
                 raise failed[0].exception()
         except KeyboardInterrupt:
             # Ctrl-C reaches the workers too: each saves its run (the trainer's stop flag) before it ends.

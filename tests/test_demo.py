@@ -149,3 +149,27 @@ def test_committed_demo_report_is_current():
         assert (folder / f["file"]).is_file(), f["file"]
     headline = pd.read_csv(folder / "headline.csv")
     assert len(headline) == 4 and headline["perplexity"].map(math.isfinite).all()
+
+
+@pytest.mark.slow
+def test_a_failing_worker_ends_the_demo_with_its_error(tmp_path):
+    """One scheme fails at once while another is still training: the demo stops the other worker (its run
+    stays resumable) and ends with the failure's one line instead of waiting for a pool that never empties."""
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "post").write_text("a file where the post run's folder would go")
+    args = [sys.executable, "-m", "layerprobe", "demo", "--preset", "micro", "--steps", "400", "--norm", "pre,post",
+            "--workers", "2", "--threads", "1", "--no-block-sweep", "-q", "--out", str(tmp_path / "report"),
+            "--runs", str(runs)]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # The timeout only turns a hang into a failure; it is no performance bound.
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "post" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "report" / "index.html").exists()

@@ -92,6 +92,9 @@ class Run:
     # -- folder checks, done for every scheme before any training starts --
     def check_folder(self) -> None:
         s = self.plan.settings
+        if self.dir.exists() and not self.dir.is_dir():
+            raise LayerprobeError(f"{self.dir} is a file, where this run's folder would go",
+                                  advice="remove it or choose another {out}")
         if self.env.is_main:
             ckpt.recover(self.dir)
         if not self.dir.exists() or not any(self.dir.iterdir()):
