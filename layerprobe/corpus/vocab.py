@@ -11,6 +11,7 @@ largest id in the data is below 32,000, which the index records (`max_id`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -18,23 +19,78 @@ from typing import Iterable
 
 from ..errors import LayerprobeError
 
-# The BPE itself and the fingerprint live in training.tokenizer (runs save and compare them); imported where
-# used, because the training package imports this one.
-MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token (as training.tokenizer.MIN_VOCAB)
+EOS = "<|endoftext|>"  # the byte-level BPE's one special token: end of text, also its BOS and padding
+MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
 
 SAMPLE_BYTES = 32 << 20  # BPE training reads at most this much text: a few tens of MB, never the corpus
 DEFAULT_BPE_VOCAB = 32000
 EMBEDDING_MULTIPLE = 64
 
-__all__ = ["DEFAULT_BPE_VOCAB", "SAMPLE_BYTES", "embedding_size", "fingerprint", "load_hf_tokenizer",
-           "parse_tokenizer_spec", "separator", "train_bpe_on_sample"]
+__all__ = ["DEFAULT_BPE_VOCAB", "EOS", "MIN_VOCAB", "SAMPLE_BYTES", "check_tokenizer_spec", "embedding_size",
+           "fingerprint", "load_hf_tokenizer", "load_tokenizer", "parse_tokenizer_spec", "separator",
+           "train_bpe_on_sample", "train_bpe_tokenizer"]
 
 
 def fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's full definition (tokenizer.json, or the vocabulary for slow tokenizers)."""
-    from ..training.tokenizer import tokenizer_fingerprint
+    """A short hash of the tokenizer's full definition (tokenizer.json, or the vocabulary for slow tokenizers):
+    prepared data and resumed runs must tokenize exactly as before."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    return tokenizer_fingerprint(tokenizer)
+
+def train_bpe_tokenizer(docs: list[str], vocab_size: int, *, min_frequency: int = 2, max_length: int | None = None):
+    """A byte-level BPE (GPT-2 style) trained on `docs`, as a transformers fast tokenizer.
+
+    Training is deterministic: the same documents and vocabulary size give the same merges, so every
+    process of a distributed run (and a resumed run) trains the same tokenizer without coordination.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < MIN_VOCAB:
+        raise LayerprobeError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + end-of-text); got {vocab_size}")
+    if not docs:
+        raise LayerprobeError("no training text to build a tokenizer from")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=EOS)
+    if max_length:
+        fast.model_max_length = max_length
+    return fast
+
+
+def check_tokenizer_spec(spec: str | None) -> None:
+    """Refuse a --tokenizer that names a local folder that is not there (before any work): otherwise transformers
+    takes it for a hub id and answers with its rules for repo ids."""
+    if not spec:
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LayerprobeError(f"--tokenizer {spec} is a file; give the folder holding the tokenizer files "
+                                  "(tokenizer.json, tokenizer_config.json) or a hub id")
+        return
+    looks_local = spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
+    if looks_local:
+        raise LayerprobeError(f"--tokenizer folder {spec} does not exist; give an existing folder or a hub id "
+                              "(org/name)")
+
+
+def load_tokenizer(spec: str):
+    """A tokenizer named by --tokenizer, for a run: a local folder or a hub id (its own code is never run),
+    padding with its EOS token when it has no pad token."""
+    check_tokenizer_spec(spec)
+    tok = load_hf_tokenizer(spec)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
@@ -126,8 +182,6 @@ def train_bpe_on_sample(pieces: Iterable, vocab_size: int, max_bytes: int = SAMP
         total += len(docs[-1].encode("utf-8"))
         if total >= max_bytes:
             break
-    from ..training.tokenizer import train_bpe_tokenizer
-
     return train_bpe_tokenizer([d for d in docs if d], vocab_size)
 
 

@@ -14,7 +14,7 @@ from .data import BatchSource, BlockBatches, load_token_data
 from .schedule import lr_at
 from .settings import Plan, TrainSettings
 from .summary import RunResult, TrainingSummary
-from .tokenizer import train_bpe_tokenizer
+from ..corpus.vocab import train_bpe_tokenizer
 from .trainer import train_reference
 
 __all__ = ["BatchSource", "BlockBatches", "Plan", "load_token_data", "RunResult", "TrainSettings", "TrainingSummary", "lr_at",

@@ -214,7 +214,7 @@ def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_siz
         rows = embedding_size(store.vocab_len, max_id)
         rule = (f"the tokenizer's {store.vocab_len:,} ids rounded up to a multiple of 64, at least the largest id "
                 f"{max_id:,} + 1")
-    from .tokenizer import load_tokenizer
+    from ..corpus.vocab import load_tokenizer
 
     tok = load_tokenizer(str(store.tokenizer_dir))
     return TokenData(train=split.train, eval=materialize(split.eval), total_tokens=store.n_tokens, tokenizer=tok,

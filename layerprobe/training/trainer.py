@@ -49,7 +49,7 @@ from .settings import (
 from .health import nonfinite_statistic, stuck_reason
 from .signals import StopFlag
 from .summary import RunResult, TrainingSummary
-from .tokenizer import check_tokenizer_spec, tokenizer_fingerprint
+from ..corpus.vocab import check_tokenizer_spec, fingerprint as tokenizer_fingerprint
 
 __all__ = ["MODEL_KEYS", "Plan", "Run", "RunResult", "StopFlag", "TrainSettings", "TrainingSummary",
            "identity_differences", "init_model", "lr_at", "model_config", "parse_schemes", "resolve_plan",
