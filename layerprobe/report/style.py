@@ -6,7 +6,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import re  # noqa: E402
+
+from matplotlib.ticker import Formatter, LogFormatterMathtext, MaxNLocator  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
 
@@ -60,9 +62,49 @@ def new_figure(width: float = 7.5, height: float = 4.2):
     return fig, ax
 
 
+_SUPERSCRIPT = str.maketrans("-−0123456789", "⁻⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def plain_tick_label(label: str) -> str:
+    """A tick label matplotlib wrote as mathtext ('$\\mathdefault{10^{-2}}$', log axes) in Unicode ('10⁻²'):
+    with maths parsing off (LITERAL_TEXT) the markup would be drawn as it is."""
+    if not (len(label) > 1 and label.startswith("$") and label.endswith("$")):
+        return label
+    text = label[1:-1].replace("\\mathdefault", "").replace("\\times", "×").replace("\\,", "").replace("\\;", " ")
+    text = re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(_SUPERSCRIPT), text)
+    return text.replace("{", "").replace("}", "").replace("\\", "")
+
+
+class _PlainTicks(Formatter):
+    """Wraps a log axis's formatter, which writes mathtext, so its labels come out as plain Unicode."""
+
+    def __init__(self, inner: Formatter):
+        self.inner = inner
+
+    def set_axis(self, axis):
+        super().set_axis(axis)
+        self.inner.set_axis(axis)
+
+    def set_locs(self, locs):
+        self.inner.set_locs(locs)
+
+    def __call__(self, x, pos=None):
+        return plain_tick_label(self.inner(x, pos))
+
+
+def _plain_ticks(fig) -> None:
+    for ax in fig.axes:  # colour bars too
+        for axis in (ax.xaxis, ax.yaxis):
+            for get, put in ((axis.get_major_formatter, axis.set_major_formatter),
+                             (axis.get_minor_formatter, axis.set_minor_formatter)):
+                if isinstance(get(), LogFormatterMathtext):  # log and symlog axes; never a user's labels
+                    put(_PlainTicks(get()))
+
+
 def save_figure(fig, path, tight: bool = True) -> None:
     """Write a PNG atomically and release the figure. `tight=False` for figures laid out by
     matplotlib's constrained layout (panel grids with a shared colour bar)."""
+    _plain_ticks(fig)
     if tight:
         fig.tight_layout()
     with atomic_path(path) as tmp:
