@@ -291,6 +291,28 @@ def _overlay_models(comp, metrics: list[str]):
     return out
 
 
+def _line(st: dict) -> dict:
+    """A model's line in the depth-curve figures: its colour, dash and marker."""
+    return dict(color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3.5, linewidth=1.6)
+
+
+def _stacked_panels():
+    """Two panels stacked on one depth axis (the lens and the residual-update figures)."""
+    fig, first = new_figure(7.5, 6.0)
+    first.remove()
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+    return fig, ax1, ax2
+
+
+def _finish(comp, fig, top, bottom, title: str, n_models: int, path: Path) -> None:
+    _x_axis(comp, bottom)
+    top.set_title(title)
+    _literal_legend(top, fontsize=8, ncols=2 if n_models > 4 else 1)
+    save_figure(fig, path)
+
+
 def plot_logit_lens(comp, path: Path) -> bool:
     """Logit lens across models: KL to each model's final distribution (log) and top-1 agreement, with
     each model's lock-in layer marked on the top-1 curve."""
@@ -299,11 +321,9 @@ def plot_logit_lens(comp, path: Path) -> bool:
     rows = _overlay_models(comp, ["lens_kl", "lens_top1"])
     if not rows:
         return False
-    fig, first = new_figure(7.5, 6.0)
-    first.remove()
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    fig, ax1, ax2 = _stacked_panels()
     for m, d, st in rows:
-        kw = dict(color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3.5, linewidth=1.6)
+        kw = _line(st)
         kl = d["lens_kl"].where(d["lens_kl"] > 1e-6)  # the last layer is the model's own output: KL 0
         ax1.plot(_x(comp, d), kl, label=legend_label(m), **kw)
         ax2.plot(_x(comp, d), d["lens_top1"], **kw)
@@ -317,12 +337,7 @@ def plot_logit_lens(comp, path: Path) -> bool:
     ax2.axhline(LOCK_IN_TOP1, color="#999999", linestyle=":", linewidth=1)
     ax2.set_ylim(-0.03, 1.03)
     ax2.set_ylabel("top-1 = final top-1 (fraction)")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3, linewidth=0.6)
-    _x_axis(comp, ax2)
-    ax1.set_title("logit lens: distance to the final prediction; circles: lock-in layer")
-    _literal_legend(ax1, fontsize=8, ncols=2 if len(rows) > 4 else 1)
-    save_figure(fig, path)
+    _finish(comp, fig, ax1, ax2, "logit lens: distance to the final prediction; circles: lock-in layer", len(rows), path)
     return True
 
 
@@ -331,23 +346,16 @@ def plot_residual_updates(comp, path: Path) -> bool:
     rows = _overlay_models(comp, ["relative_update", "update_cosine"])
     if not rows:
         return False
-    fig, first = new_figure(7.5, 6.0)
-    first.remove()
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    fig, ax1, ax2 = _stacked_panels()
     for m, d, st in rows:
-        kw = dict(color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3.5, linewidth=1.6)
+        kw = _line(st)
         ax1.plot(_x(comp, d), d["relative_update"].where(d["relative_update"] > 0), label=legend_label(m), **kw)
         ax2.plot(_x(comp, d), d["update_cosine"], **kw)
     ax1.set_yscale("log")
     ax1.set_ylabel("‖y−x‖ / ‖x‖ (log)")
     ax2.axhline(0, color="#999999", linewidth=0.8)
     ax2.set_ylabel("cos(y−x, x)")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3, linewidth=0.6)
-    _x_axis(comp, ax2)
-    ax1.set_title("how much each layer rewrites the residual stream")
-    _literal_legend(ax1, fontsize=8, ncols=2 if len(rows) > 4 else 1)
-    save_figure(fig, path)
+    _finish(comp, fig, ax1, ax2, "how much each layer rewrites the residual stream", len(rows), path)
     return True
 
 
@@ -359,8 +367,7 @@ def plot_massive_activations(comp, path: Path) -> bool:
     fig, ax = new_figure(7.5, 4.4)
     for m, d, st in rows:
         ratio = d["max_activation"] / d["mean_abs_activation"].where(d["mean_abs_activation"] > 0)
-        ax.plot(_x(comp, d), ratio, color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
-                markersize=3.5, linewidth=1.6, label=legend_label(m))
+        ax.plot(_x(comp, d), ratio, label=legend_label(m), **_line(st))
     ax.set_yscale("log")
     ax.set_ylabel("max |activation| / mean |activation| (log)")
     _x_axis(comp, ax)
