@@ -129,8 +129,10 @@ class LayerCapture:
                 # The update is small next to the stream in deep layers: form it, rather than
                 # expanding |y - x|^2, which would cancel catastrophically.
                 d = y - x
-                self.update_moments[index].update(d)
-                ratio, ucos, n = update_sums(x, d, x_norm)
+                d_norm = torch.linalg.vector_norm(d, dim=-1)  # per token: the variance's and the ratio's
+                self.update_moments[index].add_sums(d.numel(), d.sum(dtype=torch.float64),
+                                                    d_norm.double().square().sum())
+                ratio, ucos, n = update_sums(x, d, x_norm, d_norm)
                 self.update_ratio_sum[index] = self.update_ratio_sum[index] + ratio
                 self.update_cos_sum[index] = self.update_cos_sum[index] + ucos
                 self.update_count[index] = self.update_count[index] + n

@@ -16,11 +16,11 @@ import torch
 def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max |y|, Σ |y|) over every element, on y's device; Σ in float64.
 
-    As the ∞- and 1-norms of the flattened tensor: no |y| temporary the size of the activations.
+    As ∞- and 1-norms: no |y| temporary the size of the activations. The 1-norm is taken per token in
+    y's precision and summed in float64, rather than upcasting every element.
     """
-    flat = y.reshape(-1)
-    return (torch.linalg.vector_norm(flat, float("inf")).double(),
-            torch.linalg.vector_norm(flat, 1, dtype=torch.float64))
+    return (torch.linalg.vector_norm(y.reshape(-1), float("inf")).double(),
+            torch.linalg.vector_norm(y, 1, dim=-1).sum(dtype=torch.float64))
 
 
 MASSIVE_RATIO = 100.0

@@ -21,16 +21,17 @@ import torch
 _EPS = 1e-30  # guards 0/0 for an all-zero stream only
 
 
-def update_sums(x: torch.Tensor, d: torch.Tensor,
-                x_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def update_sums(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = None,
+                d_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σ ‖d‖/‖x‖, Σ cos(d, x), number of tokens summed) over the tokens of [..., H] tensors whose
     x is not all zero; float64 sums on their device (no host sync).
 
-    `x_norm` ([...], optional) saves a pass when the caller already has ‖x‖ per token.
+    `x_norm`, `d_norm` ([...], optional) save a pass each when the caller already has them per token.
     """
     if x_norm is None:
         x_norm = torch.linalg.vector_norm(x, dim=-1)
-    d_norm = torch.linalg.vector_norm(d, dim=-1)
+    if d_norm is None:
+        d_norm = torch.linalg.vector_norm(d, dim=-1)
     seen = x_norm > 0
     ratio = torch.where(seen, d_norm / x_norm.clamp_min(_EPS), 0.0)
     cos = torch.where(seen, torch.linalg.vecdot(d, x) / (d_norm * x_norm).clamp_min(_EPS), 0.0)
