@@ -112,6 +112,19 @@ def check_format(manifest: dict, folder: str | Path) -> None:
         )
 
 
+def _read_section(folder: Path, section: str, table: str) -> tuple[dict, dict]:
+    """(summary, the rest of the section) of one command's results in `folder`, checked: the section and its
+    main table are there and the format version is one this version reads. The figures list is the report's."""
+    manifest = read_manifest(folder)
+    if section not in manifest or not (folder / table).is_file():
+        raise LayerprobeError(f"{folder} holds no {section} results (no {table} / manifest.json)")
+    check_format(manifest, folder)
+    rest = dict(manifest[section])
+    summary = rest.pop("summary", {})
+    rest.pop("figures", None)
+    return summary, rest
+
+
 @dataclass
 class AnalysisResult:
     """What `analyze` measured. Layer index is 0-based, as in the model's module list."""
@@ -141,13 +154,7 @@ class AnalysisResult:
     @classmethod
     def load(cls, folder: str | Path) -> "AnalysisResult":
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        if ANALYZE_SECTION not in manifest or not (folder / "layers.csv").is_file():
-            raise LayerprobeError(f"{folder} holds no analyze results (no layers.csv / manifest.json)")
-        check_format(manifest, folder)
-        section = dict(manifest[ANALYZE_SECTION])
-        summary = section.pop("summary", {})
-        section.pop("figures", None)
+        summary, section = _read_section(folder, ANALYZE_SECTION, "layers.csv")
         sub = folder / "sublayers.csv"
         return cls(
             layers=read_table(folder, "layers.csv"),
@@ -182,13 +189,7 @@ class SweepResult:
     @classmethod
     def load(cls, folder: str | Path) -> "SweepResult":
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        if SWEEP_SECTION not in manifest or not (folder / "sweep.csv").is_file():
-            raise LayerprobeError(f"{folder} holds no prune-sweep results (no sweep.csv / manifest.json)")
-        check_format(manifest, folder)
-        section = dict(manifest[SWEEP_SECTION])
-        summary = section.pop("summary", {})
-        section.pop("figures", None)
+        summary, section = _read_section(folder, SWEEP_SECTION, "sweep.csv")
         table = read_table(folder, "sweep.csv", dtype={"removed": str})
         return cls(table=table, summary=summary, manifest=section)
 
