@@ -38,3 +38,9 @@ class LayerprobeError(Exception):
     def renamed(self, **flags: str) -> "LayerprobeError":
         """The same error, its advice naming the options as `flags` spells them (parameter name -> flag)."""
         return type(self)(self.problem, advice=self.advice, flags={**self.flags, **flags})
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message for a one-line error (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .defaults import DEVICES
-from .errors import LayerprobeError
+from .errors import LayerprobeError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,11 +116,6 @@ def builtin_model_path(name: str) -> Path:
     return path
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
-
-
 def _is_hub_id(spec: str) -> bool:
     """"name" or "org/name" with the characters the hub allows; anything else can only be a path."""
     if spec.startswith((".", "/", "~")) or "\\" in spec or spec.endswith(".gguf"):
@@ -152,7 +147,7 @@ def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     try:
         response = get_session().head(endpoint, timeout=timeout)
     except Exception as e:  # the session's transport errors have library-specific types
-        return f"{endpoint}: {_first_line(e)}"
+        return f"{endpoint}: {first_line(e)}"
     # A 5xx (a proxy with no route, the hub down) is answered at once but downloads would be
     # retried for as long as a dead network; 4xx still means the hub is there.
     status = getattr(response, "status_code", 200)
@@ -260,7 +255,7 @@ def _folder_model_type(resolved: ResolvedSpec) -> str | None:
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayerprobeError(f"{config_file} is not a readable JSON config ({_first_line(e)})") from None
+        raise LayerprobeError(f"{config_file} is not a readable JSON config ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise LayerprobeError(f"{config_file} is not a model config (expected a JSON object)")
     model_type = data.get("model_type")
@@ -296,7 +291,7 @@ def _check_causal_lm(config, where: str, trust_remote_code: bool) -> None:
 
 
 def _friendly_load_error(e: Exception, where: str) -> LayerprobeError:
-    text = _first_line(e)
+    text = first_line(e)
     low = text.lower()
     if any(k in low for k in ("header", "safetensor", "deserializ", "unpickl", "corrupt", "invalid load key",
                               "incomplete metadata", "pytorchstreamreader", "failed to read", "magic",
@@ -308,7 +303,7 @@ def _friendly_load_error(e: Exception, where: str) -> LayerprobeError:
 
 
 def _hub_error(repo_id: str, e: Exception) -> LayerprobeError:
-    text = _first_line(e)
+    text = first_line(e)
     low = text.lower()
     if "trust_remote_code" in low or "custom code" in low:
         return LayerprobeError(f"hub model {repo_id!r} needs its own code to load; re-run with --trust-remote-code if you trust it")
@@ -330,7 +325,7 @@ def _config_error(e: Exception, resolved: ResolvedSpec) -> LayerprobeError:
     """One line for a config that transformers could not read."""
     if resolved.source == "hub":
         return _hub_error(resolved.location, e)
-    text = _first_line(e)
+    text = first_line(e)
     if resolved.source == "gguf" and any(k in text.lower() for k in GGUF_DAMAGE):
         # gguf's reader maps the tensors while reading the config: a file cut short fails as a reshape/unpack.
         return LayerprobeError(f"the GGUF file {resolved.where} could not be read ({text}); it looks corrupt or "
@@ -421,7 +416,7 @@ def _load_config(resolved: ResolvedSpec, kwargs: dict, trust_remote_code: bool):
     if _folder_model_type(resolved) == "layerprobe" and reference_error is not None:
         raise LayerprobeError(
             f"{resolved.where} is a layerprobe checkpoint but layerprobe.reference could not be imported: "
-            f"{_first_line(reference_error)}"
+            f"{first_line(reference_error)}"
         )
     try:
         with _Quiet():
@@ -471,7 +466,7 @@ def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str) -> tuple[
             tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
     except Exception as e:
         # .npy token data needs no tokenizer, so this is reported only when text data needs one.
-        text = _first_line(e)
+        text = first_line(e)
         if "trust_remote_code" in text or "custom code" in text:
             return None, (f"the tokenizer of {resolved.where} needs its own code to load; re-run with "
                           "--trust-remote-code if you trust it, or give token ids as a .npy file")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..data import TEXT_SUFFIXES
-from ..errors import LayerprobeError
+from ..errors import LayerprobeError, first_line
 
 PIECE_CHARS = 1 << 18  # 256K characters: pieces small enough for the tokenizer's threads to share
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -215,7 +215,7 @@ def _hf_pieces(spec: str, column: str | None) -> Iterator[Piece]:
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)  # rows arrive as they download
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise LayerprobeError(f"could not open dataset {name!r} (config {config}, split {split}) from the hub: {first}") from None
     for row in ds:
         text = _column(row, column, f"dataset {name}")

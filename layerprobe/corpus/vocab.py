@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import LayerprobeError
+from ..errors import LayerprobeError, first_line
 
 EOS = "<|endoftext|>"  # the byte-level BPE's one special token: end of text, also its BOS and padding
 MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
@@ -111,12 +111,8 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     return spec, None
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _refuse_custom_code(spec: str, err: Exception) -> None:
-    first = _first_line(err)
+    first = first_line(err)
     if "trust_remote_code" in first or "custom code" in first:
         raise LayerprobeError(f"tokenizer {spec!r} needs its own code to load, which layerprobe does not run for "
                               "training data; give a tokenizer without custom code, or none (one is trained on the "
@@ -141,7 +137,7 @@ def load_hf_tokenizer(spec: str):
             cached_err = e
         _refuse_custom_code(spec, cached_err)
         if local.is_dir():
-            raise LayerprobeError(f"could not load the tokenizer in {local}: {_first_line(cached_err)}") from None
+            raise LayerprobeError(f"could not load the tokenizer in {local}: {first_line(cached_err)}") from None
         reach = _hub_unreachable()
         if reach:
             e = cached_err if reach == "offline" else OSError(reach)
@@ -151,7 +147,7 @@ def load_hf_tokenizer(spec: str):
             except Exception as e2:
                 _refuse_custom_code(spec, e2)
                 e = e2
-    first = _first_line(e)
+    first = first_line(e)
     raise LayerprobeError(
         f"tokenizer {spec!r} is not a local folder, not in the Hugging Face cache, and could not be fetched from the hub "
         f"({first[:160]}): download it once where the hub is reachable, or give its folder"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import LayerprobeError
+from ..errors import LayerprobeError, first_line
 from ..progress import make_progress
 from .surgery import parse_removed, pruned
 
@@ -98,7 +98,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: 
     except LayerprobeError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise LayerprobeError(f"lm-evaluation-harness failed on {', '.join(tasks)} ({first}); check the task "
                               "names and that their data can be downloaded or is cached") from None
     out: dict[str, float] = {}

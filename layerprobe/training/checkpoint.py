@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LayerprobeError
+from ..errors import LayerprobeError, first_line
 from ..io import write_json
 
 STATE_FILE = "trainer_state.pt"
@@ -98,7 +98,7 @@ def _damage(path: Path, check) -> str | None:
     try:
         check(path)
     except Exception as e:  # each reader has its own error types; any of them means the same here
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         return text[:160]
     return None
 
@@ -146,7 +146,7 @@ def load_state(run_dir: Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         raise damaged_checkpoint_error(run_dir, path, text[:160]) from None
 
 
