@@ -1,7 +1,7 @@
 """Training the reference models: `train_reference` trains one model per norm scheme.
 
     from layerprobe.training import train_reference
-    summary = train_reference(norm="pre,post,mix,lns", preset="tiny", steps=300, out="runs")
+    summary = train_reference(norm="pre,post,mix,lns", preset="tiny", steps=200, out="runs")
 
 Modules, in the order a run uses them: settings (TrainSettings -> validated Plan, with --recipe and
 --tokens resolved), recipes (the papers' settings as data), data (the data prepared once into a token
