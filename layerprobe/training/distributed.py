@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import LayerprobeError
+from ..errors import LayerprobeError, first_line
 
 
 @dataclass
@@ -66,6 +66,28 @@ def shutdown(env: DistEnv) -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def main_first(env: DistEnv, work):
+    """`work()` on the main process only, then a collective every process reaches. It stands where a barrier
+    would: when `work` fails on the main process, every other process raises an error naming it instead of
+    waiting at the barrier until the process group times out. Returns `work()`'s result on the main process
+    and None on the others."""
+    if not env.distributed:
+        return work()
+    result, failure = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except BaseException as e:  # Ctrl-C and SystemExit too: the others must not wait for this process
+            failure = e
+    message = [None if failure is None else first_line(failure)]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise LayerprobeError(f"stopped because the main process (rank 0) failed: {message[0]}")
+    return result
 
 
 def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""A failure on the main process reaches every process: no rank waits at a barrier for one that has failed.
+
+Two real gloo processes (torch.multiprocessing, no torchrun: its agent would kill the waiting rank and hide
+a hang). The process group's timeout is short, so a rank left waiting fails with a timeout, not the error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WAIT_LIMIT_S = 20  # the process group's timeout: what a waiting rank would sit through
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fail: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=WAIT_LIMIT_S))
+    from layerprobe.errors import LayerprobeError
+    from layerprobe.training.distributed import DistEnv, main_first
+
+    env = DistEnv(rank=rank, world_size=world)
+    calls = []
+
+    def work():
+        calls.append(rank)
+        if fail:
+            raise OSError(28, "No space left on device")
+        return "done"
+
+    start = time.monotonic()
+    try:
+        outcome = ("returned", main_first(env, work))
+    except LayerprobeError as e:
+        outcome = ("LayerprobeError", str(e))
+    except OSError as e:
+        outcome = ("OSError", str(e))
+    except Exception as e:  # a timeout at the collective: what the old barrier gave
+        outcome = (type(e).__name__, str(e)[:200])
+    results[rank] = (*outcome, time.monotonic() - start, calls)
+    dist.destroy_process_group()
+
+
+def _run(fail: bool) -> dict:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_worker, args=(2, _free_port(), fail, results), nprocs=2, join=True)
+    return dict(results)
+
+
+@pytest.mark.slow
+def test_a_failure_on_the_main_process_is_raised_on_every_process_at_once():
+    results = _run(fail=True)
+    kind0, text0, _, calls0 = results[0]
+    kind1, text1, waited1, calls1 = results[1]
+    assert (kind0, calls0) == ("OSError", [0])  # the main process raises its own error, unchanged
+    assert "No space left on device" in text0
+    assert kind1 == "LayerprobeError" and calls1 == []  # the work ran on the main process only
+    assert text1 == "stopped because the main process (rank 0) failed: [Errno 28] No space left on device"
+    assert waited1 < WAIT_LIMIT_S / 2  # told at once, not after the group's timeout
+
+
+@pytest.mark.slow
+def test_main_first_returns_the_result_on_the_main_process_only():
+    results = _run(fail=False)
+    assert results[0][:2] == ("returned", "done") and results[0][3] == [0]
+    assert results[1][:2] == ("returned", None) and results[1][3] == []
