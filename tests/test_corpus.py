@@ -232,6 +232,83 @@ def test_hf_streaming_spec_reads_rows_as_they_arrive(corpus, tmp_path, monkeypat
     np.testing.assert_array_equal(np.asarray(TokenStore(res.path).tokens, np.int64), reference_ids(corpus.docs[:300], corpus.tok))
 
 
+def _endless_hf(monkeypatch, docs):
+    """A fake `datasets` whose streamed split never ends (as C4's train split effectively does for a run);
+    returns the list of rows pulled so far."""
+    pulled = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        def rows():
+            i = 0
+            while True:
+                pulled.append(i)
+                yield {"text": docs[i % len(docs)]}
+                i += 1
+
+        return rows()
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(readers.importlib.util, "find_spec", lambda name: object())
+    return pulled
+
+
+def test_max_tokens_reads_an_endless_stream_only_as_far_as_asked(corpus, tmp_path, monkeypatch):
+    docs = corpus.docs[1:400]  # the stream's documents, repeated for ever
+    pulled = _endless_hf(monkeypatch, docs)
+    cap = 60_001  # about 140 documents in: the reader runs a few chunks ahead of the tokenizer, no more
+    res = prepare_data("hf:allenai/c4:en:train", corpus.tok_dir, tmp_path / "hf", max_tokens=cap, progress=False,
+                       chunk_bytes=30_000)
+    ref = reference_ids(docs, corpus.tok)
+    assert len(ref) > cap  # the cap falls inside the first pass over the documents
+    np.testing.assert_array_equal(np.asarray(TokenStore(res.path).tokens, np.int64), ref[:cap])
+    ends = np.flatnonzero(ref == corpus.tok.eos_token_id) + 1  # where each reference document ends
+    assert res.index["documents"] == int((ends <= cap).sum())  # the document cut at the cap is not counted
+    assert res.index["source"]["max_tokens"] == cap and res.index["source"]["capped"] is True
+    assert len(pulled) < len(docs)  # the stream is endless: it was left after a few chunks of read-ahead
+    again = prepare_data("hf:allenai/c4:en:train", corpus.tok_dir, tmp_path / "hf", max_tokens=cap, progress=False)
+    assert again.reused
+    with pytest.raises(LayerprobeError, match="already holds prepared data"):  # another cap is another preparation
+        prepare_data("hf:allenai/c4:en:train", corpus.tok_dir, tmp_path / "hf", max_tokens=cap + 1, progress=False)
+
+
+def test_max_tokens_above_the_source_keeps_it_whole_and_a_bad_cap_is_refused(corpus, tmp_path):
+    small = corpus.data / "b_c4-train.00000-of-01024.json.gz"
+    whole = prepare_data(str(small), corpus.tok_dir, tmp_path / "whole", progress=False)
+    capped = prepare_data(str(small), corpus.tok_dir, tmp_path / "capped", max_tokens=10**9, progress=False)
+    assert (tmp_path / "whole" / "tokens.bin").read_bytes() == (tmp_path / "capped" / "tokens.bin").read_bytes()
+    assert capped.index["documents"] == whole.index["documents"] and capped.index["source"]["capped"] is False
+    for bad in (0, -5, 2.5):
+        with pytest.raises(LayerprobeError, match="--max-tokens must be a positive whole number"):
+            prepare_data(str(small), corpus.tok_dir, tmp_path / "bad", max_tokens=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_training_on_a_streamed_dataset_tokenizes_only_what_the_run_reads(corpus, tmp_path, monkeypatch):
+    from layerprobe.training.data import load_token_data
+
+    pulled = _endless_hf(monkeypatch, corpus.docs[1:400])
+    monkeypatch.setenv("LAYERPROBE_CACHE", str(tmp_path / "cache"))
+    data = load_token_data("hf:allenai/c4:en:train", corpus.tok_dir, seq_len=64, batch_size=8, eval_samples=16,
+                           train_blocks=100 * 8)
+    assert len(data.train) == 100 * 8 and len(data.eval) == 16  # every block read once, the tail held out
+    assert data.total_tokens == (100 * 8 + 16) * 64  # and the endless stream was left: this line is reached
+    assert pulled and prep_mod.CHUNK_BYTES * 6 > sum(len(corpus.docs[1 + i % 399]) for i in pulled)  # read-ahead only
+
+
+def test_prepare_data_cli_max_tokens(corpus, tmp_path):
+    small = corpus.data / "b_c4-train.00000-of-01024.json.gz"
+    result, text = run_cli("prepare-data", small, "--tokenizer", corpus.tok_dir, "--out", tmp_path / "p",
+                           "--max-tokens", "20K", "-q")
+    assert result.exit_code == 0, text
+    flat = " ".join(text.split())  # the console wraps at 80 columns
+    assert "20,000 tokens" in flat and "stopped at --max-tokens 20,000" in flat
+    result, text = run_cli("prepare-data", small, "--max-tokens", "lots", "--out", tmp_path / "q")
+    assert_one_line_error(result, text, "--max-tokens must be a count such as")
+    assert not (tmp_path / "q").exists()
+
+
 # ---- bad input: one clear error, before work -------------------------------------------------------------------
 
 

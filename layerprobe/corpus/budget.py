@@ -10,19 +10,20 @@ from ..errors import LayerprobeError
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
-def parse_token_count(text: str | int) -> int:
-    """'1.1B' -> 1_100_000_000; K, M, B (or G), T suffixes in any case; plain integers; '2_200_000' and '2,200,000'."""
+def parse_token_count(text: str | int, option: str = "--tokens") -> int:
+    """'1.1B' -> 1_100_000_000; K, M, B (or G), T suffixes in any case; plain integers; '2_200_000' and '2,200,000'.
+    `option` names the flag in the error."""
     if isinstance(text, int):
         value = text
     else:
         s = str(text).strip().replace("_", "").replace(",", "")
         m = re.fullmatch(r"(\d+(?:\.\d+)?|\.\d+)\s*([kKmMbBgGtT]?)", s)
         if not m:
-            raise LayerprobeError(f"--tokens must be a count such as 1.1B, 500M, 20K or 2200000 (got {text!r})")
+            raise LayerprobeError(f"{option} must be a count such as 1.1B, 500M, 20K or 2200000 (got {text!r})")
         num, suf = m.groups()
         value = round(float(num) * _SUFFIX[suf.upper()]) if "." in num else int(num) * _SUFFIX[suf.upper()]
     if value <= 0:
-        raise LayerprobeError(f"--tokens must be positive (got {text!r})")
+        raise LayerprobeError(f"{option} must be positive (got {text!r})")
     return int(value)
 
 

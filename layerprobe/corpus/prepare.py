@@ -87,9 +87,13 @@ def check_tokenizer_matches(index: dict, tokenizer_spec: str | None, tokenizer=N
         )
 
 
-def preparation_key(spec: str, tokenizer_spec: str, text_column: str | None, tok_fingerprint: str | None) -> str:
-    return fingerprint_key({"format_version": FORMAT_VERSION, "source": source_fingerprint(spec, text_column),
-                            "tokenizer": tokenizer_spec if tok_fingerprint is None else tok_fingerprint})
+def preparation_key(spec: str, tokenizer_spec: str, text_column: str | None, tok_fingerprint: str | None,
+                    max_tokens: int | None = None) -> str:
+    what = {"format_version": FORMAT_VERSION, "source": source_fingerprint(spec, text_column),
+            "tokenizer": tokenizer_spec if tok_fingerprint is None else tok_fingerprint}
+    if max_tokens is not None:  # only then: uncapped preparations keep the keys they always had
+        what["max_tokens"] = int(max_tokens)
+    return fingerprint_key(what)
 
 
 def _disk_estimate(spec: str, itemsize: int) -> int | None:
@@ -167,8 +171,9 @@ def _write_chunk(f, arr: np.ndarray) -> None:
     os.fsync(f.fileno())
 
 
-def _resolve_out(spec: str, tokenizer_spec: str, text_column: str | None, out, tok_fp: str | None) -> tuple[Path, str]:
-    key = preparation_key(spec, tokenizer_spec, text_column, tok_fp)
+def _resolve_out(spec: str, tokenizer_spec: str, text_column: str | None, out, tok_fp: str | None,
+                 max_tokens: int | None) -> tuple[Path, str]:
+    key = preparation_key(spec, tokenizer_spec, text_column, tok_fp, max_tokens)
     if out is None:
         return cache_root() / key, key
     return Path(out).expanduser(), key
@@ -213,15 +218,19 @@ def validate_spec(spec: str) -> str:
 
 
 def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike | None = None, *,
-                 text_column: str | None = None, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
-                 on_status=None) -> Prepared:
+                 text_column: str | None = None, max_tokens: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 progress: bool = True, on_status=None) -> Prepared:
     """Tokenize a data spec once into a prepared folder (`out`, or the cache); reuse it when already there.
 
     `tokenizer`: 'bpe' / 'bpe:N' (a byte-level BPE of N ids trained on the first SAMPLE_BYTES of the
-    data; the default), a tokenizer folder, or a hub id. A spec that is already a prepared folder is
-    checked against the tokenizer, when one is named, and returned as it is.
+    data; the default), a tokenizer folder, or a hub id. `max_tokens`: stop reading once the file holds
+    this many tokens (the last document cut there): a streamed hf: dataset such as C4 is read only as far
+    as a run needs. A spec that is already a prepared folder is checked against the tokenizer, when one is
+    named, and returned as it is.
     """
     spec = str(spec)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
+        raise LayerprobeError(f"--max-tokens must be a positive whole number of tokens (got {max_tokens!r})")
     kind = validate_spec(spec)
     tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer or "bpe")
     if kind == "prepared":
@@ -232,12 +241,13 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     tok_spec = f"bpe:{bpe_vocab}" if tok_name == "bpe" else str(tokenizer)
     # A named tokenizer is keyed by its fingerprint; a BPE by its size (it is a pure function of the data).
     hf_tok = None if tok_name == "bpe" else load_hf_tokenizer(tokenizer)
-    path, key = _resolve_out(spec, tok_spec, text_column, out, fingerprint(hf_tok) if hf_tok is not None else None)
+    path, key = _resolve_out(spec, tok_spec, text_column, out, fingerprint(hf_tok) if hf_tok is not None else None,
+                             max_tokens)
     # One preparation of a folder at a time: parallel runs on the same data (the demo's workers, two jobs
     # sharing the cache) wait here, then find it complete and reuse it.
     with _preparation_lock(path):
         return _prepare_into(path, key, spec, kind, tok_spec, hf_tok, bpe_vocab, text_column=text_column,
-                             chunk_bytes=chunk_bytes, progress=progress, on_status=on_status)
+                             max_tokens=max_tokens, chunk_bytes=chunk_bytes, progress=progress, on_status=on_status)
 
 
 @contextlib.contextmanager
@@ -259,7 +269,7 @@ def _preparation_lock(path: Path):
 
 
 def _prepare_into(path: Path, key: str, spec: str, kind: str, tok_spec: str, hf_tok, bpe_vocab: int, *,
-                  text_column, chunk_bytes: int, progress: bool, on_status) -> Prepared:
+                  text_column, max_tokens: int | None, chunk_bytes: int, progress: bool, on_status) -> Prepared:
     state_kind = _check_out(path, key)
     if state_kind == "complete":
         from .store import TokenStore
@@ -271,6 +281,8 @@ def _prepare_into(path: Path, key: str, spec: str, kind: str, tok_spec: str, hf_
     # Disk space first (before training a tokenizer or creating the folder), where the size is estimable.
     itemsize = 2 if (bpe_vocab if hf_tok is None else len(hf_tok)) <= 1 << 16 else 4
     need = _disk_estimate(spec, itemsize)
+    if max_tokens is not None:  # the cap bounds the file, also where the source's size is unknown (hf:)
+        need = min(need, max_tokens * itemsize) if need is not None else max_tokens * itemsize
     if state_kind != "resume":
         _check_free_space(spec, path, need)
     tok, state_kind = _tokenizer_for(spec, text_column, path, hf_tok, bpe_vocab, state_kind, say)
@@ -280,10 +292,12 @@ def _prepare_into(path: Path, key: str, spec: str, kind: str, tok_spec: str, hf_
     state = _start_state(path, key, tok, dtype, state_kind, say)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # encode_batch on every core
     t0 = time.perf_counter()
-    _tokenize_into(path, spec, text_column, tok, dtype, state, chunk_bytes=chunk_bytes, need=need, progress=progress)
+    _tokenize_into(path, spec, text_column, tok, dtype, state, max_tokens=max_tokens, chunk_bytes=chunk_bytes,
+                   need=need, progress=progress)
     if state["tokens"] == 0:
         raise LayerprobeError(f"the data {spec!r} holds no text to tokenize")
-    index = _index(spec, kind, text_column, key, tok_spec, tok, dtype, state, seconds=time.perf_counter() - t0)
+    index = _index(spec, kind, text_column, key, tok_spec, tok, dtype, state, max_tokens=max_tokens,
+                   seconds=time.perf_counter() - t0)
     os.replace(path / PARTIAL_NAME, path / TOKENS_NAME)
     write_json(path / INDEX_NAME, index)  # last: from here the folder is complete
     (path / STATE_NAME).unlink(missing_ok=True)
@@ -316,10 +330,10 @@ def _start_state(path: Path, key: str, tok, dtype: np.dtype, state_kind: str, sa
     """The progress record to continue from: the interrupted run's if its partial file holds what it says,
     else a fresh one (the tokenizer saved beside it, stale files removed)."""
     partial, state_path, tok_dir = path / PARTIAL_NAME, path / STATE_NAME, path / TOKENIZER_DIR
-    fresh = {"key": key, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1}
+    fresh = {"key": key, "pieces": 0, "tokens": 0, "documents": 0, "text_bytes": 0, "max_id": -1, "capped": False}
     state = fresh
     if state_kind == "resume":
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = {"capped": False, **json.loads(state_path.read_text(encoding="utf-8"))}
         if not partial.exists() and (path / TOKENS_NAME).exists():
             os.replace(path / TOKENS_NAME, partial)  # stopped between the final rename and the index
         if not partial.exists() or partial.stat().st_size < state["tokens"] * dtype.itemsize:
@@ -334,23 +348,25 @@ def _start_state(path: Path, key: str, tok, dtype: np.dtype, state_kind: str, sa
     return state
 
 
-def _flatten(group, ids, sep_id: int | None) -> tuple[np.ndarray, int]:
-    """One chunk's token ids end to end, the separator after each document's last piece; and its document count."""
+def _flatten(group, ids, sep_id: int | None) -> tuple[np.ndarray, list[int]]:
+    """One chunk's token ids end to end, the separator after each document's last piece; and where each
+    document ends in them (the offset after its last token)."""
     flat: list[int] = []
-    docs = 0
+    ends = []
     for p, row in zip(group, ids):
         flat.extend(row)
         if p.last:
-            docs += 1
             if sep_id is not None:
                 flat.append(sep_id)
-    return np.asarray(flat, dtype=np.int64), docs
+            ends.append(len(flat))
+    return np.asarray(flat, dtype=np.int64), ends
 
 
-def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: dict, *, chunk_bytes: int,
-                   need: int | None, progress: bool) -> None:
+def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: dict, *, max_tokens: int | None,
+                   chunk_bytes: int, need: int | None, progress: bool) -> None:
     """Encode the pieces not yet in the partial file, chunk by chunk, appending ids and recording `state` after
-    each chunk (so an interruption resumes there). A full disk removes the partial file and says so."""
+    each chunk (so an interruption resumes there); stop at `max_tokens`. A full disk removes the partial file
+    and says so."""
     from ..progress import make_progress
 
     partial, state_path = path / PARTIAL_NAME, path / STATE_NAME
@@ -361,10 +377,19 @@ def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: d
         with open(partial, "r+b" if partial.exists() else "wb") as f, make_progress(progress) as bar:
             f.truncate(state["tokens"] * dtype.itemsize)  # drop a chunk written after the last recorded state
             f.seek(0, os.SEEK_END)
-            task = bar.add_task("tokenizing (MB)", total=max(1, round(total_b / 1e6)) if total_b else None,
-                                completed=state["text_bytes"] / 1e6, info="")
-            for group, nbytes in _prefetch(_chunked(iter_pieces(spec, text_column), chunk_bytes, state["pieces"])):
-                arr, docs = _flatten(group, encode_texts(tok, [p.text for p in group]), sep_id)
+            # Against the cap where there is one (a stream's size is unknown), else against the source's bytes.
+            by_tokens = max_tokens is not None
+            total = max_tokens / 1e6 if by_tokens else (max(1, round(total_b / 1e6)) if total_b else None)
+            done = state["tokens"] if by_tokens else state["text_bytes"]
+            task = bar.add_task(f"tokenizing ({'M tokens' if by_tokens else 'MB'})", total=total, completed=done / 1e6,
+                                info="")
+            pieces = [] if state["capped"] else iter_pieces(spec, text_column)  # resumed after the last chunk
+            for group, nbytes in _prefetch(_chunked(pieces, chunk_bytes, state["pieces"])):
+                arr, ends = _flatten(group, encode_texts(tok, [p.text for p in group]), sep_id)
+                docs = len(ends)
+                if max_tokens is not None and state["tokens"] + arr.size >= max_tokens:
+                    keep = max_tokens - state["tokens"]
+                    arr, docs, state["capped"] = arr[:keep], sum(e <= keep for e in ends), True
                 if arr.size:
                     mx = int(arr.max())
                     if mx >= 1 << (8 * dtype.itemsize):
@@ -377,10 +402,12 @@ def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: d
                 state["text_bytes"] += nbytes
                 write_json(state_path, state)
                 secs = max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, completed=state["text_bytes"] / 1e6,
+                bar.update(task, completed=(state["tokens"] if by_tokens else state["text_bytes"]) / 1e6,
                            info=f"{(state['text_bytes'] - done_b0) / 1e6 / secs:.1f} MB/s · {state['tokens']:,} tokens")
-            if total_b:
-                bar.update(task, completed=total_b / 1e6)
+                if state["capped"]:
+                    break  # the reader thread stops with the generator
+            if total:
+                bar.update(task, completed=total)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -394,7 +421,8 @@ def _tokenize_into(path: Path, spec, text_column, tok, dtype: np.dtype, state: d
         ) from None
 
 
-def _index(spec, kind, text_column, key, tok_spec, tok, dtype: np.dtype, state: dict, *, seconds: float) -> dict:
+def _index(spec, kind, text_column, key, tok_spec, tok, dtype: np.dtype, state: dict, *, max_tokens: int | None,
+           seconds: float) -> dict:
     """index.json: what the token file holds and how it was made (the tokenizer's fingerprint included)."""
     sep_id, sep_desc = separator(tok)
     files = {k: v for k, v in source_fingerprint(spec, text_column).items() if k == "files"}
@@ -402,7 +430,9 @@ def _index(spec, kind, text_column, key, tok_spec, tok, dtype: np.dtype, state: 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "key": key,
-        "source": {"spec": spec, "kind": kind, "text_column": text_column, **files},
+        "source": {"spec": spec, "kind": kind, "text_column": text_column, **files,
+                   # capped: the source held more text than max_tokens; it was read only that far
+                   "max_tokens": max_tokens, "capped": bool(state.get("capped"))},
         "tokenizer": {"name": tok_spec, "class": type(tok).__name__, "fingerprint": fingerprint(tok), "vocab_len": len(tok),
                       "eos_id": sep_id, "separator": sep_desc, "max_id": state["max_id"],
                       "embedding_size": embedding_size(len(tok), state["max_id"])},

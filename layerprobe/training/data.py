@@ -141,27 +141,29 @@ def _npy(path: str, seq_len: int, vocab_size: int | None) -> np.ndarray:
     return arr
 
 
-def _prepare(spec: str, tokenizer: str | None, *, text_column, env, progress, say) -> TokenStore:
+def _prepare(spec: str, tokenizer: str | None, *, text_column, env, progress, say, max_tokens=None) -> TokenStore:
     """Prepare `spec` once (the first process; the others then find it complete) and open it."""
-    from .distributed import barrier
+    from .distributed import main_first
 
     def run(show: bool):
-        return prepare_data(spec, tokenizer, text_column=text_column, progress=show, on_status=say if show else None)
+        return prepare_data(spec, tokenizer, text_column=text_column, max_tokens=max_tokens, progress=show,
+                            on_status=say if show else None)
 
-    if env is None or env.is_main:
+    if env is None:
         prepared = run(progress)
-        barrier(env) if env is not None else None
-    else:
-        barrier(env)
-        prepared = run(False)
+    else:  # the main process prepares; the others then find the folder complete (or raise its error)
+        prepared = main_first(env, lambda: run(progress))
+        if not env.is_main:
+            prepared = run(False)
     if say and not prepared.reused and (env is None or env.is_main):
-        say(f"prepared {spec} into {prepared.path} ({prepared.index['tokens']:,} tokens)")
+        capped = " (read only as far as this run needs)" if prepared.index["source"].get("capped") else ""
+        say(f"prepared {spec} into {prepared.path} ({prepared.index['tokens']:,} tokens){capped}")
     return TokenStore(prepared.path)
 
 
 def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_size: int, eval_samples: int,
                     vocab_size: int | None = None, embedding: int | None = None, text_column: str | None = None,
-                    eval_spec: str | None = None, env=None, progress: bool = False,
+                    eval_spec: str | None = None, train_blocks: int | None = None, env=None, progress: bool = False,
                     say: Callable[[str], None] | None = None) -> TokenData:
     """Training and held-out blocks of a data spec, read from disk by index.
 
@@ -170,6 +172,8 @@ def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_siz
     explicitly (checked against the largest id in the data); else len(tokenizer) rounded up to 64 and at
     least the largest id + 1 (`layerprobe.corpus.embedding_size`). `eval_spec`: a separate held-out set
     (any spec, tokenized with the training data's tokenizer), else the last blocks of the data.
+    `train_blocks`: the blocks the run will read; a streamed hf: spec is then tokenized only as far as those
+    and the held-out blocks need, not to the end of the dataset (C4's train split is ~150B tokens).
     """
     spec = str(spec)
     if spec.endswith(".npy"):
@@ -193,12 +197,17 @@ def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_siz
                          embedding_rows=rows, embedding_rule="--vocab-size: token ids need no tokenizer",
                          eval_source=where)
 
-    store = _prepare(spec, tokenizer, text_column=text_column, env=env, progress=progress, say=say)
+    def cap(s: str, blocks: int | None) -> int | None:
+        return blocks * seq_len if (blocks is not None and str(s).startswith("hf:")) else None
+
+    own_eval = 0 if eval_spec is not None else eval_samples
+    store = _prepare(spec, tokenizer, text_column=text_column, env=env, progress=progress, say=say,
+                     max_tokens=cap(spec, None if train_blocks is None else train_blocks + own_eval))
     eval_store = None
     if eval_spec is not None:
         # The held-out text is tokenized with the very tokenizer of the training data (a trained BPE included).
         eval_store = _prepare(str(eval_spec), str(store.tokenizer_dir), text_column=text_column, env=env,
-                              progress=progress, say=say)
+                              progress=progress, say=say, max_tokens=cap(str(eval_spec), eval_samples))
         n_eval = min(eval_samples, eval_store.num_blocks(seq_len)) or 1
         where = f"the first {n_eval} blocks of --eval-data {eval_spec} ({eval_store.path})"
     else:

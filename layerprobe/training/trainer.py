@@ -32,7 +32,8 @@ from ..progress import make_progress
 from ..reference import LayerprobeConfig, LayerprobeForCausalLM
 from . import checkpoint as ckpt
 from .data import BatchSource, BlockBatches, TokenData, load_token_data
-from .distributed import DistEnv, all_reduce_sum, any_process, barrier, init_distributed, shutdown, wrap_ddp, wrap_fsdp
+from .distributed import (DistEnv, all_reduce_sum, any_process, barrier, init_distributed, main_first, shutdown,
+                          wrap_ddp, wrap_fsdp)
 from .layer_stats import clip_gradients, evaluate, gradient_norms
 from .model import autocast, init_model
 from .schedule import lr_at
@@ -119,9 +120,8 @@ class Run:
     def prepare(self) -> None:
         """After the checks: clear for --overwrite, or load the state to resume from (every process)."""
         s = self.plan.settings
-        if s.overwrite and self.env.is_main and self.dir.exists():
-            shutil.rmtree(self.dir)
-        barrier(self.env)
+        if s.overwrite:
+            main_first(self.env, lambda: shutil.rmtree(self.dir) if self.dir.exists() else None)
         if s.resume and self.dir.exists():
             self.state = ckpt.load_state(self.dir)
             done = self.state["step"] if self.state else 0
@@ -185,14 +185,16 @@ class Run:
 
     def _save_last(self, core, model, opt, step: int, result: RunResult, extra: dict) -> None:
         model_sd, opt_sd = self._full_state_dicts(model, opt)
-        if self.env.is_main:
+
+        def save():
             state = {"step": step, "optimizer": opt_sd, "torch_rng": torch.get_rng_state(), **extra}
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             last = ckpt.save_checkpoint(self.dir, "last", core, self.tokenizer, state=state, state_dict=model_sd)
             ckpt.publish_top_level(self.dir, last)
             ckpt.write_run(self.dir, self._record(result, step))
-        barrier(self.env)
+
+        main_first(self.env, save)  # a full disk on the main process stops every process, not just it
 
     def _save_best(self, core, model) -> None:
         model_sd = None
@@ -235,9 +237,7 @@ class Run:
     def _start(self) -> tuple[Tally, RunResult]:
         """The folder, the tallies and the result to continue from (step 0 for a fresh run)."""
         plan, env, s = self.plan, self.env, self.plan.settings
-        if env.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        barrier(env)
+        main_first(env, lambda: self.dir.mkdir(parents=True, exist_ok=True))
         state = self.state or {}
         tally = Tally(step=state.get("step", 0), seconds=state.get("train_seconds", 0.0),
                       tokens=state.get("tokens", 0), best_loss=state.get("best_eval_loss"),
@@ -369,9 +369,7 @@ class Run:
         result.seconds = tally.seconds
         result.tokens_per_s = ((tally.tokens - tokens_before) / (tally.seconds - seconds_before)
                                if tally.seconds > seconds_before else None)
-        if env.is_main:
-            ckpt.write_run(self.dir, self._record(result, result.checkpoint_step or 0))
-        barrier(env)
+        main_first(env, lambda: ckpt.write_run(self.dir, self._record(result, result.checkpoint_step or 0)))
         return result
 
     @staticmethod
@@ -424,8 +422,9 @@ def _token_data(plan: Plan, env: DistEnv, say) -> TokenData:
     embedding = s.vocab_size if (s.vocab_size is not None and s.tokenizer is not None) else None
     return load_token_data(s.data, plan.tokenizer_spec, seq_len=plan.seq_len, batch_size=plan.batch_size,
                            eval_samples=s.eval_samples, vocab_size=plan.vocab_size, embedding=embedding,
-                           text_column=s.text_column, eval_spec=s.eval_data, env=env,
-                           progress=s.progress and env.is_main, say=say)
+                           text_column=s.text_column, eval_spec=s.eval_data,
+                           train_blocks=plan.steps * plan.batch_size, env=env, progress=s.progress and env.is_main,
+                           say=say)
 
 
 def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSummary:
@@ -449,9 +448,7 @@ def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSu
     if say:
         for line in data.describe(plan.seq_len):
             say(line)
-    if env.is_main:
-        ensure_writable_dir(out)
-    barrier(env)
+    main_first(env, lambda: ensure_writable_dir(out))
     tokenizer, vocab = data.tokenizer, data.embedding_rows
     fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     if len(data.eval) < env.world_size:
