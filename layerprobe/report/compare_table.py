@@ -27,8 +27,8 @@ HEADLINE_COLUMNS = [
     ("removable_relative", "removable layers (< 10% of max Δloss)", "removable", "d", False),
     ("removable_layers", "removable layers (absolute threshold)", "removable abs", "d", True),
     ("variance_growth", "variance growth (slope)", "var slope", ".2f", True),
-    ("variance_growth_factor", "variance growth factor", "var ×", ".3g", False),
-    ("grad_ratio", "gradient ratio last/first quarter", "∇ last/first", ".3g", False),
+    ("variance_growth_factor", "variance growth factor", "var ×", "sig3", False),
+    ("grad_ratio", "gradient ratio last/first quarter", "∇ last/first", "sig3", False),
 ]
 
 NOTES = {  # the terminal table's caption, for the columns it shows
@@ -47,6 +47,8 @@ def fmt(v, spec) -> str:
         return "—"
     if spec == "d":
         return str(int(v))
+    if spec == "sig3":  # three significant figures, trailing zeros kept so a column reads evenly: 6.00, 4.67, 0.246
+        return format(float(v), "#.3g").replace(".e", "e").rstrip(".")
     if spec:
         return format(float(v), spec)
     return str(v)
