@@ -9,8 +9,10 @@ and reports the median of each (alternating spreads any background load over bot
   analyze (grad):  layerprobe.analyze(..., grad=True) — includes data preparation and writing nothing
   bare (no grad):  forward + loss under inference_mode
   analyze (no grad): layerprobe.analyze(..., grad=False)
-Memory: each of the four runs again in its own subprocess; the peak resident set (VmHWM, reset
-after the model is loaded) and, on CUDA, torch.cuda.max_memory_allocated are reported.
+Memory: each of the four runs again in its own subprocess, after one warm-up batch of the same run (so
+modules analyze imports on first use, ~350 MiB of pandas and friends, are not counted as the pass's
+memory); the peak resident set over the warmed-up process (VmHWM, reset just before the run) and, on
+CUDA, torch.cuda.max_memory_allocated are reported.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def run_mode(mode, loaded, blocks, args):
     if mode.startswith("bare"):
         bare_pass(loaded, blocks, args.batch_size, grad=mode == "bare_grad")
     else:
-        analyze(loaded, data=args.npy, batch_size=args.batch_size, grad=mode == "analyze_grad", progress=False)
+        analyze(loaded, data=args.npy, samples=len(blocks), batch_size=args.batch_size, grad=mode == "analyze_grad",
+                progress=False)
     sync()
     return clock() - start
 
@@ -116,6 +119,7 @@ def main():
     blocks = torch.from_numpy(__import__("numpy").load(args.npy))
 
     if args.memory_only_mode:
+        run_mode(args.memory_only_mode, loaded, blocks[: args.batch_size], args)  # imports and caches: not the pass's
         base = current_rss_mib()
         reset_peak_rss()
         if loaded.device.type == "cuda":
@@ -128,6 +132,7 @@ def main():
         return
 
     run_mode("bare_nograd", loaded, blocks[: args.batch_size], args)  # warm-up
+    run_mode("analyze_nograd", loaded, blocks[: args.batch_size], args)
     times = {m: [] for m in MODES}
     for r in range(args.repeats):
         for m in MODES:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,8 +48,12 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-# The temporary names `atomic_path` uses: `.NAME.tmp-PID`.
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
+# The temporary names `atomic_path` uses: `.NAME.tmp-PID-HOST`, HOST a tag of this machine's name, so that on a
+# folder shared between machines (NFS) a PID is only judged on the machine it belongs to. `.NAME.tmp-PID`,
+# without a tag, is what earlier versions wrote: judged here, as they were.
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(?:-([0-9a-f]{8}))?$")
+FOREIGN_TEMP_AGE_S = 24 * 3600  # another machine's temporary this old is left over (a container's old hostname)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,16 +68,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries that a killed process left in `folder` (our `.NAME.tmp-PID` pattern only, and only
-    where process PID is gone, so a live writer keeps its file). Returns what was removed."""
+    """Delete the temporaries that a killed process left in `folder` (our `.NAME.tmp-PID-HOST` pattern only, and
+    only where process PID of this machine is gone, so a live writer keeps its file; another machine's sharing
+    the folder only once a day old). Returns what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         match = _TEMP_NAME.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match:
+            continue
+        if match.group(2) in (None, _HOST):
+            if _pid_alive(int(match.group(1))):
+                continue
+        elif not _older_than(entry, FOREIGN_TEMP_AGE_S):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -84,7 +104,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}")
     try:
         yield tmp
         os.replace(tmp, path)

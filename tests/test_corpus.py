@@ -255,8 +255,11 @@ def _endless_hf(monkeypatch, docs):
 
 
 def test_max_tokens_reads_an_endless_stream_only_as_far_as_asked(corpus, tmp_path, monkeypatch):
+    import threading
+
     docs = corpus.docs[1:400]  # the stream's documents, repeated for ever
     pulled = _endless_hf(monkeypatch, docs)
+    threads_before = set(threading.enumerate())
     cap = 60_001  # about 140 documents in: the reader runs a few chunks ahead of the tokenizer, no more
     res = prepare_data("hf:allenai/c4:en:train", corpus.tok_dir, tmp_path / "hf", max_tokens=cap, progress=False,
                        chunk_bytes=30_000)
@@ -267,6 +270,11 @@ def test_max_tokens_reads_an_endless_stream_only_as_far_as_asked(corpus, tmp_pat
     assert res.index["documents"] == int((ends <= cap).sum())  # the document cut at the cap is not counted
     assert res.index["source"]["max_tokens"] == cap and res.index["source"]["capped"] is True
     assert len(pulled) < len(docs)  # the stream is endless: it was left after a few chunks of read-ahead
+    for _ in range(50):  # and the reader thread ended with it (it polls every 0.1 s)
+        if set(threading.enumerate()) <= threads_before:
+            break
+        threading.Event().wait(0.1)
+    assert set(threading.enumerate()) <= threads_before
     again = prepare_data("hf:allenai/c4:en:train", corpus.tok_dir, tmp_path / "hf", max_tokens=cap, progress=False)
     assert again.reused
     with pytest.raises(LayerprobeError, match="already holds prepared data"):  # another cap is another preparation
@@ -283,6 +291,8 @@ def test_max_tokens_above_the_source_keeps_it_whole_and_a_bad_cap_is_refused(cor
         with pytest.raises(LayerprobeError, match="--max-tokens must be a positive whole number"):
             prepare_data(str(small), corpus.tok_dir, tmp_path / "bad", max_tokens=bad, progress=False)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(LayerprobeError, match="already prepared: --max-tokens applies to text"):
+        prepare_data(str(tmp_path / "whole"), max_tokens=100, progress=False)
 
 
 def test_training_on_a_streamed_dataset_tokenizes_only_what_the_run_reads(corpus, tmp_path, monkeypatch):
@@ -295,6 +305,24 @@ def test_training_on_a_streamed_dataset_tokenizes_only_what_the_run_reads(corpus
     assert len(data.train) == 100 * 8 and len(data.eval) == 16  # every block read once, the tail held out
     assert data.total_tokens == (100 * 8 + 16) * 64  # and the endless stream was left: this line is reached
     assert pulled and prep_mod.CHUNK_BYTES * 6 > sum(len(corpus.docs[1 + i % 399]) for i in pulled)  # read-ahead only
+    # A short run: the stream is read to 20 held-out's worth, so the 5% rule still leaves all 16 held out.
+    short = load_token_data("hf:allenai/c4:en:train", corpus.tok_dir, seq_len=64, batch_size=8, eval_samples=16,
+                            train_blocks=10 * 8)
+    assert len(short.eval) == 16 and len(short.train) >= 10 * 8 and short.total_tokens == 20 * 16 * 64
+    # Its length is part of the run's identity: extending the run would train on other data, so resume refuses.
+    from layerprobe.training import TrainSettings
+    from layerprobe.training.distributed import DistEnv
+    from layerprobe.training.settings import identity_differences, model_config, resolve_plan, run_identity
+
+    def identity(**kw):
+        plan = resolve_plan(TrainSettings(preset="micro", norm="pre", progress=False, **kw), DistEnv())
+        return run_identity(plan, model_config(plan, "pre", 512, None), None)
+
+    hf = dict(data="hf:allenai/c4:en:train", tokenizer=corpus.tok_dir)
+    assert identity(**hf, steps=10)["train"]["data_tokens"] == max(10 * 8 + 64, 20 * 64) * 32
+    assert identity_differences(identity(**hf, steps=10), identity(**hf, steps=1000)) == [
+        f"data_tokens {20 * 64 * 32!r} -> {(1000 * 8 + 64) * 32!r}"]
+    assert "data_tokens" not in identity(data="builtin", steps=10)["train"]  # files: a run can be extended
 
 
 def test_prepare_data_cli_max_tokens(corpus, tmp_path):

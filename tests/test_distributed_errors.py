@@ -25,10 +25,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fail: bool, results) -> None:
+    from layerprobe.errors import LayerprobeError  # imported before the group starts: import times differ by rank
+    from layerprobe.training.distributed import DistEnv, main_first
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=WAIT_LIMIT_S))
-    from layerprobe.errors import LayerprobeError
-    from layerprobe.training.distributed import DistEnv, main_first
+    dist.barrier()  # both ranks start the clock together
 
     env = DistEnv(rank=rank, world_size=world)
     calls = []

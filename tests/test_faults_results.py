@@ -220,15 +220,22 @@ def test_stale_temporaries_are_removed(text_model, analysed, tmp_path):
     for f in stale:
         f.write_bytes(b"half a file")
     (out / f".index.html.tmp-{dead}").mkdir()
+    from layerprobe.io import _HOST
+
+    stale += [out / f".headline.csv.tmp-{dead}-{_HOST}"]  # the tagged name this version writes
+    stale[-1].write_bytes(b"half a file")
     alive = out / f".layers.csv.tmp-{os.getppid()}"  # a live process (our parent) may still be writing it
     alive.write_bytes(b"being written")
+    other_host = "0" * 8 if _HOST != "0" * 8 else "1" * 8  # the PID of another machine sharing the folder
+    elsewhere = out / f".summary.json.tmp-{dead}-{other_host}"
+    elsewhere.write_bytes(b"being written over NFS")
     foreign = [out / "notes.tmp-1", out / f"layers.csv.tmp-{dead}", out / ".hidden"]  # not our pattern
     for f in foreign:
         f.write_bytes(b"mine")
     result, text = run_cli("analyze", text_model, *QUICK, "--out", out)
     assert result.exit_code == 0, text
     assert not any(f.exists() for f in stale) and not (out / f".index.html.tmp-{dead}").exists()
-    assert alive.read_bytes() == b"being written"
+    assert alive.read_bytes() == b"being written" and elsewhere.read_bytes() == b"being written over NFS"
     assert all(f.read_bytes() == b"mine" for f in foreign)
     (out / f".sweep_loss.png.tmp-{dead}").write_bytes(b"half")
     result, text = run_cli("prune-sweep", text_model, *QUICK, "--out", out)

@@ -127,20 +127,24 @@ def _prefetch(gen, depth: int = 2):
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Hand `item` over unless the consumer has gone (then False): never block for ever on a full queue."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # handed to the consumer, which raises it
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
@@ -234,6 +238,8 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     kind = validate_spec(spec)
     tok_name, bpe_vocab = parse_tokenizer_spec(tokenizer or "bpe")
     if kind == "prepared":
+        if max_tokens is not None:
+            raise LayerprobeError(f"{spec} is already prepared: --max-tokens applies to text; prepare the source again")
         from .store import TokenStore
 
         store = TokenStore(spec, tokenizer=tokenizer)  # validates the index, the size and the tokenizer

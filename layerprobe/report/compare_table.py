@@ -43,12 +43,13 @@ NOTES = {  # the terminal table's caption, for the columns it shows
 
 def fmt(v, spec) -> str:
     """A headline value as text; "—" for a missing or non-finite one (the one place that decides)."""
-    if v is None or v is pd.NA or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and not math.isfinite(v)):
         return "—"
     if spec == "d":
         return str(int(v))
     if spec == "sig3":  # three significant figures, trailing zeros kept so a column reads evenly: 6.00, 4.67, 0.246
-        return format(float(v), "#.3g").replace(".e", "e").rstrip(".")
+        v = float(v) + 0.0  # + 0.0: no "-0.00"
+        return f"{v:,.0f}" if abs(v) >= 999.5 else format(v, "#.3g").rstrip(".")
     if spec:
         return format(float(v), spec)
     return str(v)

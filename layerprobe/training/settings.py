@@ -180,22 +180,16 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise LayerprobeError(f"{name} must be {'at least 0' if allow_zero else 'positive'} (got {value})")
 
 
-def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
-    """Settings (as given) -> the Plan that runs, with the recipe and defaults filled in; every check that
-    needs no data happens here, before any folder is made."""
-    given = s
-    s = effective_settings(s)
-    schemes = parse_schemes(s.norm)
-    try:
-        preset = get_preset(s.preset)
-    except ValueError as e:
-        raise LayerprobeError(str(e)) from None
+def _check_options(s: TrainSettings) -> None:
+    """The checks of single options and of pairs that contradict each other: no preset, data or process needed."""
     if not 0.0 <= s.post_ln_ratio <= 1.0:
         raise LayerprobeError(f"--post-ln-ratio (Mix-LN's α) must lie in [0, 1] (got {s.post_ln_ratio})")
     if s.resume and s.overwrite:
         raise LayerprobeError("--resume and --overwrite contradict each other; give one")
     if str(s.norm_type).lower() not in ("rmsnorm", "layernorm"):
         raise LayerprobeError(f"unknown --norm-type {s.norm_type!r}; use rmsnorm or layernorm")
+    if s.dtype not in ("auto", "float32", "bfloat16"):
+        raise LayerprobeError(f"unknown --dtype {s.dtype!r}; use auto, float32 or bfloat16")
     for name, value in (("--steps", s.steps), ("--layers", s.layers), ("--hidden-size", s.hidden_size),
                         ("--ffn-size", s.ffn_size), ("--heads", s.heads), ("--kv-heads", s.kv_heads),
                         ("--batch-size", s.batch_size), ("--micro-batch-size", s.micro_batch_size),
@@ -208,13 +202,10 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         raise LayerprobeError(f"--warmup-ratio must lie in [0, 1) (got {s.warmup_ratio})")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise LayerprobeError(f"--min-lr-ratio must lie in [0, 1] (got {s.min_lr_ratio})")
-    seq_len = s.seq_len or preset.seq_len
-    if seq_len < 2:
-        raise LayerprobeError(f"--seq-len must be at least 2 (got {seq_len})")
-    layers = s.layers or preset.num_hidden_layers
-    if s.post_ln_layers is not None and not 0 <= s.post_ln_layers <= layers:
-        raise LayerprobeError(f"--post-ln-layers must lie in [0, {layers}] for {layers} layers (got {s.post_ln_layers})")
 
+
+def _batching(s: TrainSettings, preset, env: DistEnv) -> tuple[int, int]:
+    """(global batch, micro-batch per process), checked against the number of processes."""
     batch = s.batch_size or preset.batch_size
     if batch % env.world_size:
         raise LayerprobeError(f"--batch-size {batch} is not divisible by the {env.world_size} processes")
@@ -224,34 +215,61 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         raise LayerprobeError(f"the per-process batch {per_rank} is not a multiple of --micro-batch-size {micro}")
     if s.eval_samples < env.world_size:
         raise LayerprobeError(f"--eval-samples {s.eval_samples} is smaller than the {env.world_size} processes")
-    budget = None
-    if given.tokens is not None:
-        from ..corpus import parse_token_count, steps_for_tokens
+    return batch, micro
 
-        if given.steps is not None:
-            raise LayerprobeError("--steps and --tokens both say how long to train; give one")
-        budget = parse_token_count(given.tokens)
-        steps = steps_for_tokens(budget, batch, seq_len)
-    else:
-        steps = s.steps or preset.steps
-    eval_every = s.eval_every or min(preset.eval_every, steps)
-    from .data import check_data_spec, tokenizer_spec_for
+
+def _length(given: TrainSettings, s: TrainSettings, preset, batch: int, seq_len: int) -> tuple[int, int | None]:
+    """(steps, token budget or None): --tokens buys steps of batch × seq_len tokens, else --steps or the preset's."""
+    if given.tokens is None:
+        return s.steps or preset.steps, None
+    from ..corpus import parse_token_count, steps_for_tokens
+
+    if given.steps is not None:
+        raise LayerprobeError("--steps and --tokens both say how long to train; give one")
+    budget = parse_token_count(given.tokens)
+    return steps_for_tokens(budget, batch, seq_len), budget
+
+
+def _check_data(s: TrainSettings) -> None:
+    from .data import check_data_spec
 
     check_data_spec(s.data)
     if s.eval_data is not None:
         check_data_spec(s.eval_data, "--eval-data")
         if str(s.eval_data).endswith(".npy") != str(s.data).endswith(".npy"):
             raise LayerprobeError("--eval-data and --data must both be token ids (.npy) or both text/prepared data")
+
+
+def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
+    """Settings (as given) -> the Plan that runs, with the recipe and defaults filled in; every check that
+    needs no data happens here, before any folder is made."""
+    from .data import tokenizer_spec_for
+
+    given = s
+    s = effective_settings(s)
+    schemes = parse_schemes(s.norm)
+    try:
+        preset = get_preset(s.preset)
+    except ValueError as e:
+        raise LayerprobeError(str(e)) from None
+    _check_options(s)
+    seq_len = s.seq_len or preset.seq_len
+    if seq_len < 2:
+        raise LayerprobeError(f"--seq-len must be at least 2 (got {seq_len})")
+    layers = s.layers or preset.num_hidden_layers
+    if s.post_ln_layers is not None and not 0 <= s.post_ln_layers <= layers:
+        raise LayerprobeError(f"--post-ln-layers must lie in [0, {layers}] for {layers} layers (got {s.post_ln_layers})")
+    batch, micro = _batching(s, preset, env)
+    steps, budget = _length(given, s, preset, batch, seq_len)
+    eval_every = s.eval_every or min(preset.eval_every, steps)
+    _check_data(s)
     vocab = s.vocab_size or preset.vocab_size
     tok_spec = tokenizer_spec_for(s.data, s.tokenizer, vocab)
-
-    if s.dtype not in ("auto", "float32", "bfloat16"):
-        raise LayerprobeError(f"unknown --dtype {s.dtype!r}; use auto, float32 or bfloat16")
     # bf16 autocast on a GPU; fp32 on the CPU, where bf16 matmuls are many times slower.
     use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and env.device.type == "cuda")
     return Plan(
         schemes=schemes, preset=preset.name, steps=steps, seq_len=seq_len, batch_size=batch,
-        micro_batch_size=micro, accum=per_rank // micro, lr=s.lr or preset.lr,
+        micro_batch_size=micro, accum=batch // env.world_size // micro, lr=s.lr or preset.lr,
         warmup_steps=int(s.warmup_ratio * steps), eval_every=eval_every, save_every=s.save_every or eval_every,
         vocab_size=vocab, data_seed=s.seed if s.data_seed is None else s.data_seed,
         autocast_dtype=torch.bfloat16 if use_bf16 else None, settings=s, tokenizer_spec=tok_spec, budget_tokens=budget,
@@ -283,9 +301,15 @@ def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | No
 
     Left out on purpose, because they do not change what a step computes: --steps (a run can be extended; the
     cosine is then stretched from the resume point), --eval-every, --save-every, --micro-batch-size, the device,
-    dtype, threads, compile, FSDP and the number of processes.
+    dtype, threads, compile, FSDP and the number of processes. A streamed hf: dataset is the exception: it is
+    read as far as --steps needs, so its length (`data_tokens`) is part of the identity, and extending such a
+    run is refused rather than trained on other data with another held-out set.
     """
+    from .data import streamed_tokens
+
     s = plan.settings
+    data_tokens = streamed_tokens(s.data, plan.steps * plan.batch_size, 0 if s.eval_data else s.eval_samples,
+                                  plan.seq_len)
     return {
         "model": {k: getattr(config, k) for k in MODEL_KEYS},
         "train": {"preset": plan.preset, "data": s.data, "eval_data": s.eval_data, "text_column": s.text_column,
@@ -293,7 +317,8 @@ def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | No
                   "batch_size": plan.batch_size, "lr": plan.lr, "warmup_ratio": s.warmup_ratio,
                   "min_lr_ratio": s.min_lr_ratio, "weight_decay": s.weight_decay, "grad_clip": s.grad_clip,
                   "seed": s.seed, "data_seed": plan.data_seed, "eval_samples": s.eval_samples,
-                  "tokenizer": plan.tokenizer_spec, "tokenizer_sha": tok_fingerprint},
+                  "tokenizer": plan.tokenizer_spec, "tokenizer_sha": tok_fingerprint,
+                  **({"data_tokens": data_tokens} if data_tokens is not None else {})},
     }
 
 

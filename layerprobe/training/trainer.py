@@ -202,8 +202,7 @@ class Run:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.env.is_main:
-            ckpt.save_checkpoint(self.dir, "best", core, self.tokenizer, state_dict=model_sd)
+        main_first(self.env, lambda: ckpt.save_checkpoint(self.dir, "best", core, self.tokenizer, state_dict=model_sd))
 
     def _setup(self):
         """The model (wrapped for DDP/FSDP, compiled if asked) and its optimizer, restored when resuming."""
@@ -253,9 +252,11 @@ class Run:
             for key in ("final_loss", "final_eval_loss", "final_eval_ppl", "layer_output_var"):
                 setattr(result, key, old.get(key))
             result.best_eval_loss, result.best_step = tally.best_loss, tally.best_step
-        if env.is_main:
+        def restart_record():
             ckpt.truncate_metrics(self.dir, tally.step)  # steps after the checkpoint are redone: their metrics go
             ckpt.write_run(self.dir, self._record(result, tally.step))
+
+        main_first(env, restart_record)
         return tally, result
 
     def _step(self, step: int, batches: BatchSource, model, step_model, opt, with_layers: bool):
@@ -410,7 +411,9 @@ def train_reference(settings: TrainSettings | None = None, *, on_status=None, **
         s = TrainSettings(**{**asdict(settings), **kwargs})
     env = init_distributed(s.device)
     try:
-        return _train_all(s, env, on_status)
+        summary = _train_all(s, env, on_status)
+        barrier(env)  # the last collective was rank 0's one-way broadcast: all arrive before the group ends
+        return summary
     finally:
         shutdown(env)
 
