@@ -14,6 +14,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# setuptools warns on every editable install that a folder named like the package may shadow it: here that
+# folder is the package itself. Only that message is silenced; every other warning still shows.
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Editable installation"
 step "upgrading pip"
 pip install -q --upgrade pip
 step "installing torch==$TORCH first (pinned; the largest download, a few hundred MB: this can take minutes)"
