@@ -67,7 +67,8 @@ def check_options(*, norm: str, preset: str, steps: int | None, threads: int | N
 def heldout_blocks(run_dir: Path, path: Path, *, progress: bool = True) -> Path:
     """The trainer's held-out blocks for the run in `run_dir`, rebuilt exactly as it split them
     (same data, tokenizer, sequence length, batch size and data seed), saved as token ids in `path`."""
-    train = ((ckpt.read_run(run_dir) or {}).get("identity") or {}).get("train") or {}
+    record = ckpt.read_run(run_dir) or {}
+    train = (record.get("identity") or {}).get("train") or {}
     needed = ("data", "seq_len", "batch_size", "data_seed", "eval_samples")
     if any(train.get(k) is None for k in needed):
         raise LayerprobeError(f"{run_dir}/run.json does not record how the run split its data ({', '.join(needed)})")
@@ -76,7 +77,10 @@ def heldout_blocks(run_dir: Path, path: Path, *, progress: bool = True) -> Path:
         data = prepare_token_data(train["data"], tokenizer, seq_len=int(train["seq_len"]),
                                   batch_size=int(train["batch_size"]), eval_samples=int(train["eval_samples"]),
                                   seed=int(train["data_seed"]), text_column=train.get("text_column"),
-                                  vocab_size=len(tokenizer) if tokenizer is not None else None)
+                                  vocab_size=len(tokenizer) if tokenizer is not None else None,
+                                  # how far a streamed (hf:) split was read depends on the run's length
+                                  train_blocks=int(record["total_steps"]) * int(train["batch_size"])
+                                  if record.get("total_steps") else None)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, data.eval.numpy())

@@ -232,15 +232,15 @@ def test_hf_streaming_spec_reads_rows_as_they_arrive(corpus, tmp_path, monkeypat
     np.testing.assert_array_equal(np.asarray(TokenStore(res.path).tokens, np.int64), reference_ids(corpus.docs[:300], corpus.tok))
 
 
-def _endless_hf(monkeypatch, docs):
-    """A fake `datasets` whose streamed split never ends (as C4's train split effectively does for a run);
-    returns the list of rows pulled so far."""
+def _endless_hf(monkeypatch, docs, rows_in_split: int | None = None):
+    """A fake `datasets` whose streamed split never ends (as C4's train split effectively does for a run), or
+    ends after `rows_in_split` rows; returns the list of rows pulled so far."""
     pulled = []
 
     def load_dataset(name, config=None, split=None, streaming=False):
         def rows():
             i = 0
-            while True:
+            while rows_in_split is None or i < rows_in_split:
                 pulled.append(i)
                 yield {"text": docs[i % len(docs)]}
                 i += 1
@@ -323,6 +323,24 @@ def test_training_on_a_streamed_dataset_tokenizes_only_what_the_run_reads(corpus
     assert identity_differences(identity(**hf, steps=10), identity(**hf, steps=1000)) == [
         f"data_tokens {20 * 64 * 32!r} -> {(1000 * 8 + 64) * 32!r}"]
     assert "data_tokens" not in identity(data="builtin", steps=10)["train"]  # files: a run can be extended
+
+
+def test_a_streamed_runs_held_out_blocks_are_rebuilt_from_the_same_prefix(corpus, tmp_path, monkeypatch):
+    from layerprobe.demo_pipeline import heldout_blocks
+    from layerprobe.training import train_reference
+
+    docs = corpus.docs[1:400]
+    _endless_hf(monkeypatch, docs, rows_in_split=4 * len(docs))  # a long split, read only in part
+    monkeypatch.setenv("LAYERPROBE_CACHE", str(tmp_path / "cache"))
+    summary = train_reference(norm="pre", preset="micro", steps=3, data="hf:allenai/c4:en:train",
+                              tokenizer=corpus.tok_dir, eval_samples=16, out=str(tmp_path / "runs"), progress=False)
+    run = summary.runs[0]
+    assert run.status == "completed"
+    rebuilt = np.load(heldout_blocks(tmp_path / "runs" / "pre", tmp_path / "heldout.npy", progress=False))
+    # Plain: the stream's ids, cut where the run stopped reading (20 held-out sets of 16 blocks of 32 tokens,
+    # more than 3 steps x 8 need), the last 16 blocks held out.
+    ref = np.concatenate([reference_ids(docs, corpus.tok)] * 4)[: 20 * 16 * 32].reshape(-1, 32)
+    np.testing.assert_array_equal(rebuilt, ref[-16:])
 
 
 def test_prepare_data_cli_max_tokens(corpus, tmp_path):

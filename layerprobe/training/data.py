@@ -239,18 +239,21 @@ def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_siz
 
 def prepare_token_data(spec: str, tokenizer, *, seq_len: int, batch_size: int, eval_samples: int, seed: int = 0,
                        text_column: str | None = None, vocab_size: int | None = None,
-                       needed_chars: int | None = None, docs: list[str] | None = None) -> TokenData:
+                       needed_chars: int | None = None, docs: list[str] | None = None,
+                       train_blocks: int | None = None) -> TokenData:
     """Train and held-out blocks of a data spec as a run split them, for a tokenizer object (e.g. the one a run
     saved) or None for token ids. The split does not depend on `seed` (it orders batches only); `needed_chars`
-    and `docs` are accepted for compatibility and unused: data is prepared once and read by index."""
+    and `docs` are accepted for compatibility and unused: data is prepared once and read by index.
+    `train_blocks`: the run's steps × batch, which fixes how far a streamed hf: spec was read."""
     tok_spec = None
     if tokenizer is not None and not str(spec).endswith(".npy") and not is_prepared_dir(spec):
-        tok_spec = _prepared_tokenizer_spec(str(spec), tokenizer, text_column)
+        cap = streamed_tokens(str(spec), train_blocks, eval_samples, seq_len)
+        tok_spec = _prepared_tokenizer_spec(str(spec), tokenizer, text_column, cap)
     return load_token_data(spec, tok_spec, seq_len=seq_len, batch_size=batch_size, eval_samples=eval_samples,
-                           vocab_size=vocab_size, text_column=text_column)
+                           vocab_size=vocab_size, text_column=text_column, train_blocks=train_blocks)
 
 
-def _prepared_tokenizer_spec(spec: str, tokenizer, text_column: str | None) -> str:
+def _prepared_tokenizer_spec(spec: str, tokenizer, text_column: str | None, max_tokens: int | None = None) -> str:
     """The tokenizer spec under which `spec` was prepared with this tokenizer object: a trained BPE's cache
     entry when it holds this very tokenizer (no second preparation), else the tokenizer's own folder or name."""
     from ..corpus.prepare import cache_root, preparation_key
@@ -258,7 +261,7 @@ def _prepared_tokenizer_spec(spec: str, tokenizer, text_column: str | None) -> s
 
     fp = fingerprint(tokenizer)
     bpe = f"bpe:{len(tokenizer)}"
-    folder = cache_root() / preparation_key(spec, bpe, text_column, None)
+    folder = cache_root() / preparation_key(spec, bpe, text_column, None, max_tokens)
     if is_prepared_dir(folder):
         try:
             if read_index(folder)["tokenizer"]["fingerprint"] == fp:
