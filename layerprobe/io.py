@@ -100,11 +100,17 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """The name this process writes `path` under before renaming it into place (`.NAME.tmp-PID-HOST`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}")
+    tmp = temp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -21,7 +21,7 @@ import torch
 
 from ..anatomy import find_anatomy
 from ..errors import LayerprobeError
-from ..io import check_output_dir
+from ..io import check_output_dir, temp_sibling
 from ..loading import context_length, load_model, no_hf_progress_bars
 from ..opening import open_model
 from .prefix import PrefixRunner
@@ -87,7 +87,7 @@ def save_pruned(
     out = Path(out_dir).expanduser()
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     probe = _probe_ids(net.config).to(anatomy.input_device)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerprobeError, first_line
-from ..io import write_json
+from ..io import temp_sibling, write_json
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -58,7 +58,7 @@ def save_checkpoint(run_dir: Path, name: str, model, tokenizer, *, state: dict |
                     state_dict: dict | None = None) -> Path:
     """Write `run_dir/name` (a loadable Hugging Face folder, plus the trainer state when given) atomically."""
     final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    tmp = temp_sibling(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -79,7 +79,7 @@ def publish_top_level(run_dir: Path, source: Path) -> None:
     for f in sorted(source.iterdir()):
         if not f.is_file() or f.name == STATE_FILE:
             continue
-        tmp = run_dir / f".{f.name}.tmp-{os.getpid()}"
+        tmp = temp_sibling(run_dir / f.name)
         tmp.unlink(missing_ok=True)
         try:
             os.link(f, tmp)

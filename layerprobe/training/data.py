@@ -100,13 +100,15 @@ def held_out_count(n_blocks: int, eval_samples: int, batch_size: int) -> int:
     return max(1, min(eval_samples, n_blocks // 20, n_blocks - batch_size))
 
 
-def streamed_tokens(spec: str, train_blocks: int | None, eval_blocks: int, seq_len: int) -> int | None:
+def streamed_tokens(spec: str, train_blocks: int | None, eval_samples: int, seq_len: int,
+                    eval_spec: str | None = None) -> int | None:
     """How far a streamed (hf:) training spec is read: the run's training blocks plus the held-out tail cut
-    from it (`eval_blocks`, 0 with --eval-data), and at least 20 held-out's worth, so that `held_out_count`'s
+    from it (none with a separate `eval_spec`), and at least 20 held-out's worth, so that `held_out_count`'s
     5% rule leaves the held-out set whole. None for other specs (read whole) or an unknown run length."""
     if train_blocks is None or not str(spec).startswith("hf:"):
         return None
-    return max(train_blocks + eval_blocks, 20 * eval_blocks) * seq_len
+    tail = 0 if eval_spec is not None else eval_samples
+    return max(train_blocks + tail, 20 * tail) * seq_len
 
 
 def check_data_spec(spec: str, flag: str = "--data") -> str:
@@ -206,9 +208,8 @@ def load_token_data(spec: str, tokenizer: str | None, *, seq_len: int, batch_siz
                          embedding_rows=rows, embedding_rule="--vocab-size: token ids need no tokenizer",
                          eval_source=where)
 
-    own_eval = 0 if eval_spec is not None else eval_samples
     store = _prepare(spec, tokenizer, text_column=text_column, env=env, progress=progress, say=say,
-                     max_tokens=streamed_tokens(spec, train_blocks, own_eval, seq_len))
+                     max_tokens=streamed_tokens(spec, train_blocks, eval_samples, seq_len, eval_spec))
     eval_store = None
     if eval_spec is not None:
         # The held-out text is tokenized with the very tokenizer of the training data (a trained BPE included).

@@ -308,8 +308,7 @@ def run_identity(plan: Plan, config: LayerprobeConfig, tok_fingerprint: str | No
     from .data import streamed_tokens
 
     s = plan.settings
-    data_tokens = streamed_tokens(s.data, plan.steps * plan.batch_size, 0 if s.eval_data else s.eval_samples,
-                                  plan.seq_len)
+    data_tokens = streamed_tokens(s.data, plan.steps * plan.batch_size, s.eval_samples, plan.seq_len, s.eval_data)
     return {
         "model": {k: getattr(config, k) for k in MODEL_KEYS},
         "train": {"preset": plan.preset, "data": s.data, "eval_data": s.eval_data, "text_column": s.text_column,
