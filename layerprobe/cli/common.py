@@ -13,9 +13,11 @@ from rich.text import Text
 from ..errors import LayerprobeError
 
 # Messages and tables carry user strings (model names, paths) that may look like rich markup ("m[/]x"):
-# these consoles print every string literally; styled parts are Text objects.
-console = Console(markup=False)  # results: tables go to stdout
-err_console = Console(stderr=True, markup=False)  # progress bars and errors go to stderr
+# these consoles print every string literally; styled parts are Text objects. Lines of prose are left to the
+# terminal to wrap (soft_wrap): a path is never cut by a newline, and the text is the same at any width. Tables are
+# still laid out to the terminal's width (their columns set their own wrapping).
+console = Console(markup=False, soft_wrap=True)  # results: tables go to stdout
+err_console = Console(stderr=True, markup=False, soft_wrap=True)  # progress bars and errors go to stderr
 
 
 def fail(message: str, code: int = 2) -> None:
