@@ -117,7 +117,11 @@ def test_declared_floors_are_the_tested_oldest_versions():
 
     pins = dict(line.split("==") for line in (REPO / "constraints" / "oldest.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
-    floors = _requirements.floors()
-    assert {"torch", "transformers"} <= set(floors)
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    floors = _requirements.floors(declared)
+    assert {"torch", "transformers", "gguf", "accelerate"} <= set(floors)
     for name, floor in floors.items():
         assert pins.get(name) == floor, (name, floor, pins.get(name))
