@@ -95,7 +95,10 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     n_pred = predicted_tokens(blocks)
     if grad:
         for p in net.parameters():
-            p.requires_grad_(True)
+            # Weights accelerate offloads are `meta` here and rebuilt on every forward (no gradient lands on
+            # them; after an inference pass they refuse requires_grad). Offloaded layers are refused earlier.
+            if not p.is_meta:
+                p.requires_grad_(True)
         net.zero_grad(set_to_none=True)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
