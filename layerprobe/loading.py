@@ -465,19 +465,20 @@ def plan_device_map(meta_model, device_map: str | dict, max_memory: dict | None)
     (transformers' own planner: the GPUs' budget, no_split_modules, tied weights)."""
     if isinstance(device_map, dict):
         return dict(device_map)
-    try:
-        from transformers.integrations.accelerate import _get_device_map
-    except ImportError:  # transformers 4.x keeps it elsewhere; accelerate's public planner says the same
-        from accelerate import infer_auto_device_map
-        from accelerate.utils import get_balanced_memory
+    memory = dict(max_memory) if max_memory else None  # the planner writes into it
+    with _Quiet():  # "We will use 90% of the memory on device 0": the plan is the message that matters
+        try:
+            from transformers.integrations.accelerate import _get_device_map
+        except ImportError:  # transformers 4.x keeps it elsewhere; accelerate's public planner says the same
+            from accelerate import infer_auto_device_map
+            from accelerate.utils import get_balanced_memory
 
-        split = meta_model._no_split_modules or []
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(meta_model, max_memory=max_memory, no_split_module_classes=split,
+            split = meta_model._no_split_modules or []
+            if device_map != "sequential":
+                memory = get_balanced_memory(meta_model, max_memory=memory, no_split_module_classes=split,
                                              low_zero=device_map == "balanced_low_0")
-        return infer_auto_device_map(meta_model, max_memory=max_memory, no_split_module_classes=split)
-    with _Quiet():
-        return dict(_get_device_map(meta_model, device_map, dict(max_memory) if max_memory else None, None))
+            return dict(infer_auto_device_map(meta_model, max_memory=memory, no_split_module_classes=split))
+        return dict(_get_device_map(meta_model, device_map, memory, None))
 
 
 def _load_config(resolved: ResolvedSpec, kwargs: dict, trust_remote_code: bool):

@@ -244,3 +244,18 @@ def test_attn_implementation_the_model_does_not_support(arch, attn, tiny_dir, tm
     result, text = run_cli("analyze", tiny_dir(arch), "--device", "cpu", "--attn-implementation", attn,
                            "--out", tmp_path / "out", "-q")
     assert_one_line_error(result, text, f"--attn-implementation {attn} cannot be used")
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "balanced"])
+def test_the_fallback_planner_plans_as_transformers_does(model4, strategy, monkeypatch):
+    """Older transformers lack `_get_device_map`; accelerate's public planner must give the same map."""
+    import transformers.integrations.accelerate as hf_accelerate
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model4)
+    meta = loading._meta_model(config, torch.float32, None, False, "the test model")
+    memory = {"cpu": 150_000}
+    planned = loading.plan_device_map(meta, strategy, memory)
+    monkeypatch.delattr(hf_accelerate, "_get_device_map")
+    assert loading.plan_device_map(meta, strategy, memory) == planned
+    assert "disk" in planned.values() and memory == {"cpu": 150_000}
