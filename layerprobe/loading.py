@@ -293,6 +293,9 @@ def _check_causal_lm(config, where: str, trust_remote_code: bool) -> None:
 def _friendly_load_error(e: Exception, where: str) -> LayerprobeError:
     text = first_line(e)
     low = text.lower()
+    if "offload_folder" in text:  # before the "safetensors" test below: nothing is corrupt
+        return LayerprobeError(f"the device map offloads weights of {where} to disk that must be saved again "
+                               "first (not safetensors, or converted while loading): give --offload-folder DIR")
     if any(k in low for k in ("header", "safetensor", "deserializ", "unpickl", "corrupt", "invalid load key",
                               "incomplete metadata", "pytorchstreamreader", "failed to read", "magic",
                               "not a gguf", "unexpected end", "buffer", "truncat")):
@@ -438,6 +441,14 @@ def main_device(device_map: dict) -> torch.device:
         if str(where) not in ("cpu", "disk"):
             return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
     return torch.device("cpu")
+
+
+def _reads_lazily(resolved: ResolvedSpec) -> bool:
+    """Whether disk-offloaded weights can be read from the checkpoint's own files (safetensors) with no
+    offload folder. A hub model is assumed to have them; transformers says so if not."""
+    if resolved.source == "gguf":
+        return False
+    return resolved.source != "folder" or any(Path(resolved.location).glob("*.safetensors"))
 
 
 def _meta_model(config, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool, where: str):
@@ -592,6 +603,10 @@ def load_model(
         if check_plan is not None:
             check_plan(meta, plan)
         del meta
+    if plan is not None and "disk" in {str(v) for v in plan.values()} and offload_folder is None \
+            and not _reads_lazily(resolved):
+        raise LayerprobeError(f"the device map offloads weights to disk, and {resolved.where} has no safetensors "
+                              "files to read them from: give --offload-folder DIR for the copies")
     load_kwargs = dict(kwargs, dtype=torch_dtype, output_loading_info=True)
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation

@@ -259,3 +259,29 @@ def test_the_fallback_planner_plans_as_transformers_does(model4, strategy, monke
     monkeypatch.delattr(hf_accelerate, "_get_device_map")
     assert loading.plan_device_map(meta, strategy, memory) == planned
     assert "disk" in planned.values() and memory == {"cpu": 150_000}
+
+
+@pytest.fixture(scope="module")
+def bin_model(tmp_path_factory, model4):
+    """The same weights as `model4` in a pytorch_model.bin: disk offload must copy them to a folder."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("bin") / "llama-bin"
+    shutil.copytree(model4, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_disk_offload_of_a_bin_checkpoint_needs_an_offload_folder(bin_model, ids_file, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(loading, "_load_weights", lambda *a, **k: pytest.fail("weights were loaded"))
+        with pytest.raises(LayerprobeError, match="give --offload-folder DIR") as e:
+            load_model(str(bin_model), device="cpu", device_map=TAIL_ON_DISK, load_tokenizer=False)
+        assert "\n" not in str(e.value)
+    kw = dict(data=ids_file, batch_size=4, device="cpu", grad=False, progress=False)
+    split = analyze(str(bin_model), device_map=TAIL_ON_DISK, offload_folder=tmp_path / "offload", **kw)
+    assert (tmp_path / "offload" / "lm_head.weight.safetensors").is_file()
+    _assert_same_analysis(analyze(str(bin_model), **kw), split)
