@@ -77,7 +77,11 @@ class Opening:
         out = {
             "model": loaded.spec, "model_name": loaded.name, "source": loaded.source, "revision": loaded.revision,
             "dtype": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
-            "device_map": self.device_map, "data": self.data, "text_column": self.text_column,
+            "device_map": self.device_map,
+            # modules accelerate kept on cpu/disk and copied in on every forward (None: nothing offloaded)
+            "offloaded": offloaded_modules(getattr(self.model, "hf_device_map", None)) or None,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "data": self.data, "text_column": self.text_column,
             "seq_len": int(blocks.shape[1]) if blocks is not None else None,
             "samples": int(blocks.shape[0]) if blocks is not None else None,
             "batch_size": batch_size, "seed": self.seed,

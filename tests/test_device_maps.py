@@ -92,6 +92,7 @@ def test_analyze_no_grad_offloaded_equals_one_device(model4, ids_file, device_ma
     _assert_same_analysis(whole, split)
     assert np.isfinite(split.layers["lens_kl"]).all()  # the lens ran through the offloaded head
     assert split.manifest["device_map"] == device_map
+    assert split.manifest["offloaded"] == offloaded_modules(device_map) and whole.manifest["offloaded"] is None
 
 
 def test_analyze_grad_with_offloaded_head_equals_one_device(model4, ids_file):
@@ -198,6 +199,7 @@ def test_single_device_loads_straight_onto_it(model4, monkeypatch):
 def test_attn_implementation_is_passed_through(model4, attn):
     lm = load_model(str(model4), device="cpu", attn_implementation=attn, load_tokenizer=False)
     assert lm.model.config._attn_implementation == attn
+    assert lm.model.model.layers[0].self_attn.config._attn_implementation == attn
 
 
 def test_max_memory_parsed_as_accelerate_reads_it():
