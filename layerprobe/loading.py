@@ -599,7 +599,11 @@ def load_model(
     plan: dict | None = None
     if device_map is not None or attn_implementation is not None or check_plan is not None:
         meta = _meta_model(config, torch_dtype, attn_implementation, trust_remote_code, resolved.where)
-        plan = plan_device_map(meta, device_map, memory) if device_map is not None else {"": str(dev)}
+        try:
+            plan = plan_device_map(meta, device_map, memory) if device_map is not None else {"": str(dev)}
+        except (ValueError, RuntimeError) as e:  # accelerate's planner on a model or budget it cannot place
+            raise LayerprobeError(f"could not plan --device-map {device_map} for {resolved.where}: "
+                                  f"{first_line(e)}") from None
         if check_plan is not None:
             check_plan(meta, plan)
         del meta
