@@ -104,15 +104,18 @@ def _wrap(model: nn.Module) -> LoadedModel:
 
 def _offloaded_layers(model: nn.Module, device_map: dict | None, layers_path: str | None) -> list[str]:
     """The entries of `device_map` that offload (part of) a decoder layer to cpu or disk."""
+    offloaded = offloaded_modules(device_map)
+    if not offloaded:
+        return []
     path = find_anatomy(model, layers_path).layers_path
-    return [name for name in offloaded_modules(device_map)
+    return [name for name in offloaded
             if name == "" or path == name or path.startswith(name + ".") or name.startswith(path + ".")]
 
 
 def refuse_offloaded_gradients(names: list[str]) -> None:
     if names:
         raise LayerprobeError(
-            f"gradients cannot be measured on layers offloaded to cpu or disk ({names[0]}"
+            f"gradients cannot be measured on layers offloaded to cpu or disk ({names[0] or 'the whole model'}"
             f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}): accelerate reloads their weights on "
             "every forward, so the gradients never land; use --no-grad, or keep every layer on a GPU "
             "(--device cuda, or a --max-memory that fits them)"
