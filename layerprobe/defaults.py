@@ -104,7 +104,8 @@ def _memory_bytes(value: str, key: str) -> int:
     except ValueError:
         amount = -1.0
     if unit not in MEMORY_UNITS or not math.isfinite(amount) or amount < 0:
-        raise LayerprobeError(f"--max-memory {key}={value}: not a size; use bytes or a number with GiB, MiB, GB, MB ...")
+        raise LayerprobeError(f"--max-memory {key}={value}: not a size; use bytes or a number with GiB, MiB, GB, "
+                              "MB ...")
     return int(amount * MEMORY_UNITS[unit])
 
 

@@ -416,7 +416,8 @@ def check_max_memory_devices(memory: dict | None) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = [g for g in gpus if g >= count]
     if missing:
-        have = f"{count} GPU{'s' if count != 1 else ''}" + (f" (0-{count - 1})" if count > 1 else " (0)" if count else "")
+        indices = f" (0-{count - 1})" if count > 1 else " (0)" if count else ""
+        have = f"{count} GPU{'s' if count != 1 else ''}{indices}"
         raise LayerprobeError(f"--max-memory names GPU {missing[0]}, but this machine has {have}; name only "
                               "devices that exist (GPU indices, cpu, disk)")
     if "mps" in memory and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
