@@ -11,7 +11,9 @@ On the device it finds (cuda if there is one, else the CPU), it runs and records
    and MFU for the 71m and 130m presets in bf16, eager and with --compile, against transformers'
    LlamaForCausalLM of the same size.
 3. scale paths: torchrun --nproc-per-node 1 (DDP and --fsdp; NCCL on a GPU, gloo on the CPU) against the
-   plain run; --device-map auto against a plain load.
+   plain run; --device-map auto against a plain load; a map that offloads the last layers, final norm and
+   head to the CPU against a plain load (analyze --no-grad --tokens all, prune-sweep layer mode), and
+   analyze with gradients on it refused.
 and prints one Markdown table (also written to --out) to paste into BENCHMARKS.md.
 
 layerprobe is driven only through its stable entry points: layerprobe.analyze / prune_sweep / load_model
@@ -26,7 +28,7 @@ near-zero entry does not turn rounding into a large relative error):
 - fp32 on the GPU vs CPU fp32: 1e-4, with TF32 switched off for this check (TF32 matmuls keep 10 bits of
   mantissa and would make it a bf16-like check). What remains is the order of floating-point reductions
   (cuBLAS split-K, attention kernels), a few ulps per op, grown through the layers.
-- cached vs naive prune sweep, torchrun world size 1 vs plain, --device-map auto vs plain: 1e-5 relative
+- cached vs naive prune sweep, torchrun world size 1 vs plain, --device-map auto (and offloaded) vs plain: 1e-5 relative
   (the same kernels on the same device; only batch shapes and reduction order may differ).
 - training resumed after a kill: bit-identical losses and gradient norms, nothing less.
 """
@@ -512,6 +514,7 @@ def check_torchrun(work, npy, device, sz, plain_run: Path | None):
 def check_device_map(folder, npy, device, sz):
     if device.type != "cuda":
         record("scale", "--device-map auto on one GPU vs plain load", "", "", "skipped: no GPU")
+        record("scale", "--device-map with layers offloaded to cpu vs plain load", "", "", "skipped: no GPU")
         return
     kw = dict(data=str(npy), batch_size=sz.batch_size, dtype="float32", progress=False)
     set_tf32(False)
@@ -520,6 +523,32 @@ def check_device_map(folder, npy, device, sz):
     ok, err = compare_analyses(mapped, plain, TOL_SAME_DEVICE)
     record("scale", "analyze --device-map auto (one GPU) vs --device cuda, fp32", _errors_text(err),
            f"≤ {TOL_SAME_DEVICE:g} of scale", _status(ok))
+    # What --device-map auto does to a 70B on one H200: the last layers, the final norm and the head stay on
+    # the CPU (meta parameters, copied in on every forward). GPU 0 gets about half the weights.
+    size = sum(p.numel() * p.element_size()
+               for p in layerprobe.load_model(str(folder), dtype="float32", device="cpu", load_tokenizer=False)
+               .model.parameters())
+    offload = dict(device_map="sequential", max_memory={0: size // 2, "cpu": 4 * size})
+    plain = layerprobe.analyze(str(folder), device="cuda", grad=False, tokens="all", **kw)
+    mapped = layerprobe.analyze(str(folder), grad=False, tokens="all", **offload, **kw)
+    ok, err = compare_analyses(mapped, plain, TOL_SAME_DEVICE)
+    record("scale", f"analyze --no-grad --tokens all, offloaded to cpu ({len(mapped.manifest['offloaded'] or [])} "
+           "modules) vs --device cuda, fp32", _errors_text(err), f"≤ {TOL_SAME_DEVICE:g} of scale",
+           _status(ok and bool(mapped.manifest["offloaded"])))
+    sweep = dict(data=str(npy), batch_size=sz.batch_size, dtype="float32", progress=False, mode="layer")
+    a = layerprobe.prune_sweep(str(folder), device="cuda", **sweep).table
+    b = layerprobe.prune_sweep(str(folder), **offload, **sweep).table
+    cols = ["loss", "kl", "top1_agreement"]
+    err = scaled_error(b[cols].to_numpy(dtype=float), a[cols].to_numpy(dtype=float))
+    record("scale", "prune-sweep layer mode, offloaded to cpu vs --device cuda, fp32", f"max error {err:.1e}",
+           f"≤ {TOL_SAME_DEVICE:g} relative", _status(err <= TOL_SAME_DEVICE))
+    try:
+        layerprobe.analyze(str(folder), **offload, **kw)
+        refused = "ran (gradient norms of offloaded layers would be lost)"
+    except layerprobe.LayerprobeError as e:
+        refused = f"refused: {str(e)[:60]}..."
+    record("scale", "analyze with gradients, layers offloaded to cpu", refused, "refused before loading",
+           _status(refused.startswith("refused")))
 
 
 # ---- main -------------------------------------------------------------------------------------------------
