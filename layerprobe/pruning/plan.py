@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 from ..errors import LayerprobeError
 
-LAYER_CALLS_NEEDING_YES = 200_000  # above this a sweep needs --yes or a --max-layer-calls that allows it
+# Above this a sweep needs --yes or a --max-layer-calls that allows it: block-all or greedy of a 32-layer
+# model at the default 32 samples (~44k) is over it, a layer sweep of an 80-layer one (~26k) is not.
+LAYER_CALLS_NEEDING_YES = 30_000
 
 
 def check_layer_call_limit(max_layer_calls: int | None) -> None:
