@@ -19,16 +19,21 @@ import torch
 
 from ..metrics import cross_entropy_rows
 
-CHUNK_BYTES = 1 << 30  # fp32 logits of one chunk: ~2,000 rows at a 128k vocabulary, so the head GEMM is compute-bound
-DEFAULT_CHUNK_ELEMENTS = CHUNK_BYTES // 4
+# Logits per scoring chunk. On a GPU ~1 GiB of fp32 logits (~2,000 rows at a 128k vocabulary), so the head
+# GEMM is compute-bound and the head matrix is read once per 2,000 rows, not per 65; on the CPU 32 MiB, which
+# measured faster there (caches; bench/bench_prune.py --scoring: 3.7 s vs 4.5 s of CPU at 128k).
+GPU_CHUNK_ELEMENTS = 1 << 28
+CPU_CHUNK_ELEMENTS = 1 << 23
+DEFAULT_CHUNK_ELEMENTS = CPU_CHUNK_ELEMENTS  # the budget `chunk_rows_for` takes where no device is named
 LIVE_CHUNKS = 3  # chunk-sized fp32 buffers alive at once in `score`: log p, p and one candidate's logits
 
 
-def chunk_rows_for(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, device: torch.device | None = None) -> int:
-    """Rows per scoring chunk: `chunk_elements` logits, fewer on a GPU whose free memory holds less than a
-    quarter of the chunk's live buffers twice over."""
-    elements = chunk_elements
-    if device is not None and device.type == "cuda":
+def chunk_rows_for(vocab: int, chunk_elements: int | None = None, device: torch.device | None = None) -> int:
+    """Rows per scoring chunk: `chunk_elements` logits (default: by the device, above); on a GPU never more
+    than a quarter of its free memory holds (the chunk's live buffers, twice over)."""
+    on_gpu = device is not None and device.type == "cuda"
+    elements = chunk_elements or (GPU_CHUNK_ELEMENTS if on_gpu else CPU_CHUNK_ELEMENTS)
+    if on_gpu:
         free, _ = torch.cuda.mem_get_info(device)
         elements = min(elements, free // (4 * LIVE_CHUNKS * 4))
     return max(1, elements // max(int(vocab), 1))

@@ -21,7 +21,7 @@ from ..results import SWEEP_SECTION, SweepResult
 from .candidates import Candidate, build_candidates, ranked_sets, ranking_sets
 from .lmeval import add_lm_eval_columns, check_lm_eval
 from .measurement import Scorer, greedy, group_size_for, measure_sets, singles
-from .measures import DEFAULT_CHUNK_ELEMENTS, chunk_rows_for
+from .measures import chunk_rows_for
 from .options import MODES, RANKING_HELP, RANKINGS, SweepOptions, parse_block_sizes, parse_by, parse_modes, resolve_steps
 from .plan import Plan, check_layer_call_limit, estimate_seconds
 from .prefix import PrefixRunner
@@ -112,7 +112,7 @@ def prune_sweep(
     analysis=None,
     lm_eval_tasks: str | Iterable[str] | None = None,
     lm_eval_limit: int | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     block_top: int | None = None,
     search_samples: int | None = None,
     yes: bool = False,
