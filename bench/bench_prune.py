@@ -21,6 +21,9 @@ The bound prefix caching allows, per batch, with c_l one layer's cost and c_h th
     bound  = cached / naive = (L/2 + r) / (L + r),  r = c_h / c_l
 (the full pass needs no head of its own when the model computes only the last position's logits;
 the full model's log-probabilities are one of the L + 1 head passes).
+With --estimate, the time the sweep estimates after its first batch (planned layer calls x the first
+batch's seconds per layer call) against its measured time, per mode, on tiny24.
+
 With --scoring (issue 20) it measures instead the share of a layer sweep's time spent scoring (the
 head, CE, KL and top-1 in `measurement.score`) on a random Llama with a large vocabulary (default
 128,256, Llama 3's), and the host syncs per batch (reads of a tensor's value by the host: aten's
@@ -266,6 +269,25 @@ def scoring_share(args) -> dict:
             "share": score_s / sweep_s, "syncs_per_batch": (counts[1] - counts[0]) / 2}
 
 
+def estimate_check(args) -> list[dict]:
+    """The time printed after the first batch (`summary["estimated_time_s"]`) against the sweep's measured
+    time, on the tiny24 model, per mode."""
+    tmp = Path(tempfile.mkdtemp())
+    loaded = load_model(str(make_tiny24(tmp / "tiny24")), dtype="float32", device=args.device)
+    samples, batch = args.samples or 16, args.batch_size or 2
+    g = torch.Generator().manual_seed(0)
+    np.save(tmp / "ids.npy", torch.randint(3, 512, (samples, args.seq_len), generator=g).numpy())
+    rows = []
+    for mode, extra in (("layer", {}), ("block", {"block_size": "all"}), ("greedy", {"steps": 4})):
+        result = prune_sweep(loaded, mode=mode, data=str(tmp / "ids.npy"), samples=samples, batch_size=batch,
+                             progress=False, yes=True, **extra)
+        s = result.summary
+        rows.append({"mode": mode, "layer_calls": s["layer_calls"], "planned": s["planned_layer_calls"],
+                     "estimated_s": s["estimated_time_s"], "measured_s": s["sweep_time_s"],
+                     "ratio": s["estimated_time_s"] / s["sweep_time_s"]})
+    return rows
+
+
 def _runs(t):
     return ", ".join(f"{w:.1f}/{c:.1f}" for w, c in zip(t["wall"], t["cpu"]))
 
@@ -283,12 +305,23 @@ def main(argv=None):
                    help="which time the table and the bound use; 'cpu' (process time) with --threads 1 is "
                         "robust to other jobs on a shared machine (both are always printed)")
     p.add_argument("--scoring", action="store_true", help="the scoring share and host syncs per batch instead")
+    p.add_argument("--estimate", action="store_true", help="the time estimated after the first batch against the "
+                                                            "measured sweep time, per mode (tiny24)")
     p.add_argument("--vocab", type=int, default=128_256, help="--scoring: the vocabulary")
     p.add_argument("--layers", type=int, default=8, help="--scoring: decoder layers")
     p.add_argument("--hidden", type=int, default=64, help="--scoring: hidden size")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.estimate:
+        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+              f"{torch.__version__}, tiny24, {args.samples or 16} samples x {args.seq_len}, batch {args.batch_size or 2}")
+        print("| mode | layer calls (counted) | planned | estimated after batch 1 (s) | measured (s) | estimated / measured |")
+        print("|---|---|---|---|---|---|")
+        for r in estimate_check(args):
+            print(f"| {r['mode']} | {r['layer_calls']:,} | {r['planned']:,} | {r['estimated_s']:.2f} | "
+                  f"{r['measured_s']:.2f} | {r['ratio']:.2f} |")
+        return
     if args.scoring:
         row = scoring_share(args)
         print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "

@@ -83,6 +83,7 @@ class Plan:
     search_batches: int = 0  # greedy's search batches (the first ones); 0 without greedy
     search_per_batch: int = 0  # greedy's search calls per search batch, beyond what the pass measures
     exact: bool = True  # False while rankings or greedy choices are bounded, not known
+    estimated_s: float | None = None  # the sweep's time, estimated from its first batch
 
     @property
     def total(self) -> int:

@@ -46,8 +46,9 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
     started = time.perf_counter()
 
     def estimate(seconds: float, calls: int) -> None:
+        plan.estimated_s = estimate_seconds(plan, seconds, calls)
         say(f"first batch: {seconds:.1f} s for {calls:,} layer calls; the sweep should take about "
-            f"{_duration(estimate_seconds(plan, seconds, calls))}")
+            f"{_duration(plan.estimated_s)}")
 
     with make_progress(progress) as bar:
         scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype))
@@ -173,7 +174,8 @@ def prune_sweep(
     runner, L = scorer.runner, anatomy.num_layers
     summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens)
     summary.update({"layer_calls": runner.layer_calls + runner.capture_passes * L, "planned_layer_calls": plan.total,
-                    "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3)})
+                    "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3),
+                    "estimated_time_s": None if plan.estimated_s is None else round(plan.estimated_s, 3)})
     manifest = opening.manifest(
         batch_size=batch_size, **opts.manifest(), ranking_source=ranking_source,
         remove=list(opts.removal) if opts.removal else None, chunk_rows=chunk_rows,
