@@ -70,9 +70,10 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
         rows = [full_row(measured.full)]
         rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss) for c in candidates]
         if opts.greedy and not search_apart:
-            found = [(s, added, sums) for s, added, sums in greedy(scorer, measured.by_set, batches, opts.n_steps, bar)]
+            found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar)
         for t, (removed, added, sums) in enumerate(found, 1):
             c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
+            # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
             rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss))
     return rows, scorer, measured.full.tokens, time.perf_counter() - started
 
