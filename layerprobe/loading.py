@@ -562,6 +562,12 @@ def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str) -> tuple[
     return tokenizer, None
 
 
+def read_config(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config without its weights (for checks that need only its shape)."""
+    resolved = resolve_spec(str(spec), revision)
+    return _load_config(resolved, dict(resolved.kwargs, trust_remote_code=trust_remote_code), trust_remote_code)
+
+
 def load_model(
     spec: str,
     *,

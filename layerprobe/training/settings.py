@@ -5,7 +5,7 @@ run folder must keep to be resumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,7 +36,7 @@ class TrainSettings:
     out: str = "runs"
     layers: int | None = None
     hidden_size: int | None = None
-    ffn_size: int | None = None
+    ffn_size: int | str | None = None  # units, or "aligned": the preset's rounded up to FFN_ALIGNMENT
     heads: int | None = None
     kv_heads: int | None = None
     seq_len: int | None = None
@@ -71,6 +71,13 @@ class TrainSettings:
 # Values of the settings a recipe can set, when neither a flag nor a recipe gives them.
 DEFAULTS = {"norm": "pre,post,mix,lns", "preset": "tiny", "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
             "weight_decay": 0.0, "grad_clip": 1.0, "dtype": "auto", "eval_samples": 64}
+# The default micro-batch: the largest divisor of the per-process batch with at most this many tokens. 64 x 256,
+# what the 1b preset fits on an 80 GB GPU under FSDP; the whole per-process batch of the 71m/130m presets
+# (512 x 256) would need ~90-110 GiB, most of it the logits.
+MICRO_BATCH_TOKENS = 16_384
+# `--ffn-size aligned`: the preset's FFN rounded up to a multiple of this (1b: 5461 -> 5504), so every MLP
+# GEMM's leading dimension suits tensor cores. A different model from the paper's, recorded as such.
+FFN_ALIGNMENT = 64
 # Recipe field -> setting (the rest have the same name).
 _RECIPE_FIELDS = {"norms": "norm"}
 
@@ -154,6 +161,10 @@ class Plan:
         else:
             tokenizer = self.tokenizer_spec or "the one the prepared data was made with"
         lines.append(f"  tokenizer {tokenizer}")
+        preset = get_preset(self.preset)
+        if s.ffn_size is not None and s.ffn_size != preset.intermediate_size and s.hidden_size in (None, preset.hidden_size):
+            lines.append(f"  FFN {s.ffn_size} instead of the preset's {preset.intermediate_size}: a different model "
+                         "from the paper's")
         return lines
 
 
@@ -204,13 +215,43 @@ def _check_options(s: TrainSettings) -> None:
         raise LayerprobeError(f"--min-lr-ratio must lie in [0, 1] (got {s.min_lr_ratio})")
 
 
-def _batching(s: TrainSettings, preset, env: DistEnv) -> tuple[int, int]:
+def default_micro_batch(per_rank: int, seq_len: int) -> int:
+    """The largest divisor of the per-process batch whose sequences hold at most MICRO_BATCH_TOKENS tokens."""
+    cap = max(1, MICRO_BATCH_TOKENS // seq_len)
+    return max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+
+
+def resolve_ffn_size(value, preset, hidden_size: int | None) -> int | None:
+    """--ffn-size as units: a number, or "aligned" (the FFN the preset would use, rounded up to FFN_ALIGNMENT)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "aligned":
+        base = reference_config(preset, hidden_size=hidden_size).intermediate_size
+        return -(-base // FFN_ALIGNMENT) * FFN_ALIGNMENT
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise LayerprobeError(f"--ffn-size must be a number of units or 'aligned' (got {value!r})") from None
+    if size != value and str(size) != str(value).strip():
+        raise LayerprobeError(f"--ffn-size must be a whole number of units or 'aligned' (got {value!r})")
+    return size
+
+
+def shape_departures(preset_name: str, config) -> list[str]:
+    """How the model's shape differs from its preset's (a paper's model), e.g. 'intermediate_size 5504 (preset 5461)'."""
+    p = get_preset(preset_name)
+    pairs = (("hidden_size", p.hidden_size), ("intermediate_size", p.intermediate_size),
+             ("num_attention_heads", p.num_attention_heads), ("num_hidden_layers", p.num_hidden_layers))
+    return [f"{key} {getattr(config, key)} (preset {value})" for key, value in pairs if getattr(config, key) != value]
+
+
+def _batching(s: TrainSettings, preset, env: DistEnv, seq_len: int) -> tuple[int, int]:
     """(global batch, micro-batch per process), checked against the number of processes."""
     batch = s.batch_size or preset.batch_size
     if batch % env.world_size:
         raise LayerprobeError(f"--batch-size {batch} is not divisible by the {env.world_size} processes")
     per_rank = batch // env.world_size
-    micro = min(s.micro_batch_size or per_rank, per_rank)
+    micro = min(s.micro_batch_size, per_rank) if s.micro_batch_size else default_micro_batch(per_rank, seq_len)
     if per_rank % micro:
         raise LayerprobeError(f"the per-process batch {per_rank} is not a multiple of --micro-batch-size {micro}")
     if s.eval_samples < env.world_size:
@@ -252,6 +293,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         preset = get_preset(s.preset)
     except ValueError as e:
         raise LayerprobeError(str(e)) from None
+    s = replace(s, ffn_size=resolve_ffn_size(s.ffn_size, preset, s.hidden_size))
     _check_options(s)
     seq_len = s.seq_len or preset.seq_len
     if seq_len < 2:
@@ -259,7 +301,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
     layers = s.layers or preset.num_hidden_layers
     if s.post_ln_layers is not None and not 0 <= s.post_ln_layers <= layers:
         raise LayerprobeError(f"--post-ln-layers must lie in [0, {layers}] for {layers} layers (got {s.post_ln_layers})")
-    batch, micro = _batching(s, preset, env)
+    batch, micro = _batching(s, preset, env, seq_len)
     steps, budget = _length(given, s, preset, batch, seq_len)
     eval_every = s.eval_every or min(preset.eval_every, steps)
     _check_data(s)

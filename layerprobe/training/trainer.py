@@ -42,6 +42,7 @@ from .settings import (
     Plan,
     TrainSettings,
     identity_differences,
+    shape_departures,
     model_config,
     parse_schemes,
     resolve_plan,
@@ -150,6 +151,8 @@ class Run:
                 "diverged_reason": result.diverged_reason, "checkpoint_step": result.checkpoint_step,
                 "layer_output_var": result.layer_output_var,
                 "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "identity": self.identity, "preset": self.plan.preset,
+                # empty: the preset's (a paper's) model; else how this one differs, e.g. an aligned FFN
+                "differs_from_preset": shape_departures(self.plan.preset, self.config),
                 "settings": {k: v for k, v in asdict(self.plan.settings).items() if k not in ("resume", "overwrite")},
                 "world_size": self.env.world_size}
 
