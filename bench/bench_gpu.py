@@ -811,6 +811,9 @@ def run_sub(cmd, env_extra=None) -> subprocess.CompletedProcess:
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=time_left())
+    except subprocess.TimeoutExpired:  # its timeout is the budget's end
+        _kill_group(proc)
+        raise Stop("stopped at the budget") from None
     except BaseException:
         _kill_group(proc)
         raise
@@ -1097,20 +1100,21 @@ def check_resume(ctx: Ctx):
 # ---- the plan -----------------------------------------------------------------------------------------------
 
 # Seconds each check is expected to take: (on a GPU at full sizes, on a CPU at dry-run sizes). The GPU column is
-# an estimate that has not met a GPU yet (torch and CUDA start-up, model builds, compiles included), chosen so
-# that the first seven fit 420 s on an H100; the CPU column was measured on the 2-core build machine under load.
+# an estimate that has not met a GPU yet (subprocess start-up, CUDA and NCCL init, model builds, a cold Inductor
+# compile included): the first eight add up to 380 s, which with ~10 s of imports fits 420 s on an H100. The CPU
+# column is what the dry run took on the 2-core build machine (torchrun and resume: subprocess start-ups).
 ESTIMATES = {
-    "analyze-correctness": (45, 12),
-    "memory": (75, 2),
-    "analyze-speed": (35, 10),
-    "train-eager": (40, 10),
-    "train-compiled": (110, 1),
-    "prune": (40, 10),
-    "torchrun": (60, 30),
-    "offload": (35, 12),
-    "resume": (60, 20),
-    "train-twin": (120, 12),
-    "analyze-speed-small": (40, 10),
+    "analyze-correctness": (40, 3),
+    "memory": (60, 1),
+    "analyze-speed": (35, 2),
+    "train-eager": (30, 6),
+    "train-compiled": (100, 1),
+    "prune": (35, 2),
+    "torchrun": (50, 40),
+    "offload": (30, 2),
+    "resume": (60, 45),
+    "train-twin": (120, 2),
+    "analyze-speed-small": (40, 2),
 }
 SECTIONS = ("correctness", "memory", "speed", "scale")
 
