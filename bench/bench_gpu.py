@@ -120,6 +120,7 @@ TINY_SLICE = dict(TINY_MODEL, vocab_size=512, tie_word_embeddings=False)
 @dataclass
 class Sizes:
     model: dict
+    model_name: str
     samples: int        # token blocks of the small model's speed and prune checks
     check_samples: int  # token blocks of the correctness checks (the CPU fp32 reference runs on them)
     seq_len: int
@@ -138,13 +139,14 @@ class Sizes:
     torchrun_steps: int
 
 
-FULL = Sizes(FULL_MODEL, samples=32, check_samples=8, seq_len=512, batch_size=8, repeats=3,
-             big_model=LLAMA3_8B_SLICE, big_name="Llama-3-8B shape, 4 layers", big_seq_len=2048,
+FULL = Sizes(FULL_MODEL, "SmolLM2-135M shape", samples=32, check_samples=8, seq_len=512, batch_size=8,
+             repeats=3, big_model=LLAMA3_8B_SLICE, big_name="Llama-3-8B shape, 4 layers", big_seq_len=2048,
              memory_batches=(1, 4), big_samples=8, train_preset="71m", train_batch=64, train_steps=30,
              resume_preset="micro", resume_steps=200, torchrun_steps=50)
-DRY = Sizes(TINY_MODEL, samples=4, check_samples=4, seq_len=32, batch_size=2, repeats=2,
+DRY = Sizes(TINY_MODEL, "tiny", samples=4, check_samples=4, seq_len=32, batch_size=2, repeats=2,
             big_model=TINY_SLICE, big_name="tiny slice", big_seq_len=32, memory_batches=(1, 4), big_samples=8,
-            train_preset="micro", train_batch=8, train_steps=6, resume_preset="micro", resume_steps=30, torchrun_steps=30)
+            train_preset="micro", train_batch=8, train_steps=6, resume_preset="micro", resume_steps=30,
+            torchrun_steps=30)
 
 
 # ---- the table, written whole after every row ------------------------------------------------------------
@@ -633,10 +635,13 @@ def _record_share(label, r):
            "measured")
 
 
-def check_memory(ctx: Ctx):
+def check_memory(ctx: Ctx, measure=None):
+    """Each mode and batch: the predictor's figure against `measure` (measure_peak on a GPU; without a GPU the
+    prediction alone is recorded)."""
     predictor, source = find_predictor()
     sz, device, dtype = ctx.sz, ctx.device, ctx.speed_dtype
-    model = ctx.big if device.type == "cuda" else None
+    measure = measure or (measure_peak if device.type == "cuda" else None)
+    model = ctx.big if measure is not None else None
     cfg = model.config if model is not None else _config(sz.big_model)
     T, L, V = sz.big_seq_len, cfg.num_hidden_layers, cfg.vocab_size
     target = f"predicted within {TOL_MEMORY:.0%} of torch.cuda.max_memory_allocated"
@@ -650,17 +655,17 @@ def check_memory(ctx: Ctx):
                 except Exception as e:
                     why = f"predictor failed ({type(e).__name__}: {_first_line(str(e))})"
             pred_text = f"predicted {predicted / GiB:.2f} GiB ({source})" if predicted is not None else ""
-            if device.type != "cuda":
+            if measure is None:
                 record("memory", label, pred_text, target, "skipped: no GPU" if predicted is not None else
                        f"skipped: no GPU; {why}")
                 continue
             npy = write_tokens(ctx.work / f"mem-{B}.npy", B, T, V, seed=3)
             try:
                 if mode == "analyze":
-                    m = measure_peak(lambda: layerprobe.analyze(model, data=str(npy), samples=B, batch_size=B,
-                                                                grad=True, progress=False), device)
+                    m = measure(lambda: layerprobe.analyze(model, data=str(npy), samples=B, batch_size=B, grad=True,
+                                                           progress=False), device)
                 else:
-                    m = measure_peak(lambda: scoring_share(model, npy, B, B, device), device)
+                    m = measure(lambda: scoring_share(model, npy, B, B, device), device)
             except torch.cuda.OutOfMemoryError as e:
                 model.zero_grad(set_to_none=True)
                 free_memory()
@@ -742,7 +747,7 @@ def check_analyze_speed_small(ctx: Ctx):
     set_tf32(True)  # the speed runs use the defaults a user gets
     try:
         speed_analyze(loaded, ctx.tokens_npy, ctx.sz.batch_size, ctx.sz.repeats,
-                      f"{dtype}, {ctx.device.type}, SmolLM2-135M shape, {ctx.sz.samples}×{ctx.sz.seq_len} tokens, "
+                      f"{dtype}, {ctx.device.type}, {ctx.sz.model_name}, {ctx.sz.samples}×{ctx.sz.seq_len} tokens, "
                       f"batch {ctx.sz.batch_size}", ctx.dry)
     finally:
         set_tf32(False)
@@ -971,7 +976,7 @@ def check_prune(ctx: Ctx):
         r = prune_pair(ctx, ctx.speed_dtype)
     speed_prune(r, ctx.device, ctx.speed_dtype)
     share = scoring_share(r["loaded"].model, ctx.tokens_npy, ctx.sz.samples, ctx.sz.batch_size, ctx.device)
-    _record_share(f"prune-sweep scoring share (SmolLM2 shape, L={r['L']}, V={r['vocab']}, {r['tokens']} tokens, "
+    _record_share(f"prune-sweep scoring share ({ctx.sz.model_name}, L={r['L']}, V={r['vocab']}, {r['tokens']} tokens, "
                   f"{ctx.speed_dtype})", share)
 
 
@@ -1032,7 +1037,8 @@ def check_offload(ctx: Ctx):
     plain = AutoModelForCausalLM.from_pretrained(ctx.untied_folder, dtype=torch.float32).to(device).eval()
     mapped = AutoModelForCausalLM.from_pretrained(ctx.untied_folder, dtype=torch.float32, device_map=dmap,
                                                   offload_folder=str(ctx.work / "offload")).eval()
-    where = f"layers {kept}..{L - 1}, final norm and head offloaded to {offload_to}"
+    layers = f"layers {kept}–{L - 1}" if L - 1 > kept else f"layer {kept}"
+    where = f"{layers}, final norm and head offloaded to {offload_to}"
     kw = dict(data=str(ctx.check_npy), batch_size=ctx.sz.batch_size, progress=False)
     runs = (("analyze --no-grad", lambda m: layerprobe.analyze(m, grad=False, **kw), compare_analyses),
             ("analyze with gradients", lambda m: layerprobe.analyze(m, grad=True, **kw), compare_analyses),
@@ -1135,8 +1141,8 @@ def plan(ctx: Ctx) -> list[Check]:
         ("offload", "scale", "analyze and prune-sweep with an offloading device map", lambda: check_offload(ctx)),
         ("resume", "correctness", "training killed and resumed", lambda: check_resume(ctx)),
         ("train-twin", "speed", "transformers LlamaForCausalLM twin tokens/s", lambda: check_twin(ctx)),
-        ("analyze-speed-small", "speed", "analyze / bare forward+backward (SmolLM2 shape)",
-         lambda: check_analyze_speed_small(ctx)),
+        ("analyze-speed-small", "speed", f"analyze / bare forward+backward ({ctx.sz.model_name})",
+         lambda: check_analyze_speed_small(ctx)),  # the launch-bound small model
     ]
     return [Check(name, section, label, ESTIMATES[name][col], fn) for name, section, label, fn in rows]
 

@@ -79,7 +79,7 @@ def test_dry_run_records_every_path_and_the_correctness_checks_pass(tmp_path):
     memory = [r for r in rows if r[0] == "memory"]
     assert len(memory) == 4 and all(r[4].startswith("skipped: no GPU") for r in memory)  # 2 modes x batch 1, 4
     for needles in (("analyze / bare forward+backward", "tiny slice"), ("analyze --no-grad / bare forward", "tiny slice"),
-                    ("analyze / bare forward+backward", "SmolLM2"), ("prune-sweep cached / naive",),
+                    ("analyze / bare forward+backward", "cpu, tiny, "), ("prune-sweep cached / naive",),
                     ("prune-sweep scoring share",), ("train-reference micro", "eager"), ("twin of micro",)):
         section, _, result, _, status = row(*needles)
         assert section == "speed" and status.startswith("measured") and any(ch.isdigit() for ch in result), needles
@@ -323,6 +323,43 @@ def test_the_memory_rows_call_the_predictor_with_the_agreed_signature(tmp_path, 
     assert [r.result for r in table.rows] == [f"predicted {1.5 * b:.2f} GiB (fake_predictor.predict_peak_bytes)"
                                               for _ in range(2) for b in (1, 4)]
     assert all(r.section == "memory" and r.status == "skipped: no GPU" for r in table.rows)
+
+
+def test_the_memory_rows_hold_prediction_against_measurement_within_15_percent(tmp_path, monkeypatch):
+    """The measured path, with the allocator's figures replaced (no GPU here) and the real analyze and prune-sweep
+    run on the tiny slice."""
+    (tmp_path / "fake_predictor2.py").write_text(
+        "def predict_peak_bytes(config, *, batch, seq_len, mode, dtype):\n"
+        "    return 1000 * batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bench_gpu.load_stack()
+    off = iter([0.0, 0.2, -0.1, -0.16])  # predicted / measured - 1, per row in order
+    calls = []
+
+    def fake_measure(fn, device):
+        out = fn()
+        calls.append(type(out).__name__)
+        batch = (1, 4)[(len(calls) - 1) % 2]
+        return {"peak": 1000 * batch / (1 + next(off)), "before": 100.0, "reserved": 2000.0, "seconds": 0.5, "out": out}
+
+    for predictors, statuses in (((("fake_predictor2", "predict_peak_bytes"),), ["pass", "FAIL", "pass", "FAIL"]),
+                                 ((), ["skipped: predictor not available"] * 4)):
+        monkeypatch.setattr(bench_gpu, "PREDICTORS", predictors)
+        table = bench_gpu.Table(out=None)
+        monkeypatch.setattr(bench_gpu, "TABLE", table)
+        off = iter([0.0, 0.2, -0.1, -0.16])
+        calls.clear()
+        ctx = bench_gpu.Ctx(tmp_path, torch.device("cpu"), bench_gpu.DRY, True, None, "no GPU")
+        bench_gpu.check_memory(ctx, measure=fake_measure)
+        assert calls == ["AnalysisResult", "AnalysisResult", "dict", "dict"]
+        memory = [r for r in table.rows if r.section == "memory"]
+        assert [r.status for r in memory] == statuses
+        assert all(r.result.startswith("measured ") for r in memory)
+        if predictors:
+            assert memory[1].result.endswith(": +20.0%") and memory[3].result.endswith(": -16.0%")
+        share = [r for r in table.rows if r.section == "speed"]
+        assert len(share) == 1 and "scoring share" in share[0].check and "B=4" in share[0].check
+        assert "% of the sweep's time in scoring" in share[0].result
 
 
 # ---- comparisons and formulas -----------------------------------------------------------------------------
