@@ -184,7 +184,8 @@ class Table:
 
     def markdown(self) -> str:
         lines = [*self.header, "", "| section | check | result | target / tolerance | status |", "|---|---|---|---|---|"]
-        lines += [f"| {r.section} | {r.check} | {r.result} | {r.target} | {r.status} |" for r in self.rows]
+        lines += ["| " + " | ".join(_cell(v) for v in (r.section, r.check, r.result, r.target, r.status)) + " |"
+                  for r in self.rows]
         elapsed = (self.ended or time.monotonic()) - self.started
         budget = f" of a {self.budget_s:g} s budget" if self.budget_s else ""
         if self.finished:
@@ -207,6 +208,11 @@ class Table:
 
         write_text(self.out, self.markdown())
         write_json(self.out.with_suffix(".json"), self.sidecar())
+
+
+def _cell(text) -> str:
+    """A Markdown table cell: an error message's pipe or newline must not break the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 TABLE = Table(out=None)
@@ -328,19 +334,28 @@ def _last_line(text):
 
 # ---- versions: the first line ------------------------------------------------------------------------------
 
-def requirement_problems(pyproject: Path = REPO / "pyproject.toml", version_of=importlib.metadata.version,
-                         python_version: str = platform.python_version()) -> list[str]:
-    """What this machine lacks of layerprobe's declared requirements (pyproject.toml [project]): a missing
-    package, or one older than its specifier allows."""
-    import tomllib
+# The declared requirements the checks use. The others (pyarrow: .parquet data; matplotlib: figures; tokenizers:
+# text data) are only named in the first line when missing: the device machine may lack pyarrow, and no check
+# needs it.
+CHECKS_NEED = {"python", "torch", "transformers", "typer", "rich", "pandas", "numpy", "safetensors"}
 
+
+def requirement_problems(pyproject: Path = REPO / "pyproject.toml", version_of=importlib.metadata.version,
+                         python_version: str = platform.python_version()) -> list[tuple[str, str]]:
+    """(name, what is wrong) for each of layerprobe's declared requirements (pyproject.toml [project]) that this
+    machine lacks: a missing package, or one older than its specifier allows. Python < 3.11 has no tomllib:
+    the import check alone decides there."""
+    try:
+        import tomllib
+    except ImportError:
+        return []
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
     project = tomllib.loads(pyproject.read_text())["project"]
     problems = []
     if not SpecifierSet(project.get("requires-python", "")).contains(python_version, prereleases=True):
-        problems.append(f"python{project['requires-python']} (this machine has {python_version})")
+        problems.append(("python", f"python{project['requires-python']} (this machine has {python_version})"))
     for spec in project.get("dependencies", []):
         req = Requirement(spec)
         if req.marker is not None and not req.marker.evaluate():
@@ -348,10 +363,10 @@ def requirement_problems(pyproject: Path = REPO / "pyproject.toml", version_of=i
         try:
             have = version_of(req.name)
         except importlib.metadata.PackageNotFoundError:
-            problems.append(f"{req.name} (not installed)")
+            problems.append((req.name, f"{req.name} (not installed)"))
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            problems.append(f"{req.name}{req.specifier} (this machine has {have})")
+            problems.append((req.name, f"{req.name}{req.specifier} (this machine has {have})"))
     return problems
 
 
@@ -364,7 +379,13 @@ def _version(name):
 
 def versions_text() -> str:
     return (f"python {platform.python_version()} · torch {_version('torch')} · transformers {_version('transformers')}"
-            f" · accelerate {_version('accelerate')} · layerprobe at {REPO}")
+            f" · accelerate {_version('accelerate')} · layerprobe {_layerprobe_version()} at {REPO}")
+
+
+def _layerprobe_version() -> str:
+    from layerprobe._version import __version__  # a constant: imports nothing
+
+    return __version__
 
 
 def load_stack():
@@ -383,15 +404,21 @@ def load_stack():
 
 def first_line() -> tuple[bool, str]:
     """(ok, the first line of output): the versions, and what layerprobe needs that they do not give."""
-    problems = requirement_problems()
-    if problems:
-        return False, (f"error: layerprobe needs {', '.join(problems)}; nothing was run ({versions_text()})")
+    try:
+        problems = requirement_problems()
+    except Exception as e:  # a pyproject.toml or a `packaging` this script cannot read
+        return False, f"error: cannot read layerprobe's requirements ({type(e).__name__}: {_first_line(str(e))})"
+    blocking = [text for name, text in problems if name.lower() in CHECKS_NEED]
+    if blocking:
+        return False, (f"error: layerprobe needs {', '.join(blocking)}; nothing was run ({versions_text()})")
     try:
         load_stack()
     except Exception as e:  # ImportError or an API error at import: layerprobe needs something newer
         return False, (f"error: layerprobe does not import here ({type(e).__name__}: {_first_line(str(e))}); "
                        f"nothing was run ({versions_text()})")
-    return True, f"versions: {versions_text()}: layerprobe's requirements (pyproject.toml) are met"
+    others = [text for name, text in problems if name.lower() not in CHECKS_NEED]
+    met = "met" if not others else f"met for these checks; also declared: {', '.join(others)} (no check uses it)"
+    return True, f"versions: {versions_text()}: layerprobe's requirements (pyproject.toml) are {met}"
 
 
 def machine_lines(device, args):

@@ -268,17 +268,27 @@ def test_requirement_problems_name_what_is_missing_or_too_old(tmp_path):
         return have[name]
 
     problems = bench_gpu.requirement_problems(pyproject, version_of, python_version="3.12.3")
-    assert problems == ["transformers>=5.20 (this machine has 5.17.0)", "absent (not installed)"]
+    assert problems == [("transformers", "transformers>=5.20 (this machine has 5.17.0)"),
+                        ("absent", "absent (not installed)")]
     assert bench_gpu.requirement_problems(pyproject, version_of, python_version="3.9.1")[0] == \
-        "python>=3.10 (this machine has 3.9.1)"
+        ("python", "python>=3.10 (this machine has 3.9.1)")
     # The repository's own declared requirements, as this machine has them: met.
     assert bench_gpu.requirement_problems() == []
+
+
+def test_the_first_line_names_a_missing_package_no_check_uses_and_goes_on(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "requirement_problems", lambda: [("pyarrow", "pyarrow (not installed)")])
+    ok, line = bench_gpu.first_line()
+    assert ok and line.startswith("versions: python ")
+    assert line.endswith("are met for these checks; also declared: pyarrow (not installed) (no check uses it)")
 
 
 @pytest.mark.parametrize("what", ["too old", "does not import"])
 def test_the_first_line_refuses_what_layerprobe_needs_and_nothing_runs(tmp_path, monkeypatch, capsys, what):
     if what == "too old":
-        monkeypatch.setattr(bench_gpu, "requirement_problems", lambda: ["transformers>=9.0 (this machine has 5.17.0)"])
+        monkeypatch.setattr(bench_gpu, "requirement_problems",
+                            lambda: [("transformers", "transformers>=9.0 (this machine has 5.17.0)"),
+                                     ("pyarrow", "pyarrow (not installed)")])
         needle = "error: layerprobe needs transformers>=9.0 (this machine has 5.17.0); nothing was run"
     else:
         def load_stack():
