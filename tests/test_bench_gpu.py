@@ -372,6 +372,29 @@ def test_the_memory_rows_hold_prediction_against_measurement_within_15_percent(t
         assert "% of the sweep's time in scoring" in share[0].result
 
 
+def test_scoring_share_times_score_and_still_sweeps_where_score_has_moved(tmp_path, monkeypatch):
+    bench_gpu.load_stack()
+    from transformers import AutoModelForCausalLM
+
+    import layerprobe.pruning.measurement as meas
+
+    model = AutoModelForCausalLM.from_pretrained(bench_gpu.build_model(tmp_path / "m", bench_gpu.TINY_MODEL)).eval()
+    npy = bench_gpu.write_tokens(tmp_path / "t.npy", 4, 16, bench_gpu.TINY_MODEL["vocab_size"])
+    calls = []
+    real = meas.score
+    monkeypatch.setattr(meas, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    patched = meas.score
+    r = bench_gpu.scoring_share(model, npy, 4, 2, torch.device("cpu"))
+    assert calls and 0 < r["score_s"] <= r["sweep_s"] + 1e-3 and meas.score is patched  # its timer was taken off again
+    monkeypatch.setattr(bench_gpu, "SCORE_FN", ("layerprobe.pruning.measurement", "score_renamed"))
+    r = bench_gpu.scoring_share(model, npy, 4, 2, torch.device("cpu"))
+    assert r["score_s"] is None and len(r["result"].table) == bench_gpu.TINY_MODEL["num_hidden_layers"] + 1
+    table = bench_gpu.Table(out=None)
+    monkeypatch.setattr(bench_gpu, "TABLE", table)
+    bench_gpu._record_share("share", r)
+    assert table.rows[0].status.startswith("skipped: layerprobe.pruning.measurement.score_renamed not found")
+
+
 # ---- comparisons and formulas -----------------------------------------------------------------------------
 
 def _tiny_analysis(tmp_path):
