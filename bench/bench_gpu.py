@@ -17,8 +17,10 @@ order, most valuable first (`--only` picks checks or sections by name):
  5. prune                prune-sweep layer mode cached vs naive (fp32 correctness, bf16 speed) and the share of
                          the sweep spent scoring, on a SmolLM2-135M shape.
  6. torchrun             torchrun --nproc-per-node 1 DDP and FSDP2 (NCCL on a GPU) against a plain run.
- 7. offload              analyze (with and without gradients) and prune-sweep on a model whose last quarter,
-                         final norm and head are offloaded (to the CPU on a GPU, to disk on a CPU) vs on one device.
+ 7. offload              device maps through layerprobe's loading: analyze --no-grad --tokens all and prune-sweep
+                         with the last quarter of the layers, the final norm and the head offloaded (to the CPU on
+                         a GPU, to disk on a CPU), analyze with gradients with the head offloaded, each against one
+                         device; analyze with gradients on offloaded layers refused; --device-map auto on a GPU.
  8. resume, train-twin, analyze-speed-small   a training run SIGKILLed and resumed; transformers'
                          LlamaForCausalLM of the 71m shape; analyze / bare on the small model.
 
@@ -204,10 +206,21 @@ class Table:
     def write(self):
         if self.out is None:
             return
-        from layerprobe.io import write_json, write_text  # stdlib only: safe before load_stack
+        _write_text(self.out, self.markdown())
+        _write_text(self.out.with_suffix(".json"), json.dumps(self.sidecar(), indent=2, default=str) + "\n")
 
-        write_text(self.out, self.markdown())
-        write_json(self.out.with_suffix(".json"), self.sidecar())
+
+def _write_text(path: Path, text: str):
+    """layerprobe.io's atomic write; where layerprobe does not import (its own dependency check refuses this
+    machine: the first line says why, and it must still reach --out), the same temporary-then-rename by hand."""
+    try:
+        from layerprobe.io import write_text
+    except Exception:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return
+    write_text(path, text)
 
 
 def _cell(text) -> str:
@@ -383,9 +396,11 @@ def versions_text() -> str:
 
 
 def _layerprobe_version() -> str:
-    from layerprobe._version import __version__  # a constant: imports nothing
+    """Read from the file: importing any part of the package runs its dependency check."""
+    import re
 
-    return __version__
+    m = re.search(r'__version__ = "([^"]+)"', (REPO / "layerprobe" / "_version.py").read_text())
+    return m.group(1) if m else "unknown"
 
 
 def load_stack():
@@ -1054,44 +1069,60 @@ def offload_map(num_layers: int, device, offload_to: str) -> dict:
 
 
 def check_offload(ctx: Ctx):
-    """analyze (with and without gradients) and prune-sweep on an offloaded model against the same model on one
-    device, fp32: every column within 1e-5; an error or a NaN where the other has a number is a FAIL."""
-    if importlib.util.find_spec("accelerate") is None:
-        record("scale", "analyze and prune-sweep with an offloading device map", "", "", "skipped: accelerate not installed")
-        return
-    from transformers import AutoModelForCausalLM
-
+    """Device maps through layerprobe's own loading (an explicit map, `offload_folder`), fp32, against the same
+    model on one device: analyze --no-grad --tokens all and prune-sweep layer mode with the last quarter of the
+    layers, the final norm and the head offloaded; analyze with gradients with only the norm and head offloaded
+    (every layer's gradient still lands); with layers offloaded, analyze with gradients must be refused before
+    loading; on a GPU, --device-map auto (nothing offloaded). Columns within 1e-5, NaN against a number is a FAIL."""
     device = ctx.device
     cuda = device.type == "cuda"
     offload_to = "cpu" if cuda else "disk"  # on a CPU only a disk offload takes weights off the compute device
+    compute = 0 if cuda else "cpu"
     L = ctx.sz.model["num_hidden_layers"]
-    dmap = offload_map(L, 0 if cuda else "cpu", offload_to)
-    kept = sum(1 for k, v in dmap.items() if k.startswith("model.layers.") and v != offload_to)
-    set_tf32(False)
-    plain = AutoModelForCausalLM.from_pretrained(ctx.untied_folder, dtype=torch.float32).to(device).eval()
-    mapped = AutoModelForCausalLM.from_pretrained(ctx.untied_folder, dtype=torch.float32, device_map=dmap,
-                                                  offload_folder=str(ctx.work / "offload")).eval()
+    tail = offload_map(L, compute, offload_to)
+    head_only = {"model.embed_tokens": compute, "model.rotary_emb": compute, "model.layers": compute,
+                 "model.norm": offload_to, "lm_head": offload_to}
+    kept = sum(1 for k, v in tail.items() if k.startswith("model.layers.") and v != offload_to)
     layers = f"layers {kept}–{L - 1}" if L - 1 > kept else f"layer {kept}"
     where = f"{layers}, final norm and head offloaded to {offload_to}"
-    kw = dict(data=str(ctx.check_npy), batch_size=ctx.sz.batch_size, progress=False)
-    runs = (("analyze --no-grad", lambda m: layerprobe.analyze(m, grad=False, **kw), compare_analyses),
-            ("analyze with gradients", lambda m: layerprobe.analyze(m, grad=True, **kw), compare_analyses),
-            ("prune-sweep layer mode", lambda m: layerprobe.prune_sweep(m, mode="layer", **kw), compare_sweeps))
-    for name, run, compare in runs:
-        label = f"{name}, {where} vs on one {device.type} (fp32)"
-        ref = run(plain)
+    folder = str(ctx.untied_folder)
+    kw = dict(data=str(ctx.check_npy), batch_size=ctx.sz.batch_size, dtype="float32", progress=False)
+    placed = dict(offload_folder=str(ctx.work / "offload"))
+    tol = f"≤ {TOL_SAME_DEVICE:g} of scale"
+    set_tf32(False)
+    runs = [(f"analyze --no-grad --tokens all, {where}", tail, compare_analyses,
+             lambda **p: layerprobe.analyze(folder, grad=False, tokens="all", **kw, **p)),
+            (f"prune-sweep layer mode, {where}", tail, compare_sweeps,
+             lambda **p: layerprobe.prune_sweep(folder, mode="layer", **kw, **p)),
+            (f"analyze with gradients, final norm and head offloaded to {offload_to}", head_only, compare_analyses,
+             lambda **p: layerprobe.analyze(folder, grad=True, **kw, **p))]
+    if cuda:
+        runs.append(("analyze, --device-map auto (one GPU, nothing offloaded)", "auto", compare_analyses,
+                     lambda **p: layerprobe.analyze(folder, grad=True, **kw, **p)))
+    for name, dmap, compare, run in runs:
+        label = f"{name} vs on one {device.type} (fp32)"
+        ref = run(device=device.type)
         if cuda:
             free_memory()
             torch.cuda.reset_peak_memory_stats()
         try:
-            got = run(mapped)
+            got = run(device_map=dmap, **placed)
         except Exception as e:
-            record("scale", label, f"raised {type(e).__name__}: {_first_line(str(e))}", f"≤ {TOL_SAME_DEVICE:g} of scale",
-                   "FAIL")
+            record("scale", label, f"raised {type(e).__name__}: {_first_line(str(e))}", tol, "FAIL")
             continue
         ok, err = compare(got, ref, TOL_SAME_DEVICE)
+        offloaded = (getattr(got, "manifest", None) or {}).get("offloaded") or []
+        really = dmap == "auto" or bool(offloaded)  # a map that offloaded nothing would prove nothing
         mem = f"; peak GPU memory {torch.cuda.max_memory_allocated() / GiB:.2f} GiB" if cuda else ""
-        record("scale", label, _errors_text(err) + mem, f"≤ {TOL_SAME_DEVICE:g} of scale", _status(ok))
+        record("scale", label, f"{_errors_text(err)}; {len(offloaded)} modules offloaded{mem}", tol,
+               _status(ok and really))
+    label = f"analyze with gradients, {where}"
+    try:
+        layerprobe.analyze(folder, grad=True, device_map=tail, **placed, **kw)
+        record("scale", label, "ran: the offloaded layers' gradients never land", "refused before loading", "FAIL")
+    except layerprobe.LayerprobeError as e:
+        record("scale", label, f"refused: {_first_line(str(e))[:120]}", "refused before loading, naming --no-grad",
+               _status("--no-grad" in str(e)))
 
 
 def check_resume(ctx: Ctx):
@@ -1141,7 +1172,7 @@ def check_resume(ctx: Ctx):
 
 # Seconds each check is expected to take: (on a GPU at full sizes, on a CPU at dry-run sizes). The GPU column is
 # an estimate that has not met a GPU yet (subprocess start-up, CUDA and NCCL init, model builds, a cold Inductor
-# compile included): the first eight add up to 380 s, which with ~10 s of imports fits 420 s on an H100. The CPU
+# compile included): the first eight add up to 390 s, which with ~10 s of imports fits 420 s on an H100. The CPU
 # column is what the dry run took on the 2-core build machine (torchrun and resume: subprocess start-ups).
 ESTIMATES = {
     "analyze-correctness": (40, 3),
@@ -1151,7 +1182,7 @@ ESTIMATES = {
     "train-compiled": (100, 1),
     "prune": (35, 2),
     "torchrun": (50, 40),
-    "offload": (30, 2),
+    "offload": (40, 4),
     "resume": (60, 45),
     "train-twin": (120, 2),
     "analyze-speed-small": (40, 2),

@@ -132,10 +132,8 @@ class Anatomy:
     @property
     def input_device(self) -> torch.device:
         """Where input ids go: the embedding's device (the first shard under device_map)."""
-        weight = getattr(self.embed, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            return weight.device
-        return next(self.model.parameters()).device
+        device = execution_device(self.embed) if self.embed is not None else None
+        return device if device is not None else execution_device(self.model) or next(self.model.parameters()).device
 
     @property
     def layers_parent(self) -> tuple[nn.Module, str]:
@@ -157,7 +155,7 @@ class Anatomy:
             raise LayerprobeError("this model has no output head (get_output_embeddings() is None): no logit lens")
         weight = getattr(self.head, "weight", None)
         if isinstance(weight, torch.Tensor):
-            h = h.to(device=weight.device, dtype=weight.dtype)
+            h = h.to(device=execution_device(self.head), dtype=weight.dtype)
         if self.final_norm is not None:
             h = self.final_norm(h)
         project_out = getattr(self.layers_parent[0], "project_out", None)
@@ -192,6 +190,20 @@ class Anatomy:
             child = pname.split(".")[0] if "." in pname else "(direct)"
             groups.setdefault(child, []).append((pname, p))
         return groups
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Where `module` computes. Under an accelerate device map that offloads it to cpu or disk, its weights
+    are `meta` between calls and its hook's execution device is the answer; else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        where = getattr(h, "execution_device", None)
+        if where is not None:
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return None
 
 
 def _scheme_from_config(config) -> tuple[str, str, int | None] | None:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .defaults import DEPTH_MODES, REMOVABLE_FRACTION, REMOVABLE_THRESHOLD as DEFAULT_THRESHOLD, check_compare_options
 from .io import write_csv
+from .metrics.loss import perplexity
 from .metrics.depth import (
     deep_half_share,
     grad_ratio,
@@ -85,7 +86,7 @@ def _final_eval(training: pd.DataFrame | None) -> tuple[float, float, int | None
                 last = ev.iloc[-1]
                 ppl_col = next((c for c in ("eval_ppl", "eval_perplexity", "val_ppl") if c in ev.columns), None)
                 loss = float(last[loss_col])
-                ppl = float(last[ppl_col]) if ppl_col and pd.notna(last[ppl_col]) else math.exp(min(loss, 700))
+                ppl = float(last[ppl_col]) if ppl_col and pd.notna(last[ppl_col]) else perplexity(loss)
                 return loss, ppl, int(last["step"])
     return float("nan"), float("nan"), None
 
@@ -98,7 +99,7 @@ def _model_loss(m: ModelResults) -> tuple[float, float]:
         full = m.sweep[m.sweep["removed"].astype(str).str.lower() == "none"]
         if len(full):
             loss = float(full["loss"].iloc[0])
-            return loss, float(full["perplexity"].iloc[0]) if "perplexity" in full else math.exp(min(loss, 700))
+            return loss, float(full["perplexity"].iloc[0]) if "perplexity" in full else perplexity(loss)
     return float("nan"), float("nan")
 
 

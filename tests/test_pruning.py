@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from generation_checks import assert_generate_matches_recompute, assert_left_padding_is_invisible
 from tiny_models import VOCAB, make_tiny
 from torch import nn
 from typer.testing import CliRunner
@@ -272,12 +273,13 @@ def test_save_pruned_reloads_and_generates(tiny, tmp_path, arch):
         got = reloaded(input_ids=ids).logits
         torch.testing.assert_close(got, in_memory(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-        # Generation with the KV cache (layer_idx are the cache slots) equals generation without it.
-        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-        with_cache = reloaded.generate(ids, use_cache=True, **kw)
-        without = reloaded.generate(ids, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        assert torch.equal(in_memory.generate(ids, use_cache=True, **kw), with_cache)
+    # Generation with the KV cache (layer_idx are the cache slots): each step's logits equal a full recompute, also
+    # with a left-padded row; the in-memory copy generates the same tokens.
+    with_cache = assert_generate_matches_recompute(reloaded, ids, steps=6)
+    assert_left_padding_is_invisible(reloaded, VOCAB)
+    with torch.no_grad():
+        assert torch.equal(in_memory.generate(ids, use_cache=True, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                           with_cache)
     # Greedy decoding by hand from the naive model gives the same tokens.
     seq = ids
     with torch.no_grad():
@@ -285,6 +287,27 @@ def test_save_pruned_reloads_and_generates(tiny, tmp_path, arch):
             nxt = reference(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(seq, with_cache)
+
+
+@pytest.mark.parametrize("scheme", ["mix", "sandwich", "hybrid_star"])
+def test_save_pruned_reference_model_generates_with_its_cache(tmp_path, scheme):
+    """A pruned reference checkpoint, reloaded: cached decoding equals a full recompute (logits, 1e-5), left padding
+    included, and the cache slots are the new layer indices."""
+    from transformers import AutoModelForCausalLM
+
+    from layerprobe.reference import LayerprobeConfig, LayerprobeForCausalLM
+
+    torch.manual_seed(0)
+    config = LayerprobeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                              num_attention_heads=4, max_position_embeddings=64, norm_scheme=scheme,
+                              post_ln_ratio=0.4)
+    LayerprobeForCausalLM(config).save_pretrained(tmp_path / "ref")
+    out = save_pruned(load_model(str(tmp_path / "ref")), [1, 3], tmp_path / "small")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert [layer.layer_idx for layer in reloaded.model.layers] == list(range(LAYERS - 2))
+    ids = torch.from_numpy(np.random.default_rng(7).integers(3, VOCAB, size=(2, 6)))
+    assert_generate_matches_recompute(reloaded, ids, steps=5)
+    assert_left_padding_is_invisible(reloaded, VOCAB)
 
 
 def find_layers(model, path):

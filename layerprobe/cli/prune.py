@@ -9,8 +9,9 @@ import typer
 
 from . import app
 from .common import (
-    BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
-    RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
+    ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
+    TrustRemoteCodeOpt,
     console, err_console, user_errors,
 )
 
@@ -37,6 +38,9 @@ def prune_sweep_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
+    attn_implementation: AttnImplementationOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     layers_path: LayersPathOpt = None,
     out: OutOpt = None,
@@ -54,10 +58,12 @@ def prune_sweep_command(
     removal = _check_before_loading(remove, save_pruned, out, mode=mode, block_size=block_size, steps=steps,
                                     by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks,
                                     measure=dict(data=data, seq_len=seq_len, samples=samples, dtype=dtype,
-                                                 device=device, device_map=device_map))
+                                                 device=device, device_map=device_map, max_memory=max_memory,
+                                                 attn_implementation=attn_implementation))
     with status(f"loading {model}", not quiet):
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                            trust_remote_code=trust_remote_code)
+                            max_memory=max_memory, attn_implementation=attn_implementation,
+                            offload_folder=offload_folder, trust_remote_code=trust_remote_code)
     if out is None:
         out = Path("reports") / loaded.name
         check_manifest(check_output_dir(out))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, residual_tensor, split_layer_call
+from ..anatomy import Anatomy, execution_device, residual_tensor, split_layer_call
 from ..errors import LayerprobeError
 
 
@@ -163,7 +163,8 @@ class PrefixRunner:
         return y
 
     def logits(self, hn: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hn.to(self.head.weight.device) if hasattr(self.head, "weight") else hn)
+        where = execution_device(self.head)  # not the weight's device: `meta` when the head is offloaded
+        logits = self.head(hn.to(where) if where is not None else hn)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.logit_scale is not None:

@@ -73,7 +73,10 @@ def prune_sweep(
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    attn_implementation: str | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     analysis=None,
@@ -101,8 +104,11 @@ def prune_sweep(
     if opts.tasks:
         check_lm_eval()
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, dtype=dtype,
-                          device=device, device_map=device_map)  # before the model loads
+                          device=device, device_map=device_map, max_memory=max_memory,
+                          attn_implementation=attn_implementation)  # before the model loads
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                         max_memory=max_memory, attn_implementation=attn_implementation,
+                         offload_folder=offload_folder,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.model.eval()
     anatomy = opening.anatomy
