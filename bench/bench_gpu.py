@@ -4,8 +4,9 @@
     PYTHONPATH=$PWD python3 bench/bench_gpu.py --dry-run --out /tmp/gpu.md               # tiny sizes on the CPU
 
 The first line of output names the versions found and whether they meet layerprobe's requirements (read from
-pyproject.toml); where they do not, that line is an `error:` and nothing else runs. Then the checks run in this
-order, most valuable first (`--only` picks checks or sections by name):
+pyproject.toml); where one the checks use is missing or too old, or layerprobe does not import, that line is an
+`error:` and nothing else runs. Then the checks run in this order, most valuable first (`--only` picks checks or
+sections by name):
 
  1. analyze-correctness  analyze fp32 (TF32 off) and bf16 on the device against the CPU in fp32.
  2. memory               peak memory of analyze with gradients and of prune-sweep layer mode on a 4-layer slice of
