@@ -183,3 +183,25 @@ def test_demo_seeds_option_is_checked_first(tmp_path):
     result, text = run_cli("demo", "--seeds", 0, "--out", tmp_path / "o", "--runs", tmp_path / "r")
     assert_one_line_error(result, text, "--seeds")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_demo_on_two_seeds(tmp_path):
+    """demo --seeds 2: every scheme trained, analysed and swept per seed; the page gives means ± sd and says on
+    how many seeds each verdict rests."""
+    from layerprobe.comparison import paper_checks as checks_of
+
+    comp = layerprobe.demo(out=tmp_path / "report", runs=tmp_path / "runs", norm="pre,lns", preset="micro", steps=4,
+                           seeds=2, block_sweep=False, workers=1, threads=1, progress=False)
+    names = ["pre-seed0", "lns-seed0", "pre-seed1", "lns-seed1"]
+    assert [m.label for m in comp.models] == names
+    for name in names:
+        assert (tmp_path / "runs" / name / "run.json").is_file()
+        assert (tmp_path / "report" / name / "layers.csv").is_file()
+    assert comp.seeded and list(comp.seeds["model"]) == ["pre", "lns"] and list(comp.seeds["seeds"]) == [2, 2]
+    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Each scheme was trained on 2 seeds" in html and "--seeds 2" in html
+    sentences = [c["sentence"] for c in checks_of(comp.headline)]
+    assert sentences and all(s.endswith(("on 2 seeds each).", "on 2 seeds).")) for s in sentences)
+    for s in sentences:
+        assert s in html.replace("&#x27;", "'")
