@@ -145,6 +145,11 @@ def test_seed_summary_is_the_plain_mean_and_spread():
         sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
         assert s.loc[scheme, "perplexity_sd"] == pytest.approx(sd)
         assert s.loc[scheme, "perplexity_min"] == min(finite) and s.loc[scheme, "perplexity_max"] == max(finite)
+    from layerprobe.report.compare_table import cell
+
+    rows = seed_summary(_seed_headline(values))
+    assert cell(rows.iloc[1], "perplexity", ".2f") == f"21.00 ± {math.sqrt(2):.2f} (n=2)"  # one seed lacks it
+    assert cell(rows.iloc[0], "perplexity", ".2f") == f"30.17 ± {statistics.stdev(values['pre']):.2f}"
 
 
 def test_reproduced_only_beyond_the_spread_of_the_seeds():

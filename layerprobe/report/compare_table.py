@@ -64,14 +64,24 @@ def table_frame(comp) -> pd.DataFrame:
     return comp.seeds if comp.seeded else comp.headline
 
 
+def _number(v) -> float | None:
+    return None if v is None or v is pd.NA or not math.isfinite(float(v)) else float(v)
+
+
 def cell(row, col: str, spec) -> str:
     """A value of `table_frame` as text: a seed group's mean ± its standard deviation when it has several runs
-    (counts then with one decimal), else the value as `fmt` prints it."""
-    sd = row.get(f"{col}_sd") if hasattr(row, "get") else None
-    if sd is None or sd is pd.NA or not math.isfinite(float(sd)):
-        return fmt(row[col], spec)
-    spec = ".1f" if spec == "d" else spec
-    return f"{fmt(row[col], spec)} ± {fmt(sd, spec)}"
+    (counts then with one decimal), "(n=2)" after it when fewer of its runs than all have the number; else the
+    value as `fmt` prints it."""
+    sd = _number(row.get(f"{col}_sd")) if hasattr(row, "get") else None
+    n, runs = (_number(row.get(f"{col}_n")), _number(row.get("seeds"))) if hasattr(row, "get") else (None, None)
+    if sd is None:
+        text = fmt(row[col], spec)
+    else:
+        spec = ".1f" if spec == "d" else spec
+        text = f"{fmt(row[col], spec)} ± {fmt(sd, spec)}"
+    if n is not None and runs is not None and 0 < n < runs:
+        text += f" (n={int(n)})"
+    return text
 
 
 def _repeats(df: pd.DataFrame, col: str, other: str) -> bool:
