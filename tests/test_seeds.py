@@ -57,6 +57,19 @@ def test_each_seed_has_its_own_folder_weights_and_losses_on_the_same_data(seeded
     assert read_json(runs / "summary.json")["settings"]["seeds"] == [0, 1]
 
 
+def test_seed_runs_are_resumed_and_refused_like_any_run(seeded):
+    root, _ = seeded
+    runs = root / "runs"
+    before = {p.name: (p / "metrics.jsonl").read_bytes() for p in runs.iterdir() if p.is_dir()}
+    args = ["train-reference", *MICRO, "--threads", 1, "--norm", "pre,lns", "--steps", 4, "--eval-every", 2,
+            "--eval-samples", 8, "--seeds", "0,1", "--out", runs]
+    result, text = run_cli(*args)
+    assert_one_line_error(result, text, "already holds this run")
+    result, text = run_cli(*args, "--resume")  # every seed is complete: nothing trains again
+    assert result.exit_code == 0, text
+    assert {p.name: (p / "metrics.jsonl").read_bytes() for p in runs.iterdir() if p.is_dir()} == before
+
+
 def test_seeds_change_the_weights_seed_only():
     """The rows a step reads depend on the data seed only (BlockBatches), which --seeds leaves at --seed."""
     from layerprobe.training import TrainSettings
