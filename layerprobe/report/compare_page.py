@@ -97,7 +97,10 @@ def findings(comp) -> list[str]:
                    "(under 50%: the deep layers matter less than the early ones).")
     if "removable_layers" in df and df["removable_layers"].notna().sum() >= 1:
         d = df.dropna(subset=["removable_layers"])
-        parts = [f"{r['model']} {cell(r, 'removable_layers', 'd')}/{int(r['layers'])}" for _, r in d.iterrows()]
+        parts = []
+        for _, r in d.iterrows():
+            count = cell(r, "removable_layers", "d")
+            parts.append(f"{r['model']} {count}{' of ' if '±' in count else '/'}{int(r['layers'])}")
         out.append(f"Layers whose removal alone costs less than {comp.threshold:g} nats: " + ", ".join(parts) +
                    " (an absolute threshold: it depends on the models' scale).")
     out += depth_findings([(m.label, m.analysis.layers if m.analysis is not None else None) for m in comp.models])
