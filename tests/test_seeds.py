@@ -4,10 +4,8 @@ beyond that spread, saying on how many seeds it rests."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-from pathlib import Path
 
 import pandas as pd
 import pytest
