@@ -159,8 +159,10 @@ def check_compare_options(folders, threshold: float, depth: str) -> list:
     return folders
 
 
-def check_demo_counts(steps: int | None, threads: int | None, workers: int | None = None) -> None:
+def check_demo_counts(steps: int | None, threads: int | None, workers: int | None = None, seeds: int = 1) -> None:
     """The demo's numeric options (its schemes and preset are checked by `layerprobe.demo_pipeline.check_options`)."""
+    if seeds is None or seeds < 1:
+        raise LayerprobeError(f"--seeds must be at least 1 (got {seeds})")
     if threads is not None and threads < 1:
         raise LayerprobeError(f"--threads must be at least 1 (got {threads})")
     if workers is not None and workers < 1:

@@ -57,6 +57,7 @@ class TrainSettings:
     eval_samples: int | None = None
     save_every: int | None = None
     seed: int = 0
+    seeds: str | int | list[int] | None = None  # --seeds: a count N or a list; None: one run per scheme
     data_seed: int | None = None
     device: str = "auto"
     dtype: str | None = None
@@ -141,6 +142,20 @@ class Plan:
     settings: TrainSettings  # effective: recipe and defaults filled in
     tokenizer_spec: str | None = None  # what the data is tokenized with (None: token ids / a prepared folder's own)
     budget_tokens: int | None = None  # --tokens, when the steps were derived from it
+    seeds: list[int] | None = None  # --seeds: every scheme once per seed, in OUT/<scheme>-seed<k>/
+
+    def per_seed(self) -> list["Plan"]:
+        """One plan per training seed: the plan itself without --seeds, else a copy whose settings.seed is the
+        seed (the weights' seed; data_seed, the batch order, stays the same for every seed)."""
+        from dataclasses import replace
+
+        if self.seeds is None:
+            return [self]
+        return [replace(self, settings=replace(self.settings, seed=k)) for k in self.seeds]
+
+    def run_name(self, scheme: str) -> str:
+        """The run's folder inside OUT: <scheme>, or <scheme>-seed<k> under --seeds."""
+        return scheme if self.seeds is None else f"{scheme}-seed{self.settings.seed}"
 
     def describe(self, given: TrainSettings | None = None) -> list[str]:
         """What will run, printed before training: the recipe (with the flags that override it) and the plan."""
@@ -165,6 +180,9 @@ class Plan:
         if s.ffn_size is not None and s.ffn_size != preset.intermediate_size and s.hidden_size in (None, preset.hidden_size):
             lines.append(f"  FFN {s.ffn_size} instead of the preset's {preset.intermediate_size}: a different model "
                          "from the paper's")
+        if self.seeds is not None:
+            lines.append(f"  seeds {', '.join(map(str, self.seeds))}: each scheme once per seed of its initial "
+                         f"weights, in OUT/<scheme>-seed<k>/, all on the same data in the same order")
         return lines
 
 
@@ -184,6 +202,36 @@ def parse_schemes(norm: str | list[str]) -> list[str]:
     if not out:
         raise LayerprobeError(f"--norm names no scheme; give a comma list of {', '.join(NORM_SCHEMES)}")
     return out
+
+
+def parse_seeds(seeds, base: int = 0) -> list[int] | None:
+    """--seeds: a count N (the seeds base, base+1, …, base+N−1, base being --seed) or a comma list of seeds
+    ("0,1,2"; a list of one needs its comma: "7,"); None when not given."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, (list, tuple)):
+        parts, is_list = list(seeds), True
+    else:
+        text = str(seeds).strip()
+        is_list = "," in text
+        parts = [p for p in text.split(",") if p.strip()] if is_list else [text]
+    try:
+        values = [int(str(p).strip()) for p in parts]
+    except ValueError:
+        raise LayerprobeError(f"--seeds must be a number of seeds (3) or a comma list of seeds (0,1,2); got {seeds!r}") from None
+    if not is_list:
+        if values[0] < 1:
+            raise LayerprobeError(f"--seeds must be at least 1 (got {values[0]})")
+        values = [base + k for k in range(values[0])]
+    if not values:
+        raise LayerprobeError("--seeds names no seed; give a count (3) or a comma list (0,1,2)")
+    bad = [v for v in values if v < 0]
+    if bad:
+        raise LayerprobeError(f"seeds must be at least 0 (got {bad[0]} in --seeds)")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise LayerprobeError(f"--seeds lists the seed {twice[0]} more than once")
+    return values
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -289,6 +337,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
     given = s
     s = effective_settings(s)
     schemes = parse_schemes(s.norm)
+    seeds = parse_seeds(s.seeds, s.seed)
     try:
         preset = get_preset(s.preset)
     except ValueError as e:
@@ -315,6 +364,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         warmup_steps=int(s.warmup_ratio * steps), eval_every=eval_every, save_every=s.save_every or eval_every,
         vocab_size=vocab, data_seed=s.seed if s.data_seed is None else s.data_seed,
         autocast_dtype=torch.bfloat16 if use_bf16 else None, settings=s, tokenizer_spec=tok_spec, budget_tokens=budget,
+        seeds=seeds,
     )
 
 
