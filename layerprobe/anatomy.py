@@ -310,9 +310,12 @@ def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
 
 
 def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
-    """Turn per-layer placements ("pre"/"post"/"?") into a scheme name and a Post-LN prefix length."""
+    """Turn per-layer placements ("pre"/"post"/"sandwich"/"post-sublayer"/"?") into a scheme name and a
+    Post-LN prefix length."""
     if not per_layer or any(p == "?" for p in per_layer):
         return "unknown", None
+    if len(set(per_layer)) == 1 and per_layer[0] in ("sandwich", "post-sublayer"):
+        return per_layer[0], 0
     if all(p == "pre" for p in per_layer):
         return "pre", 0
     if all(p == "post" for p in per_layer):
@@ -351,3 +354,54 @@ def residual_tensor(x):
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
     raise LayerprobeError("a layer returned something that is not a hidden-state tensor; set --layers-path")
+
+
+class _LastLayerStandIn(nn.Module):
+    """Stands in for one layer while the model runs its own final path: returns the given stream.
+
+    Attribute reads fall through to the real layer (v5 models pick a layer's mask from its
+    `attention_type` before calling it); the real layer is held outside the module tree.
+    """
+
+    def __init__(self, layer: nn.Module, stream: torch.Tensor, output_len: int | None):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_stream", stream)
+        self._output_len = output_len
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        y = object.__getattribute__(self, "_stream")
+        return y if self._output_len is None else (y,) + (None,) * (self._output_len - 1)
+
+
+def own_path_logits(anatomy: Anatomy, h: torch.Tensor, output_len: int | None = None) -> torch.Tensor:
+    """Logits [..., V] the model's own forward makes of last-layer outputs h [..., H].
+
+    For models whose path after the last layer is more than layerprobe rebuilds (LFM2's norm under
+    another name, post-LN decoders' extra projections, ...): every layer is swapped for a stand-in
+    that returns h, each row of h is its own one-token sequence, and the model runs as usual; so
+    the final norm, scaling and soft-capping are the model's own code. `output_len`: how many
+    elements the layers return (None: a tensor). Callers check the result against the model's logits.
+    """
+    parent, attr = anatomy.layers_parent
+    layers = getattr(parent, attr)
+    shape = h.shape
+    rows = h.reshape(-1, 1, shape[-1])
+    weight = getattr(anatomy.head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        rows = rows.to(dtype=weight.dtype)
+    stand_ins = nn.ModuleList([_LastLayerStandIn(layer, rows, output_len) for layer in layers])
+    ids = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=anatomy.input_device)
+    setattr(parent, attr, stand_ins)
+    try:
+        out = anatomy.model.forward(input_ids=ids, use_cache=False)  # forward, not __call__: no model hooks
+    finally:
+        setattr(parent, attr, layers)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -1].reshape(*shape[:-1], logits.shape[-1])
