@@ -3,8 +3,9 @@ print the README's coverage table (Markdown), one row per architecture.
 
     OMP_NUM_THREADS=1 python scripts/zoo_table.py [--json out.json] [model_type ...]
 
-right: equal to the independent computation; refused: one `error:` line (the reason is listed
-under the table); unbuildable architectures are counted and listed at the end.
+right: equal to the independent computation (save: the per-layer config keys it rewrote besides
+the layer count; "no lens": the logit lens is NaN because no final path gives the model's logits);
+refused: one `error:` line (listed under the table); unbuildable architectures are listed at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 COLUMNS = ("analyze", "no_grad", "sweep", "save")
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 
 
 def main() -> int:
@@ -55,6 +57,11 @@ def main() -> int:
                 key = detail.split(";")[0][:110]
                 n = notes.setdefault(key, len(notes) + 1)
                 cells.append(f"refused ({n})")
+            elif status == "right" and isinstance(detail, dict):  # save: the config keys rewritten
+                lists = [k for k in detail if k not in COUNT_KEYS]
+                cells.append("right" + (f" ({', '.join(lists)})" if lists else ""))
+            elif status == "right" and detail:
+                cells.append(f"right, {detail}")
             else:
                 cells.append(status)
         print(f"| {t} | " + " | ".join(cells) + " |")

@@ -7,9 +7,10 @@ architecture's own config class with only its sizes changed.
   encoders are in the mapping but attend both ways unless is_decoder=True)
 
 Sizes: hidden 32, 4 layers, 4 heads (2 KV), head_dim 8, vocab 256, every other size key the
-config has shrunk to match. Nothing else changes: attention kinds, norms, layer patterns, MoE
-and soft-capping stay the architecture's defaults (patterns longer than 4 layers are cut to 4,
-as a 4-layer model of that architecture would have them).
+config has shrunk to match (never grown: a smaller default stays). Nothing else changes:
+attention kinds, norms, layer patterns, MoE and soft-capping stay the architecture's defaults
+(per-layer lists are cut to the first 4 entries and lists of layer indices to those below 4, as
+a 4-layer model of that architecture would have them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import io
 import warnings
 
 import torch
+
+from layerprobe.pruning.surgery import INDEX_LISTS
 
 VOCAB = 256
 LAYERS = 4
@@ -69,7 +72,7 @@ def _shrink(config) -> None:
                   if isinstance(stored.get(k), int)), None)
     for key, value in SIZES.items():
         if key in stored and isinstance(stored[key], int) and not isinstance(stored[key], bool):
-            setattr(config, key, value)
+            setattr(config, key, min(stored[key], value) if stored[key] > 0 else value)
     for key, value in SPECIAL.items():
         if key in stored and stored[key] is not None:
             setattr(config, key, value)
@@ -77,6 +80,10 @@ def _shrink(config) -> None:
     for key, value in stored.items():
         if isinstance(value, list) and len(value) > LAYERS and (key in PATTERN_KEYS or len(value) == depth):
             setattr(config, key, value[:LAYERS])
+        elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
+            setattr(config, key, {k: v for k, v in value.items() if int(k) < LAYERS})  # per-layer overrides
+        elif key in INDEX_LISTS and isinstance(value, list):
+            setattr(config, key, [i for i in value if isinstance(i, int) and i < LAYERS])
 
 
 def build(model_type: str):
