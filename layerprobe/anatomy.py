@@ -288,7 +288,15 @@ def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
             )
         path, paired = layers_path, None
     else:
-        path, layers, paired = _find_layers(model, expected)
+        try:
+            path, layers, paired = _find_layers(model, expected)
+        except LayerprobeError:
+            # The decoder of an encoder-decoder family (BART, Blenderbot): num_hidden_layers is the encoder's.
+            decoder = getattr(config, "decoder_layers", None)
+            if not isinstance(decoder, int) or decoder == expected:
+                raise
+            path, layers, paired = _find_layers(model, decoder)
+            expected = decoder
 
     final_norm, final_norm_path = _find_final_norm(model, path, paired)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

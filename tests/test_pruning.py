@@ -230,18 +230,41 @@ def test_prefix_runner_reproduces_the_full_model(tiny):
     assert runner.layer_calls == LAYERS
 
 
-def test_a_tail_that_is_not_rebuilt_is_refused(tmp_path):
-    """Gemma 2 soft-caps its logits; a runner that forgets it must not produce numbers."""
-    lm = load_model(str(make_tiny("gemma2", tmp_path / "g2", num_hidden_layers=3, final_logit_softcapping=0.5)))
+def test_a_tail_that_is_not_rebuilt_runs_through_the_model_or_is_refused(tmp_path, monkeypatch):
+    """Gemma 2 soft-caps its logits; a runner that forgets it must not produce numbers of its own:
+    it runs the model's own final path (checked against its logits), and where that fails too it refuses."""
+    import layerprobe.pruning.prefix as prefix
     from layerprobe.anatomy import find_anatomy
 
+    lm = load_model(str(make_tiny("gemma2", tmp_path / "g2", num_hidden_layers=3, final_logit_softcapping=0.5)))
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     runner = PrefixRunner(lm.model, find_anatomy(lm.model))
     assert runner.softcap  # the sweep handles it ...
-    runner.capture(torch.randint(3, VOCAB, (1, 8)))
+    runner.capture(ids)
+    assert not runner.own_tail
     runner2 = PrefixRunner(lm.model, find_anatomy(lm.model))
-    runner2.softcap = None  # ... and notices when it is missing
+    runner2.softcap = None  # ... and when it is missing, the model's own path is used
+    cap = runner2.capture(ids)
+    assert runner2.own_tail
+    # Layer 1 removed by hand: a hook that returns its input; the model's own logits are the reference.
+    layers = lm.model.model.layers
+    handle = layers[1].register_forward_hook(lambda m, args, out: args[0] if isinstance(out, torch.Tensor)
+                                             else (args[0],) + tuple(out[1:]))
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, use_cache=False).logits
+    handle.remove()
+    with torch.inference_mode():
+        got = runner2.logits(runner2.final_hidden(runner2.run(cap.inputs[1], 1, {1}, cap.calls)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this model's own path cannot run from a layer's output")
+
+    monkeypatch.setattr(prefix, "own_path_logits", broken)
+    runner3 = PrefixRunner(lm.model, find_anatomy(lm.model))
+    runner3.softcap = None
     with pytest.raises(LayerprobeError, match="not final norm"):
-        runner2.capture(torch.randint(3, VOCAB, (1, 8)))
+        runner3.capture(ids)
 
 
 # -- the pruned model ------------------------------------------------------------------------------

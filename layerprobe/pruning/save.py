@@ -9,7 +9,6 @@ the depth) change when re-indexed; that fails the proof and nothing is written.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -129,18 +128,25 @@ def _layer_shapes(layer) -> dict[str, tuple]:
 
 
 def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> None:
-    """Refuse, before writing, a removal after which the config builds other layers than the kept ones.
+    """Refuse, before writing, a removal after which the config builds other layers than the kept ones,
+    or resizes a weight outside them.
 
     The pruned config is built on the meta device (no memory, no weights); each of its layers must
     have the parameters of the kept layer it stands for. A config that derives layer kinds from
     their index (Jamba's attn_layer_period/expert_layer_period) fails here, where the reload would
     have failed with missing weights.
     """
-    cfg = copy.deepcopy(net.config)
-    target = _layers_config(cfg)
+    # Through a dict, as the reload reads it: a config recomputes derived per-layer values from it
+    # (Gemma-4's shared-KV layers count from the end of the stack).
+    stored = net.config.to_dict()
+    target = stored if _layers_config(net.config) is net.config else stored.get("text_config")
     try:
-        for key, value in changes.items():
-            setattr(target, key, value)
+        if not isinstance(target, dict):
+            return  # the reload check decides
+        target.update(changes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = type(net.config).from_dict(stored)
         with torch.device("meta"), warnings.catch_warnings(), no_hf_progress_bars():
             warnings.simplefilter("ignore")
             small = type(net)._from_config(cfg)
@@ -151,10 +157,19 @@ def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> Non
         new_layers = find_anatomy(small, anatomy.layers_path).layers
     except LayerprobeError:
         return  # the reload check decides
+    prefix = anatomy.layers_path + "."
+    outside = {n: tuple(p.shape) for n, p in net.named_parameters() if not n.startswith(prefix)}
+    for name, p in small.named_parameters():
+        if not name.startswith(prefix) and name in outside and outside[name] != tuple(p.shape):
+            # Gemma-3n/4's per-layer input embeddings: one slice per layer in a weight outside the layers
+            raise LayerprobeError(
+                f"removing layers resizes {name} ({list(outside[name])} -> {list(p.shape)}), a weight outside the "
+                "layers sized by the layer count; --save-pruned cannot write this model"
+            )
     keep = [i for i in range(anatomy.num_layers) if i not in set(remove)]
     for new, old in enumerate(keep):
         if new >= len(new_layers) or _layer_shapes(new_layers[new]) != _layer_shapes(anatomy.layers[old]):
-            keys = ", ".join(k for k in sorted(target.to_dict()) if any(w in k for w in ("period", "offset", "every",
+            keys = ", ".join(k for k in sorted(target) if any(w in k for w in ("period", "offset", "every",
                                                                                            "interval", "step")))
             raise LayerprobeError(
                 f"removing layer {format_removed(remove)} changes what layer {old} becomes: this config derives each "
