@@ -343,15 +343,15 @@ def split_layer_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, di
     keyword too, so a model that calls `layer(hidden_states=...)` works the same.
     """
     if args and isinstance(args[0], torch.Tensor):
-        return _one_stream(args[0]), tuple(args[1:]), dict(kwargs)
+        return args[0], tuple(args[1:]), dict(kwargs)
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         rest = dict(kwargs)
-        return _one_stream(rest.pop("hidden_states")), tuple(args), rest
+        return rest.pop("hidden_states"), tuple(args), rest
     raise LayerprobeError("a layer was called without a hidden-state tensor; set --layers-path to the layer list")
 
 
-def _one_stream(h: torch.Tensor) -> torch.Tensor:
-    """Every metric reads one residual stream [batch, tokens, hidden] per layer."""
+def one_stream(h: torch.Tensor) -> torch.Tensor:
+    """A layer's input, checked: every metric reads one residual stream [batch, tokens, hidden] per layer."""
     if h.dim() != 3:
         raise LayerprobeError(f"this model's layers pass a stream of shape {tuple(h.shape)}, not [batch, tokens, "
                               "hidden] (several residual streams, as in hyper-connections); layerprobe reads one")

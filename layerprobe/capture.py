@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .anatomy import Anatomy, layer_input, own_path_logits, residual_tensor, summarize_measured_scheme
+from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
 from .metrics import (RunningMoments, activation_extremes, angular_distance_matrix, block_influence,
                       cosine_and_norms, final_distribution, lens_sums, unit_vectors, update_sums)
@@ -112,7 +112,7 @@ class LayerCapture:
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
-            h = layer_input(args, kwargs)
+            h = one_stream(layer_input(args, kwargs))
             self._inputs[index] = h
             with torch.no_grad():
                 self._store_unit(index, h)

@@ -340,6 +340,21 @@ def test_save_refuses_a_model_whose_layers_depend_on_their_index(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_config_changes_rewrite_every_per_layer_entry():
+    """Counts, per-layer lists, index lists, layer-keyed dicts and cyclic patterns, by hand for keep = 0, 2, 3."""
+    from transformers import PretrainedConfig
+
+    from layerprobe.pruning.surgery import config_changes
+
+    cfg = PretrainedConfig(num_hidden_layers=4, decoder_layers=4, layer_types=["full_attention", "sliding_attention", "conv", "moe"], moe_layers=[1, 3],
+                           head_dim=4, per_layer_config={"2": {"head_dim": 8}, "3": {"head_dim": 16}}, block_types=["r", "r", "att"],
+                           architectures=["A", "B", "C", "D"])
+    assert config_changes(cfg, [0, 2, 3], 4) == {
+        "num_hidden_layers": 3, "decoder_layers": 3, "layer_types": ["full_attention", "conv", "moe"], "moe_layers": [2],
+        "per_layer_config": {1: {"head_dim": 8}, 2: {"head_dim": 16}}, "block_types": ["r", "att", "r"],
+    }
+
+
 def test_format_and_parse_removed():
     for removed, text in [((), "none"), ((7,), "7"), ((7, 8, 9), "7-9"), ((3, 7, 8, 9, 12), "3,7-9,12")]:
         assert format_removed(removed) == text

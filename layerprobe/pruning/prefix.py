@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, own_path_logits, residual_tensor, split_layer_call
+from ..anatomy import Anatomy, one_stream, own_path_logits, residual_tensor, split_layer_call
 from ..errors import LayerprobeError
 
 
@@ -86,6 +86,7 @@ class PrefixRunner:
         def pre_hook(index):
             def hook(module, args, kwargs):
                 h, rest, kw = split_layer_call(args, kwargs)
+                one_stream(h)
                 if keep_inputs or index == 0:
                     inputs[index] = h.detach().clone()
                 calls[index] = (tuple(_no_cache(a) for a in rest), {k: _no_cache(v) for k, v in kw.items()})
