@@ -316,8 +316,7 @@ class LayerCapture:
     # -- per batch -------------------------------------------------------------------------
     def end_batch(self) -> None:
         if any(u is None for u in self._units):
-            raise LayerprobeError("not every layer ran in the model's forward pass (mllama's cross-attention layers "
-                                  "without an image); name the layer list with --layers-path")
+            raise LayerprobeError("not every layer ran in the model's forward pass; name the layer list with --layers-path")
         units = torch.stack([u.cpu() for u in self._units])  # [L+1, N, H]
         self.angular_sum += angular_distance_matrix(unit_vectors(units))
         self.angular_count += units.shape[1]

@@ -151,7 +151,7 @@ def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> Non
             warnings.simplefilter("ignore")
             small = type(net)._from_config(cfg)
     except Exception as e:  # the config class's own checks refuse the pruned values
-        raise LayerprobeError(f"the pruned config is refused by {type(cfg).__name__}: "
+        raise LayerprobeError(f"the pruned config is refused by {type(net.config).__name__}: "
                               f"{_first_line(e)}; nothing was written") from None
     try:
         new_layers = find_anatomy(small, anatomy.layers_path).layers
@@ -180,7 +180,7 @@ def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> Non
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = lines[-1] if lines and "validation error" in lines[0].lower() else (lines[0] if lines else "")
-    return f"{type(e).__name__}: {text}"[:300]
+    return f"{type(e).__name__}: {text}".rstrip(".")[:300]
 
 
 def _write_weights(net, tokenizer, remove: tuple[int, ...], layers_path: str | None, tmp: Path) -> None:
