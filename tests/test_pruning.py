@@ -355,6 +355,22 @@ def test_config_changes_rewrite_every_per_layer_entry():
     }
 
 
+def test_save_refuses_a_config_that_builds_other_layers_in_one_line(tmp_path):
+    """Jamba derives each layer's kind from attn_layer_period/offset: after removing layer 1 the config
+    would build layer 2 as another kind. Gemma-4 holds per-layer input embeddings outside the layers,
+    sized by the layer count. Both are refused before anything is written."""
+    from zoo_models import build
+
+    for model_type, message in [("jamba", "changes what layer 2 becomes.*attn_layer_period"),
+                                ("gemma4_text", "resizes model.embed_tokens_per_layer.weight")]:
+        model, why = build(model_type)
+        assert model is not None, why
+        with pytest.raises(LayerprobeError, match=message) as e:
+            save_pruned(model, [1], tmp_path / model_type)
+        assert "\n" not in str(e.value) and not (tmp_path / model_type).exists()
+        assert list(tmp_path.iterdir()) == []  # no temporary left behind either
+
+
 def test_format_and_parse_removed():
     for removed, text in [((), "none"), ((7,), "7"), ((7, 8, 9), "7-9"), ((3, 7, 8, 9, 12), "3,7-9,12")]:
         assert format_removed(removed) == text
@@ -385,6 +401,7 @@ def test_cli_writes_csv_manifest_figures_and_index_with_analyze(tiny, ids_file, 
     assert "analyze" in manifest  # merged, not overwritten
     assert section["ranking_source"].endswith("(analyze on the same tokens)")  # reused layers.csv
     assert section["saved_pruned"] == str(tmp_path / "small")
+    assert "config rewritten for the kept layers: num_hidden_layers" in r.output
     files = [f["file"] for f in section["figures"]]
     assert files == ["prune_layers.png", "prune_blocks.png", "prune_curves.png"]
     for f in files:
