@@ -6,7 +6,8 @@ count is taken. `layers_path` (e.g. "transformer.h") overrides both.
 Tested on Llama, Mistral, Qwen2/3, Gemma/2, Phi/Phi-3, GPT-2, GPT-J, GPT-Neo, GPT-NeoX, OPT,
 Falcon, Bloom and layerprobe's own models: in all of them a forward pre-hook on layer i sees the
 residual stream as its first positional argument (`layer_input`), and its forward hook sees it
-as the output or the output's first element (`residual_tensor`).
+as the output or the output's first element (`residual_tensor`). tests/test_zoo.py runs every
+architecture of transformers' causal-LM mapping that builds tiny (README: "Which architectures work").
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def residual_tensor(x):
     raise LayerprobeError("a layer returned something that is not a hidden-state tensor; set --layers-path")
 
 
-class _LastLayerStandIn(nn.Module):
+class _LayerStandIn(nn.Module):
     """Stands in for one layer while the model runs its own final path: returns the given stream.
 
     Attribute reads fall through to the real layer (v5 models pick a layer's mask from its
@@ -412,7 +413,7 @@ def own_path_logits(anatomy: Anatomy, h: torch.Tensor, output_len: int | None = 
     weight = getattr(anatomy.head, "weight", None)
     if isinstance(weight, torch.Tensor):
         rows = rows.to(dtype=weight.dtype)
-    stand_ins = nn.ModuleList([_LastLayerStandIn(layer, rows, output_len) for layer in layers])
+    stand_ins = nn.ModuleList([_LayerStandIn(layer, rows, output_len) for layer in layers])
     ids = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=anatomy.input_device)
     setattr(parent, attr, stand_ins)
     try:

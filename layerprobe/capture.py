@@ -237,14 +237,15 @@ class LayerCapture:
         model's own path (anatomy.own_path_logits) if that does, else None."""
         last = self._units[self.num_layers][: min(8, final.shape[0])]
         want = final[: last.shape[0]].float()
-        tol = 1e-4 if want.dtype == final.dtype == torch.float32 else 3e-2
+        tol = 1e-4 if final.dtype == torch.float32 else 3e-2  # as the sweep's check (pruning/prefix.py)
         readouts = (self.anatomy.readout, lambda h: own_path_logits(self.anatomy, h, self._output_len))
         for readout in readouts:
             try:
                 got = readout(last).float().to(want.device)
             except Exception:  # a path this model cannot run; the next one, or no lens
                 continue
-            if got.shape == want.shape and float((got - want).abs().max()) <= tol * float(want.abs().max().clamp_min(1e-6)):
+            scale = float(want.abs().max().clamp_min(1e-6))
+            if got.shape == want.shape and float((got - want).abs().max()) <= tol * scale:
                 return readout
         return None
 
