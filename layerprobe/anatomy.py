@@ -52,6 +52,8 @@ def _kind_from_name(name: str) -> str:
     if _NORM_RE.search(name):
         return "norm"
     low = name.lower()
+    if "residual" in low:  # Ergo's attention_residual_gate: the residual add, not the sublayer
+        return "other"
     if "attn" in low or "attention" in low:
         return "attention"
     if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward", "fc", "dense", "moe", "experts")):

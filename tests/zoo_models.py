@@ -26,7 +26,7 @@ from layerprobe.pruning.surgery import INDEX_LISTS
 VOCAB = 256
 LAYERS = 4
 SEED = 0
-MAX_PARAMS = 2_000_000
+MAX_PARAMS = 5_000_000
 
 # Size keys and the tiny value each gets when the config has it (at top level or in a sub-config).
 SIZES = {
@@ -39,7 +39,7 @@ SIZES = {
     "head_dim": 8, "kv_channels": 8, "attention_head_dim": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
     "v_head_dim": 8, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_head_dim": 16,
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
-    "decoder_layers": LAYERS, "encoder_layers": LAYERS,
+    "decoder_layers": LAYERS, "encoder_layers": LAYERS, "num_blocks": LAYERS,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "top_k": 2, "moe_topk": 2, "n_group": 1,
     "topk_group": 1, "n_shared_experts": 1,
@@ -52,7 +52,7 @@ SIZES = {
     "time_step_rank": 4, "mamba_dt_rank": 4, "conv_kernel": 4, "mamba_d_conv": 4,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
     "rotary_dim": 4, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,
-    "lru_width": 32, "num_key_heads": 2, "num_value_heads": 4,
+    "lru_width": 32, "embedding_dim": 32, "qk_dim_factor": 1, "num_key_heads": 2, "num_value_heads": 4,
 }
 # Special ids that fit the tiny vocabulary (several configs default to ids of their real ones).
 SPECIAL = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -167,6 +167,9 @@ def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> Non
                 "layers sized by the layer count; --save-pruned cannot write this model"
             )
     keep = [i for i in range(anatomy.num_layers) if i not in set(remove)]
+    if len(new_layers) != len(keep):
+        raise LayerprobeError(f"the pruned config still builds {len(new_layers)} layers, not {len(keep)}: layerprobe "
+                              "does not know which key holds this model's layer count; --save-pruned cannot write it")
     for new, old in enumerate(keep):
         if new >= len(new_layers) or _layer_shapes(new_layers[new]) != _layer_shapes(anatomy.layers[old]):
             keys = ", ".join(k for k in sorted(target) if any(w in k for w in ("period", "offset", "every",

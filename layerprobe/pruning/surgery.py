@@ -31,7 +31,7 @@ INDEX_LISTS = ("mlp_only_layers", "moe_layers", "index_layers", "full_attn_idxs"
 # Patterns repeated over the depth (Recurrent-Gemma's block_types cycles): written out for the kept layers.
 CYCLIC_PATTERNS = ("block_types",)
 # Layer counts besides LAYER_COUNT_KEYS (a decoder-only model of an encoder-decoder family: BART, Whisper).
-EXTRA_COUNT_KEYS = ("decoder_layers",)
+EXTRA_COUNT_KEYS = ("decoder_layers", "num_blocks")  # xLSTM counts blocks
 # Lists that may happen to have one entry per layer but are not per-layer settings.
 NOT_PER_LAYER = ("architectures",)
 
