@@ -56,6 +56,7 @@ def prune_sweep_command(
     from ..loading import load_model
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
+    from ..pruning.save import saved_config_changes
     from ..report import render_sweep, sweep_tables
     from ..results import check_manifest
 
@@ -98,6 +99,9 @@ def prune_sweep_command(
     if save_pruned is not None:
         err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
                           "load it with from_pretrained or layerprobe)", highlight=False)
+        rewritten = saved_config_changes(save_pruned)
+        if rewritten:
+            err_console.print(f"config rewritten for the kept layers: {', '.join(rewritten)}", highlight=False)
 
 
 def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, measure: dict,
