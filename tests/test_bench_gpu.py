@@ -57,7 +57,7 @@ def test_dry_run_records_every_path_and_the_correctness_checks_pass(tmp_path):
     assert proc.stdout.splitlines()[0].startswith("versions: python ")  # the first line: versions, requirements met
     text = out.read_text()
     assert text in proc.stdout  # the same table, on stdout and in the file
-    assert f"torch {torch.__version__}" in text and "CUDA none" in text and "Finished in" in text
+    assert f"torch {torch.__version__}" in text and f"CUDA {torch.version.cuda or 'none'}" in text and "Finished in" in text
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["finished"] is True
     assert [c["name"] for c in side["checks"]] == list(bench_gpu.ESTIMATES)
