@@ -1,0 +1,240 @@
+"""layerprobe.monitor: per-layer statistics inside someone else's training loop.
+
+Each number is checked against an independent computation: the probe against `analyze` on the same
+model and batch, the gradient norms and weight updates against plain loops over `p.grad` and copies of
+the weights. The monitor must not change training: losses and weights with and without it are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from layerprobe.errors import LayerprobeError
+from layerprobe.monitor import LayerMonitor
+from tiny_models import VOCAB, random_ids
+
+
+def _model(tiny_dir, arch="llama", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir(arch, **overrides)), dtype=torch.float32)
+    model.train()
+    return model
+
+
+def _rows(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _close(a, b, rel=1e-6):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert a.shape == b.shape
+    assert np.allclose(a, b, rtol=rel, atol=1e-9, equal_nan=True), (a, b)
+
+
+# ---- the probe equals analyze ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("tokens", ["last", "all"])
+def test_probe_statistics_equal_analyze(tiny_dir, tmp_path, arch, tokens):
+    from layerprobe import analyze
+
+    model = _model(tiny_dir, arch)
+    probe = random_ids(3, 12, seed=5)
+    np.save(tmp_path / "probe.npy", probe.numpy())
+    monitor = LayerMonitor(model, out=tmp_path / "run", probe=probe, probe_every=1, tokens=tokens)
+    model(input_ids=probe, labels=probe).loss.backward()
+    monitor.after_backward()
+    row = monitor.after_step()
+    monitor.close()
+    assert model.training  # the probe put the model back in training mode
+
+    model.eval()  # analyze measures a model as handed over; the probe's forward is in eval mode (no dropout)
+    result = analyze(model, data=str(tmp_path / "probe.npy"), samples=None, batch_size=3, tokens=tokens,
+                     grad=False, progress=False)
+    layers = result.layers
+    names = {"angular_distance": "layer_angular_distance", "block_influence": "layer_block_influence",
+             "output_variance": "layer_output_var", "lens_kl": "layer_lens_kl", "lens_top1": "layer_lens_top1",
+             "relative_update": "layer_relative_update", "update_cosine": "layer_update_cosine",
+             "max_activation": "layer_max_activation", "mean_abs_activation": "layer_mean_abs_activation",
+             "update_variance": "layer_update_variance"}
+    for column, key in names.items():
+        _close(row[key], layers[column].to_numpy())
+    _close(row["probe_loss"], result.summary["loss"])
+    # The l x n map: every (layer, n) entry of angular.csv.
+    matrix = row["angular_matrix"]
+    for layer, n, distance in result.angular.itertuples(index=False):
+        _close(matrix[layer][layer + n], distance)
+    assert _rows(tmp_path / "run") == [json.loads(json.dumps(row))]
+
+
+# ---- gradient norms and weight updates equal plain loops ---------------------------------------------
+
+def _plain_norm(params) -> float:
+    sq = [float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None]
+    return math.sqrt(sum(sq)) if sq else float("nan")
+
+
+def _kind(name: str) -> str:
+    child = name.split(".")[0]
+    return {"self_attn": "attention", "mlp": "mlp", "input_layernorm": "norm",
+            "post_attention_layernorm": "norm"}[child]
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_gradient_norms_and_updates_equal_plain_loops(tiny_dir, tmp_path, accum):
+    model = _model(tiny_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monitor = LayerMonitor(model, out=tmp_path / "run", every=2)
+    max_norm = 0.5
+    for step in range(4):
+        for m in range(accum):
+            ids = random_ids(2, 10, seed=100 + step * accum + m)
+            (model(input_ids=ids, labels=ids).loss / accum).backward()
+        layers = model.model.layers
+        expected = {"grad_norm": _plain_norm(model.parameters()),
+                    "layer_grad_norm": [_plain_norm(layer.parameters()) for layer in layers]}
+        for kind in ("attention", "mlp", "norm"):
+            expected[f"layer_grad_norm_{kind}"] = [
+                _plain_norm([p for n, p in layer.named_parameters() if _kind(n) == kind]) for layer in layers]
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        monitor.after_backward(max_norm=max_norm)
+        total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        opt.step()
+        row = monitor.after_step()
+        opt.zero_grad()
+        if (step + 1) % 2:
+            assert row is None  # every=2: odd steps record nothing
+            continue
+        for key, value in expected.items():
+            _close(row[key], value)  # squares in float32 there, float64 here
+        _close(row["grad_norm"], total, rel=1e-6)  # torch's own total before clipping
+        _close(row["clip_coef"], min(1.0, max_norm / (total + 1e-6)))
+        assert row["clip_coef"] < 1.0  # this loss clips at 0.5: the factor is the one applied
+        updates = []
+        for old, layer in zip(before, layers):
+            change = sum(float((p.detach().double() - o.double()).pow(2).sum()) for o, p in zip(old, layer.parameters()))
+            size = sum(float(o.double().pow(2).sum()) for o in old)
+            updates.append(math.sqrt(change / size))
+        _close(row["layer_weight_update"], updates, rel=1e-6)
+    monitor.close()
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [2, 4]
+
+
+# ---- the monitor does not change training -------------------------------------------------------------
+
+def _train(tiny_dir, folder, monitored: bool, steps: int = 20):
+    model = _model(tiny_dir, attention_dropout=0.2)  # dropout draws random numbers: the probe must not shift them
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = LayerMonitor(model, out=folder, every=1, probe=random_ids(2, 12, seed=9), probe_every=3) \
+        if monitored else None
+    losses = []
+    for step in range(steps):
+        ids = random_ids(4, 12, seed=step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if monitor:
+            monitor.after_backward(max_norm=1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if monitor:
+            monitor.after_step(loss=loss)
+        opt.zero_grad()
+        losses.append(loss.item())
+    if monitor:
+        monitor.close()
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_the_monitor_does_not_change_training(tiny_dir, tmp_path):
+    plain_losses, plain_weights = _train(tiny_dir, None, monitored=False)
+    losses, weights = _train(tiny_dir, tmp_path / "run", monitored=True)
+    assert losses == plain_losses  # bit-identical, 20 steps
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["step"] for r in rows if "probe_loss" in r] == [3, 6, 9, 12, 15, 18]
+    assert [r["loss"] for r in rows] == losses
+
+
+# ---- compare reads the log ----------------------------------------------------------------------------
+
+def test_compare_reads_a_monitored_run(tiny_dir, tmp_path):
+    from layerprobe.comparison import training_dynamics
+    from layerprobe.model_results import load_results
+
+    _train(tiny_dir, tmp_path / "run", monitored=True, steps=6)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.')  # a row cut short by a kill: the complete ones stay readable
+    res = load_results(tmp_path / "run")
+    assert res.num_layers == 3 and res.norm_scheme == "pre"
+    tl = res.training_layers
+    assert sorted(set(tl["step"])) == list(range(1, 7))
+    probe = tl[tl["step"] == 3].sort_values("layer")
+    row = [r for r in _rows_complete(tmp_path / "run") if r["step"] == 3][0]
+    _close(probe["output_variance"], row["layer_output_var"])
+    _close(probe["block_influence"], row["layer_block_influence"])
+    _close(probe["grad_norm"], row["layer_grad_norm"])
+    dyn = training_dynamics(res)
+    assert set(dyn["step"]) == set(range(1, 7)) and dyn["variance_growth"].notna().sum() == 2
+
+
+def _rows_complete(folder):
+    out = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+# ---- bad input: one clear message each ----------------------------------------------------------------
+
+def test_bad_input_is_refused_with_one_clear_message(tiny_dir, tmp_path):
+    model = _model(tiny_dir)
+
+    class NoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+    with pytest.raises(LayerprobeError, match=r"could not find this model's list of layers: searched model\.layers, .*transformer\.h.* "
+                       r"then every nn.ModuleList at all \(found: none\); pass layers_path="):
+        LayerMonitor(NoLayers())
+    with pytest.raises(LayerprobeError, match=r"layers_path='model.nope' does not name a list of layers in this model \(its module lists: model.layers\)"):
+        LayerMonitor(model, layers_path="model.nope")
+    with pytest.raises(LayerprobeError, match=rf"outside this model's vocabulary of {VOCAB}"):
+        LayerMonitor(model, probe=torch.tensor([[5, VOCAB]]))
+    with pytest.raises(LayerprobeError, match=r"outside this model's vocabulary"):
+        LayerMonitor(model, probe=torch.tensor([[-1, 5]]))
+    with pytest.raises(LayerprobeError, match=r"\[batch, tokens\] tensor .* got shape \[8\]"):
+        LayerMonitor(model, probe=torch.arange(8))
+    with pytest.raises(LayerprobeError, match="integer token ids, not float32"):
+        LayerMonitor(model, probe=torch.ones(2, 4))
+    with pytest.raises(LayerprobeError, match="beyond this model's context of 128"):
+        LayerMonitor(model, probe=torch.ones(1, 200, dtype=torch.long))
+    with pytest.raises(LayerprobeError, match="probe_every was given without a probe"):
+        LayerMonitor(model, probe_every=5)
+    with pytest.raises(LayerprobeError, match="every must be an integer >= 1"):
+        LayerMonitor(model, every=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LayerprobeError, match="cannot write to output folder .*it is a file; choose another out="):
+        LayerMonitor(model, out=tmp_path / "file")
+    with pytest.raises(LayerprobeError, match="tensorboard=True needs the tensorboard package|give out="):
+        LayerMonitor(model, tensorboard=True)
+
+    monitor = LayerMonitor(model)
+    with pytest.raises(LayerprobeError, match=r"after_step\(\) was called for step 1 before after_backward\(\)"):
+        monitor.after_step()
+    monitor.after_backward()
+    with pytest.raises(LayerprobeError, match=r"after_backward\(\) was called twice for step 1"):
+        monitor.after_backward()
+    monitor.after_step()
+    assert monitor.step == 1
