@@ -238,3 +238,47 @@ def test_bad_input_is_refused_with_one_clear_message(tiny_dir, tmp_path):
         monitor.after_backward()
     monitor.after_step()
     assert monitor.step == 1
+
+
+# ---- Hugging Face Trainer ------------------------------------------------------------------------------
+
+def _hf_train(tiny_dir, out, callback):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model(tiny_dir)
+    data = [{"input_ids": ids, "labels": ids} for ids in random_ids(40, 12, seed=3)]
+    args = TrainingArguments(output_dir=str(out), max_steps=10, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=3e-3, max_grad_norm=0.5, logging_steps=5,
+                             report_to="none", use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback] if callback else None)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "grad_norm" in h]
+    return logs, [p.detach().clone() for p in model.parameters()], args
+
+
+def test_trainer_callback_writes_the_expected_rows_and_changes_nothing(tiny_dir, tmp_path):
+    from layerprobe.model_results import load_results
+    from layerprobe.monitor import LayerMonitorCallback
+
+    plain_logs, plain_weights, _ = _hf_train(tiny_dir, tmp_path / "plain", None)
+    callback = LayerMonitorCallback(every=1, probe=random_ids(2, 12, seed=4), probe_every=5)
+    logs, weights, args = _hf_train(tiny_dir, tmp_path / "run", callback)
+    assert args.max_grad_norm == 0.5  # handed back after training
+    assert logs == plain_logs  # the Trainer's own losses and (unclipped) grad norms, unchanged
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
+    rows = _rows(tmp_path / "run")
+    measured = [r for r in rows if "layer_grad_norm" in r]
+    assert [r["step"] for r in measured] == list(range(1, 11))
+    assert [r["step"] for r in rows if "probe_loss" in r] == [5, 10]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10]
+    by_step = {r["step"]: r for r in measured}
+    for log in logs:  # the Trainer's grad_norm is the unclipped total of its last step
+        _close(by_step[log["step"]]["grad_norm"], log["grad_norm"])
+        assert by_step[log["step"]]["clip_coef"] == pytest.approx(min(1.0, 0.5 / (log["grad_norm"] + 1e-6)))
+    assert all(len(r["layer_grad_norm_attention"]) == 3 and len(r["layer_weight_update"]) == 3 for r in measured)
+    assert set(load_results(tmp_path / "run").training_layers["step"]) == set(range(1, 11))
+
+
+def test_lightning_callback(tiny_dir, tmp_path):
+    pytest.importorskip("lightning", reason="lightning is an optional extra, not installed here")
