@@ -280,5 +280,39 @@ def test_trainer_callback_writes_the_expected_rows_and_changes_nothing(tiny_dir,
     assert set(load_results(tmp_path / "run").training_layers["step"]) == set(range(1, 11))
 
 
-def test_lightning_callback(tiny_dir, tmp_path):
-    pytest.importorskip("lightning", reason="lightning is an optional extra, not installed here")
+def _lightning_train(tiny_dir, out, callback):
+    lightning = pytest.importorskip("lightning", reason="lightning is an optional extra, not installed here")
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _model(tiny_dir)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    module = Module()
+    data = torch.utils.data.DataLoader(random_ids(40, 12, seed=3), batch_size=2)
+    trainer = lightning.Trainer(max_steps=10, accumulate_grad_batches=2, gradient_clip_val=0.5, accelerator="cpu",
+                                devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=str(out),
+                                callbacks=[callback] if callback else None)
+    torch.manual_seed(0)
+    trainer.fit(module, data)
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_lightning_callback_writes_the_expected_rows_and_changes_nothing(tiny_dir, tmp_path):
+    plain = _lightning_train(tiny_dir, tmp_path / "plain", None)
+    from layerprobe.monitor.lightning import LayerMonitorLightning
+
+    callback = LayerMonitorLightning(tmp_path / "run", probe=random_ids(2, 12, seed=4), probe_every=5)
+    weights = _lightning_train(tiny_dir, tmp_path / "x", callback)
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain))
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["step"] for r in rows if "probe_loss" in r] == [5, 10]
+    assert all(len(r["layer_grad_norm"]) == 3 and "loss" in r and r["clip_coef"] <= 1.0 for r in rows)
