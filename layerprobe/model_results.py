@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayerprobeError
+from .monitor import MANIFEST_FILE as MONITOR_FILE  # written by LayerMonitor next to its metrics.jsonl
 from .pruning import SweepResult
 from .results import AnalysisResult, check_format, read_manifest
 from .training import checkpoint as ckpt
@@ -118,7 +119,6 @@ TRAINING_LAYER_KEYS = {"layer_grad_norm": "grad_norm", "layer_output_var": "outp
                            "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm", "weight_update",
                            "angular_distance", "block_influence", "update_variance", "lens_kl", "lens_top1",
                            "relative_update", "update_cosine", "max_activation", "mean_abs_activation")}}
-MONITOR_FILE = "monitor.json"  # written by layerprobe.monitor next to its metrics.jsonl
 
 
 def _flatten_layer_lists(records: list[dict]) -> pd.DataFrame:

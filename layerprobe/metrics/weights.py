@@ -20,8 +20,9 @@ def weight_change_sums(before: list[torch.Tensor], after: list[torch.Tensor]) ->
     if not before:
         return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     diff = torch._foreach_sub([a.detach().float() for a in after], [b.float() for b in before])
-    change = torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64) for d in diff]).square().sum()
-    size = torch.stack([torch.linalg.vector_norm(b, dtype=torch.float64) for b in before]).square().sum()
+    # Per-tensor norms in one fused call each (float32), squared and summed in float64.
+    change = torch.stack(torch._foreach_norm(diff)).double().square().sum()
+    size = torch.stack(torch._foreach_norm([b.float() for b in before])).double().square().sum()
     return change, size
 
 
