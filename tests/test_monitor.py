@@ -316,3 +316,32 @@ def test_lightning_callback_writes_the_expected_rows_and_changes_nothing(tiny_di
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert [r["step"] for r in rows if "probe_loss" in r] == [5, 10]
     assert all(len(r["layer_grad_norm"]) == 3 and "loss" in r and r["clip_coef"] <= 1.0 for r in rows)
+
+
+def test_the_probe_restores_each_modules_mode_and_leaves_grads_alone(tiny_dir):
+    model = _model(tiny_dir)
+    model.model.layers[1].eval()  # a user's frozen block stays in eval mode
+    ids = random_ids(2, 8, seed=1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    monitor = LayerMonitor(model, probe=ids, probe_every=1)
+    monitor.after_backward()
+    # A layer that draws random numbers even in eval mode (noisy routing, say): the probe must not shift them.
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: [torch.rand(5)] and None)
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    monitor.after_step()
+    assert torch.equal(torch.rand(3), expected_draw)  # the random state is where it was
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+
+
+def test_scalars_for_tensorboard_and_wandb():
+    from layerprobe.monitor.writers import scalars
+
+    row = {"step": 3, "grad_norm": 1.5, "clip_coef": float("nan"), "layer_grad_norm": [0.1, float("inf"), 0.3] * 4,
+           "angular_matrix": [[0.0]]}
+    out = scalars(row)
+    assert out == {"grad_norm": 1.5, **{f"layer_grad_norm/{i:02d}": v for i, v in enumerate([0.1, None, 0.3] * 4)
+                                        if v is not None}}
