@@ -151,6 +151,7 @@ class LayerMonitor:
         self._grad_sq: torch.Tensor | None = None
         self._max_norm: float | None = None
         self._before: list[list[torch.Tensor]] | None = None
+        self._buffer: list[list[torch.Tensor]] | None = None  # the weights before the step (logged steps)
         self.last: dict | None = None  # the last row written
 
     # -- setup ---------------------------------------------------------------------------------
@@ -201,9 +202,18 @@ class LayerMonitor:
         if not self.logs(step):
             return
         self._grad_sq = self._gradient_squares()
-        # The weights before the update, for ‖Δθ‖ after it (one copy of the layers, on logged steps only).
-        self._before = [[_local(p).detach().clone() for p in self.anatomy.layers[i].parameters()]
-                        for i in range(self.anatomy.num_layers)]
+        # The weights before the update, for ‖Δθ‖ after it: one buffer of the layers' weights, allocated on
+        # the first logged step and refilled on the next ones (allocating a model's worth per step costs more).
+        layers = [[_local(p).detach() for p in self.anatomy.layers[i].parameters()]
+                  for i in range(self.anatomy.num_layers)]
+        if self._buffer is None or any(len(b) != len(w) or any(x.shape != y.shape or x.dtype != y.dtype
+                                                                 for x, y in zip(b, w))
+                                       for b, w in zip(self._buffer, layers)):
+            self._buffer = [[w.clone() for w in ws] for ws in layers]
+        else:
+            for b, w in zip(self._buffer, layers):
+                torch._foreach_copy_(b, w)
+        self._before = self._buffer
 
     def after_step(self, loss: float | torch.Tensor | None = None, lr: float | None = None) -> dict | None:
         """Call once per optimizer step, after optimizer.step() (before or after zero_grad). Records the
@@ -254,7 +264,7 @@ class LayerMonitor:
         change, size = [], []
         for i in range(L):
             after = [_local(p) for p in self.anatomy.layers[i].parameters()]
-            c, s = weight_change_sums(self._before[i], after)
+            c, s = weight_change_sums(self._before[i], after, in_place=True)
             change.append(c.cpu())
             size.append(s.cpu())
         # One packed tensor: group gradient squares, then per-layer weight-change and weight squares.
