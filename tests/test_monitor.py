@@ -273,8 +273,10 @@ def test_trainer_callback_writes_the_expected_rows_and_changes_nothing(tiny_dir,
     assert [r["step"] for r in rows if "probe_loss" in r] == [5, 10]
     assert [r["step"] for r in rows if "loss" in r] == [5, 10]
     by_step = {r["step"]: r for r in measured}
+    assert all("layer_grad_norm" in r or set(r) == {"step", "loss"} for r in rows)
     for log in logs:  # the Trainer's grad_norm is the unclipped total of its last step
         _close(by_step[log["step"]]["grad_norm"], log["grad_norm"])
+        _close(by_step[log["step"]]["lr"], log["learning_rate"])
         assert by_step[log["step"]]["clip_coef"] == pytest.approx(min(1.0, 0.5 / (log["grad_norm"] + 1e-6)))
     assert all(len(r["layer_grad_norm_attention"]) == 3 and len(r["layer_weight_update"]) == 3 for r in measured)
     assert set(load_results(tmp_path / "run").training_layers["step"]) == set(range(1, 11))

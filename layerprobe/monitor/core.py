@@ -236,9 +236,10 @@ class LayerMonitor:
             row.update(self._gradients_and_updates())
         if self.probes(step):
             row.update(self._probe_row())
+        measured = self._grad_sq is not None or "probe_loss" in row
         self._grad_sq, self._before = None, None
-        if len(row) == 1:
-            return None
+        if not measured:
+            return None  # loss and lr ride along on the steps that measure something
         self._write(row)
         return row
 

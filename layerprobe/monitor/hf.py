@@ -55,9 +55,9 @@ class LayerMonitorCallback(TrainerCallback):
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.max_norm)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        scheduler = kwargs.get("lr_scheduler")
-        lr = scheduler.get_last_lr()[0] if scheduler is not None and hasattr(scheduler, "get_last_lr") else None
-        self.monitor.after_step(lr=lr)
+        optimizer = kwargs.get("optimizer")
+        groups = getattr(optimizer, "param_groups", None)
+        self.monitor.after_step(lr=groups[0]["lr"] if groups else None)  # the rate this step used
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs and "loss" in logs:
