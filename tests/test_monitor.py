@@ -347,3 +347,29 @@ def test_scalars_for_tensorboard_and_wandb():
     out = scalars(row)
     assert out == {"grad_norm": 1.5, **{f"layer_grad_norm/{i:02d}": v for i, v in enumerate([0.1, None, 0.3] * 4)
                                         if v is not None}}
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights"])
+def test_bf16_training(tiny_dir, tmp_path, how):
+    model = _model(tiny_dir)
+    if how == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = LayerMonitor(model, out=tmp_path / "run", probe=random_ids(2, 8, seed=2), probe_every=1)
+    for step in range(2):
+        ids = random_ids(2, 8, seed=step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        expected = [_plain_norm(layer.parameters()) for layer in model.model.layers]
+        before = [[p.detach().double().clone() for p in layer.parameters()] for layer in model.model.layers]
+        monitor.after_backward()
+        opt.step()
+        row = monitor.after_step(loss=loss)
+        opt.zero_grad()
+        _close(row["layer_grad_norm"], expected, rel=1e-5)
+        updates = [math.sqrt(sum(float((p.detach().double() - o).pow(2).sum()) for o, p in zip(old, layer.parameters()))
+                             / sum(float(o.pow(2).sum()) for o in old))
+                   for old, layer in zip(before, model.model.layers)]
+        _close(row["layer_weight_update"], updates, rel=1e-2)  # bf16 differences, float32 norms
+        assert all(math.isfinite(v) for v in row["layer_output_var"] + row["layer_lens_kl"])
