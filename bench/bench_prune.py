@@ -21,6 +21,16 @@ The bound prefix caching allows, per batch, with c_l one layer's cost and c_h th
     bound  = cached / naive = (L/2 + r) / (L + r),  r = c_h / c_l
 (the full pass needs no head of its own when the model computes only the last position's logits;
 the full model's log-probabilities are one of the L + 1 head passes).
+With --estimate, the time the sweep estimates after its first batch (planned layer calls x the first
+batch's seconds per layer call) against its measured time, per mode, on tiny24.
+
+With --scoring (issue 20) it measures instead the share of a layer sweep's time spent scoring (the
+head, CE, KL and top-1 in `measurement.score`) on a random Llama with a large vocabulary (default
+128,256, Llama 3's), and the host syncs per batch (reads of a tensor's value by the host: aten's
+_local_scalar_dense and .tolist/.cpu/.item/.numpy calls), counted as what two more batches add.
+Run it once on this code and once with PYTHONPATH at an older checkout for "before" (both versions
+have the functions it wraps).
+
 Two ways to hold the sweep against it are printed: cached/naive against (L/2 + r)/(L + r), which
 assumes the naive pays the same c_h per pass, and the cached time over its own minimum
 L(L+1)/2·c_l + (L+1)·c_h per batch, which does not depend on how costly the naive's head is.
@@ -159,6 +169,125 @@ def bench(name, loaded, blocks, args):
     }
 
 
+class _SyncCounter:
+    """Host reads of tensor values: aten._local_scalar_dense, and the Python methods that read a value (.item,
+    .tolist, .cpu, .numpy, float(), int(), bool(), indexing), which inference_mode hides from a dispatch mode.
+    Each read counted once."""
+
+    READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default and not counter.inside:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.inside, self.mode, self.saved = 0, 0, Mode(), {}
+
+    def __enter__(self):
+        for name in self.READS:
+            original = self.saved[name] = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _original=original, **k):
+                self.count += 1
+                self.inside += 1
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self.inside -= 1
+
+            setattr(torch.Tensor, name, wrapped)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def scoring_share(args) -> dict:
+    """A layer sweep on a random Llama of `--vocab`: seconds in `measurement.score` over the sweep's seconds,
+    and host syncs per batch."""
+    import layerprobe.pruning.measurement as measurement
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=max(512, args.seq_len), bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
+    tmp = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp / "model")
+    loaded = load_model(str(tmp / "model"), dtype="float32", device=args.device)
+    g = torch.Generator().manual_seed(0)
+    samples = args.samples or 4 * (args.batch_size or 2)
+    batch = args.batch_size or 2
+    np.save(tmp / "ids.npy", torch.randint(3, args.vocab, (samples, args.seq_len), generator=g).numpy())
+    real, spent = measurement.score, [0.0]
+    cuda = loaded.device.type == "cuda"
+
+    clock = time.perf_counter if cuda or args.clock == "wall" else time.process_time
+
+    def timed(*a, **k):
+        start = clock()
+        out = real(*a, **k)
+        if cuda:  # the share needs the kernels finished; this adds one sync per call (timing only)
+            torch.cuda.synchronize()
+        spent[0] += clock() - start
+        return out
+
+    def sweep(n):
+        return prune_sweep(loaded, mode="layer", data=str(tmp / "ids.npy"), samples=n, batch_size=batch,
+                           progress=False)
+
+    sweep(batch)  # warm-up
+    shares = []
+    measurement.score = timed
+    try:
+        for _ in range(args.repeats):
+            spent[0] = 0.0
+            start = clock()
+            sweep(samples)
+            shares.append((spent[0], clock() - start))
+    finally:
+        measurement.score = real
+    counts = []
+    for n in (2 * batch, 4 * batch):
+        with _SyncCounter() as counter:
+            sweep(n)
+        counts.append(counter.count)
+    score_s, sweep_s = min(shares, key=lambda x: x[1])
+    return {"vocab": args.vocab, "L": args.layers, "hidden": args.hidden, "tokens": samples * args.seq_len,
+            "batches": math.ceil(samples / batch), "clock": "wall" if clock is time.perf_counter else "cpu",
+            "sweep_s": sweep_s, "score_s": score_s,
+            "share": score_s / sweep_s, "syncs_per_batch": (counts[1] - counts[0]) / 2}
+
+
+def estimate_check(args) -> list[dict]:
+    """The time printed after the first batch (`summary["estimated_time_s"]`) against the sweep's measured
+    time, on the tiny24 model, per mode."""
+    tmp = Path(tempfile.mkdtemp())
+    loaded = load_model(str(make_tiny24(tmp / "tiny24")), dtype="float32", device=args.device)
+    samples, batch = args.samples or 16, args.batch_size or 2
+    g = torch.Generator().manual_seed(0)
+    np.save(tmp / "ids.npy", torch.randint(3, 512, (samples, args.seq_len), generator=g).numpy())
+    rows = []
+    for mode, extra in (("layer", {}), ("block", {"block_size": "all"}), ("greedy", {"steps": 4})):
+        result = prune_sweep(loaded, mode=mode, data=str(tmp / "ids.npy"), samples=samples, batch_size=batch,
+                             progress=False, yes=True, **extra)
+        s = result.summary
+        rows.append({"mode": mode, "layer_calls": s["layer_calls"], "planned": s["planned_layer_calls"],
+                     "estimated_s": s["estimated_time_s"], "measured_s": s["sweep_time_s"],
+                     "ratio": s["estimated_time_s"] / s["sweep_time_s"]})
+    return rows
+
+
 def _runs(t):
     return ", ".join(f"{w:.1f}/{c:.1f}" for w, c in zip(t["wall"], t["cpu"]))
 
@@ -175,9 +304,33 @@ def main(argv=None):
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="which time the table and the bound use; 'cpu' (process time) with --threads 1 is "
                         "robust to other jobs on a shared machine (both are always printed)")
+    p.add_argument("--scoring", action="store_true", help="the scoring share and host syncs per batch instead")
+    p.add_argument("--estimate", action="store_true", help="the time estimated after the first batch against the "
+                                                            "measured sweep time, per mode (tiny24)")
+    p.add_argument("--vocab", type=int, default=128_256, help="--scoring: the vocabulary")
+    p.add_argument("--layers", type=int, default=8, help="--scoring: decoder layers")
+    p.add_argument("--hidden", type=int, default=64, help="--scoring: hidden size")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.estimate:
+        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+              f"{torch.__version__}, tiny24, {args.samples or 16} samples x {args.seq_len}, batch {args.batch_size or 2}")
+        print("| mode | layer calls (counted) | planned | estimated after batch 1 (s) | measured (s) | estimated / measured |")
+        print("|---|---|---|---|---|---|")
+        for r in estimate_check(args):
+            print(f"| {r['mode']} | {r['layer_calls']:,} | {r['planned']:,} | {r['estimated_s']:.2f} | "
+                  f"{r['measured_s']:.2f} | {r['ratio']:.2f} |")
+        return
+    if args.scoring:
+        row = scoring_share(args)
+        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+              f"{torch.__version__}, cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+        print("| vocab | L | hidden | tokens | batches | clock | sweep (s) | scoring (s) | scoring share | host syncs per batch |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| {row['vocab']:,} | {row['L']} | {row['hidden']} | {row['tokens']} | {row['batches']} | {row['clock']} | "
+              f"{row['sweep_s']:.2f} | {row['score_s']:.2f} | {row['share']:.2f} | {row['syncs_per_batch']:g} |")
+        return
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, python {sys.version.split()[0]}, "
           f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from . import _requirements
 from ._hf_registration import register_when_transformers_loads
 from ._version import __version__
+
+_requirements.check()  # a dependency below pyproject.toml's floor: one clear line now, not an AttributeError later
 
 # Public name -> the module that defines it.
 _PUBLIC = {

@@ -95,7 +95,10 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     n_pred = predicted_tokens(blocks)
     if grad:
         for p in net.parameters():
-            p.requires_grad_(True)
+            # Weights accelerate offloads are `meta` here and rebuilt on every forward (no gradient lands on
+            # them; after an inference pass they refuse requires_grad). Offloaded layers are refused earlier.
+            if not p.is_meta:
+                p.requires_grad_(True)
         net.zero_grad(set_to_none=True)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
@@ -166,7 +169,10 @@ def analyze(
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    attn_implementation: str | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     progress: bool = True,
@@ -184,8 +190,11 @@ def analyze(
     `layerprobe.report.render_analysis(result, folder)` draws the figures and index.html.
     """
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
-                          dtype=dtype, device=device, device_map=device_map)  # before the model loads
+                          dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                          attn_implementation=attn_implementation)  # before the model loads
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                         max_memory=max_memory, attn_implementation=attn_implementation,
+                         offload_folder=offload_folder, grad=grad,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)

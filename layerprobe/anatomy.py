@@ -6,7 +6,8 @@ count is taken. `layers_path` (e.g. "transformer.h") overrides both.
 Tested on Llama, Mistral, Qwen2/3, Gemma/2, Phi/Phi-3, GPT-2, GPT-J, GPT-Neo, GPT-NeoX, OPT,
 Falcon, Bloom and layerprobe's own models: in all of them a forward pre-hook on layer i sees the
 residual stream as its first positional argument (`layer_input`), and its forward hook sees it
-as the output or the output's first element (`residual_tensor`).
+as the output or the output's first element (`residual_tensor`). tests/test_zoo.py runs every
+architecture of transformers' causal-LM mapping that builds tiny (README: "Which architectures work").
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def _kind_from_name(name: str) -> str:
     if _NORM_RE.search(name):
         return "norm"
     low = name.lower()
+    if "residual" in low:  # Ergo's attention_residual_gate: the residual add, not the sublayer
+        return "other"
     if "attn" in low or "attention" in low:
         return "attention"
     if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward", "fc", "dense", "moe", "experts")):
@@ -132,10 +135,8 @@ class Anatomy:
     @property
     def input_device(self) -> torch.device:
         """Where input ids go: the embedding's device (the first shard under device_map)."""
-        weight = getattr(self.embed, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            return weight.device
-        return next(self.model.parameters()).device
+        device = execution_device(self.embed) if self.embed is not None else None
+        return device if device is not None else execution_device(self.model) or next(self.model.parameters()).device
 
     @property
     def layers_parent(self) -> tuple[nn.Module, str]:
@@ -157,7 +158,7 @@ class Anatomy:
             raise LayerprobeError("this model has no output head (get_output_embeddings() is None): no logit lens")
         weight = getattr(self.head, "weight", None)
         if isinstance(weight, torch.Tensor):
-            h = h.to(device=weight.device, dtype=weight.dtype)
+            h = h.to(device=execution_device(self.head), dtype=weight.dtype)
         if self.final_norm is not None:
             h = self.final_norm(h)
         project_out = getattr(self.layers_parent[0], "project_out", None)
@@ -192,6 +193,20 @@ class Anatomy:
             child = pname.split(".")[0] if "." in pname else "(direct)"
             groups.setdefault(child, []).append((pname, p))
         return groups
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Where `module` computes. Under an accelerate device map that offloads it to cpu or disk, its weights
+    are `meta` between calls and its hook's execution device is the answer; else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        where = getattr(h, "execution_device", None)
+        if where is not None:
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return None
 
 
 def _scheme_from_config(config) -> tuple[str, str, int | None] | None:
@@ -288,7 +303,15 @@ def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
             )
         path, paired = layers_path, None
     else:
-        path, layers, paired = _find_layers(model, expected)
+        try:
+            path, layers, paired = _find_layers(model, expected)
+        except LayerprobeError:
+            # The decoder of an encoder-decoder family (BART, Blenderbot): num_hidden_layers is the encoder's.
+            decoder = getattr(config, "decoder_layers", None)
+            if not isinstance(decoder, int) or decoder == expected:
+                raise
+            path, layers, paired = _find_layers(model, decoder)
+            expected = decoder
 
     final_norm, final_norm_path = _find_final_norm(model, path, paired)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -310,9 +333,12 @@ def find_anatomy(model: nn.Module, layers_path: str | None = None) -> Anatomy:
 
 
 def summarize_measured_scheme(per_layer: list[str]) -> tuple[str, int | None]:
-    """Turn per-layer placements ("pre"/"post"/"?") into a scheme name and a Post-LN prefix length."""
+    """Turn per-layer placements ("pre"/"post"/"sandwich"/"post-sublayer"/"?") into a scheme name and a
+    Post-LN prefix length."""
     if not per_layer or any(p == "?" for p in per_layer):
         return "unknown", None
+    if len(set(per_layer)) == 1 and per_layer[0] in ("sandwich", "post-sublayer"):
+        return per_layer[0], 0
     if all(p == "pre" for p in per_layer):
         return "pre", 0
     if all(p == "post" for p in per_layer):
@@ -339,6 +365,14 @@ def split_layer_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, di
     raise LayerprobeError("a layer was called without a hidden-state tensor; set --layers-path to the layer list")
 
 
+def one_stream(h: torch.Tensor) -> torch.Tensor:
+    """A layer's input, checked: every metric reads one residual stream [batch, tokens, hidden] per layer."""
+    if h.dim() != 3:
+        raise LayerprobeError(f"this model's layers pass a stream of shape {tuple(h.shape)}, not [batch, tokens, "
+                              "hidden] (several residual streams, as in hyper-connections); layerprobe reads one")
+    return h
+
+
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The residual stream entering a layer, from a forward pre-hook registered with_kwargs=True."""
     return split_layer_call(args, kwargs)[0]
@@ -351,3 +385,54 @@ def residual_tensor(x):
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
     raise LayerprobeError("a layer returned something that is not a hidden-state tensor; set --layers-path")
+
+
+class _LayerStandIn(nn.Module):
+    """Stands in for one layer while the model runs its own final path: returns the given stream.
+
+    Attribute reads fall through to the real layer (v5 models pick a layer's mask from its
+    `attention_type` before calling it); the real layer is held outside the module tree.
+    """
+
+    def __init__(self, layer: nn.Module, stream: torch.Tensor, output_len: int | None):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_stream", stream)
+        self._output_len = output_len
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        y = object.__getattribute__(self, "_stream")
+        return y if self._output_len is None else (y,) + (None,) * (self._output_len - 1)
+
+
+def own_path_logits(anatomy: Anatomy, h: torch.Tensor, output_len: int | None = None) -> torch.Tensor:
+    """Logits [..., V] the model's own forward makes of last-layer outputs h [..., H].
+
+    For models whose path after the last layer is more than layerprobe rebuilds (LFM2's norm under
+    another name, post-LN decoders' extra projections, ...): every layer is swapped for a stand-in
+    that returns h, each row of h is its own one-token sequence, and the model runs as usual; so
+    the final norm, scaling and soft-capping are the model's own code. `output_len`: how many
+    elements the layers return (None: a tensor). Callers check the result against the model's logits.
+    """
+    parent, attr = anatomy.layers_parent
+    layers = getattr(parent, attr)
+    shape = h.shape
+    rows = h.reshape(-1, 1, shape[-1])
+    weight = getattr(anatomy.head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        rows = rows.to(dtype=weight.dtype)
+    stand_ins = nn.ModuleList([_LayerStandIn(layer, rows, output_len) for layer in layers])
+    ids = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=anatomy.input_device)
+    setattr(parent, attr, stand_ins)
+    try:
+        out = anatomy.model.forward(input_ids=ids, use_cache=False)  # forward, not __call__: no model hooks
+    finally:
+        setattr(parent, attr, layers)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -1].reshape(*shape[:-1], logits.shape[-1])

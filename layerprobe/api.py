@@ -26,6 +26,7 @@ def compare(
     depth: str = "auto",
     progress: bool = True,
     command: str | None = None,
+    notes: list[str] | None = None,
 ) -> Comparison:
     """Compare the results in `folders` (of analyze, prune-sweep, train-reference) and, unless `out` is None,
     write the report there: index.html (self-contained), the figures as PNGs, headline.csv, per_layer.csv
@@ -33,12 +34,14 @@ def compare(
 
     threshold: nats of loss under which removing one layer counts as harmless. depth: the x axis of the
     per-layer curves, "auto" (normalised depth ℓ/(L−1) when the models' depths differ), "layer" or
-    "normalised". command: how the page says it was made (default: the equivalent CLI command)."""
+    "normalised". command: how the page says it was made (default: the equivalent CLI command). notes:
+    sentences the page adds to its findings."""
     check_compare_options(folders, threshold, depth)
     if out is not None:
         out = check_output_dir(out)  # fail before reading anything, and create nothing yet
         check_manifest(out)
-    comp = compare_results(folders, threshold=threshold, depth=depth, progress=progress, command=command)
+    comp = compare_results(folders, threshold=threshold, depth=depth, progress=progress, command=command,
+                           notes=notes)
     if out is not None:
         with status("drawing figures and writing the report", progress):
             comp.save(out)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .anatomy import Anatomy, layer_input, residual_tensor, summarize_measured_scheme
+from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
 from .metrics import (RunningMoments, activation_extremes, angular_distance_matrix, block_influence,
                       cosine_and_norms, final_distribution, lens_sums, unit_vectors, update_sums)
@@ -67,12 +67,20 @@ class LayerCapture:
         self._norm_feeds_input = [False] * L  # a norm child reads the layer's input: Pre-LN
         self._norm_outputs: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._is_post = [False] * L
+        # Sandwich (Gemma-2/3/4, GLM-4): a norm reads a sublayer's output and its output goes back to the
+        # stream, not into another sublayer (Bloom's post_attention_layernorm reads the attention's
+        # output too, but that already holds the residual and the norm feeds the MLP: Pre-LN).
+        self._norm_io: list[list[tuple]] = [[] for _ in range(L)]  # (norm input, norm output)
+        self._sub_io: list[list[tuple]] = [[] for _ in range(L)]  # (sublayer input, sublayer output)
+        self._after_sublayer = [False] * L
         # Logit lens (metrics/lens.py): sums over the angular-distance tokens.
         self.lens = lens and anatomy.head is not None
         self.lens_chunk = lens_chunk
         self.lens_kl_sum = [0.0] * L
         self.lens_top1_sum = [0] * L
         self.lens_count = 0
+        self._readout = None  # anatomy.readout, or the model's own path where that differs (see _choose_readout)
+        self._output_len: int | None = None
         # Residual updates (metrics/update.py) and activation extremes (metrics/activation.py), all tokens.
         self.update_ratio_sum = [0.0] * L
         self.update_cos_sum = [0.0] * L
@@ -104,7 +112,7 @@ class LayerCapture:
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
-            h = layer_input(args, kwargs)
+            h = one_stream(layer_input(args, kwargs))
             self._inputs[index] = h
             with torch.no_grad():
                 self._store_unit(index, h)
@@ -115,6 +123,8 @@ class LayerCapture:
         def hook(module, args, kwargs, output):
             y = residual_tensor(output)
             x = self._inputs.pop(index)
+            if index == self.num_layers - 1:
+                self._output_len = None if isinstance(output, torch.Tensor) else len(output)
             with torch.no_grad():
                 x, y = x.detach(), y.detach()
                 if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
@@ -145,7 +155,8 @@ class LayerCapture:
                     self._store_unit(self.num_layers, y)
                 if self._placement_handles:
                     self._is_post[index] = any(_same_tensor(o, y) for o in self._norm_outputs[index])
-                    self._norm_outputs[index] = []
+                    self._after_sublayer[index] = self._after_sublayer[index] or self._norm_after_sublayer(index)
+                    self._norm_outputs[index], self._norm_io[index], self._sub_io[index] = [], [], []
 
         return hook
 
@@ -191,7 +202,7 @@ class LayerCapture:
         logits = getattr(output, "logits", None)
         if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
             logits = output[0]
-        if not isinstance(logits, torch.Tensor) or any(u is None for u in self._units[1:]):
+        if not self.lens or not isinstance(logits, torch.Tensor) or any(u is None for u in self._units[1:]):
             return
         with torch.no_grad():
             self._lens(logits.detach())
@@ -202,6 +213,11 @@ class LayerCapture:
         bound by reading those weights (30x slower per layer on SmolLM2 with 4 tokens)."""
         L, vocab = self.num_layers, logits.shape[-1]
         final = logits[:, -1, :] if self.tokens == "last" else logits.reshape(-1, vocab)
+        if self._readout is None:
+            self._readout = self._choose_readout(final)
+            if self._readout is None:
+                self.lens = False  # neither path gives the model's logits: no lens (NaN) rather than a wrong one
+                return
         # Tokens per chunk: never more than LENS_CHUNK_ELEMENTS logits for all layers together.
         step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (vocab * L))
         for start in range(0, final.shape[0], step):
@@ -209,12 +225,51 @@ class LayerCapture:
             device = f.log_p.device
             # y_layer = the input of the next layer, already held for the angular distance
             h = torch.cat([self._units[layer + 1][start:start + step].to(device) for layer in range(L)])
-            lens_logits = self.anatomy.readout(h).to(device).reshape(L, -1, vocab)
+            lens_logits = self._readout(h).to(device).reshape(L, -1, vocab)
             for layer in range(L):
                 kl, agree = lens_sums(f, lens_logits[layer])
                 self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl
                 self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree
         self.lens_count += final.shape[0]
+
+    def _choose_readout(self, final: torch.Tensor):
+        """The rebuilt readout if the last layer's output read out gives the model's logits, else the
+        model's own path (anatomy.own_path_logits) if that does, else None."""
+        last = self._units[self.num_layers][: min(8, final.shape[0])]
+        want = final[: last.shape[0]].float()
+        tol = 1e-4 if final.dtype == torch.float32 else 3e-2  # as the sweep's check (pruning/prefix.py)
+        readouts = (self.anatomy.readout, lambda h: own_path_logits(self.anatomy, h, self._output_len))
+        for readout in readouts:
+            try:
+                got = readout(last).float().to(want.device)
+            except Exception:  # a path this model cannot run; the next one, or no lens
+                continue
+            scale = float(want.abs().max().clamp_min(1e-6))
+            if got.shape == want.shape and float((got - want).abs().max()) <= tol * scale:
+                return readout
+        return None
+
+    def _norm_after_sublayer(self, index: int) -> bool:
+        """A norm of this layer read an attention/MLP output and fed no attention/MLP: a sandwich's outer norm."""
+        outs = [o for _, o in self._sub_io[index] if o is not None]
+        ins = [i for i, _ in self._sub_io[index] if i is not None]
+        return any(n_in is not None and any(_same_tensor(n_in, o) for o in outs)
+                   and not any(_same_tensor(n_out, i) for i in ins)
+                   for n_in, n_out in self._norm_io[index])
+
+    def _sub_io_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            try:
+                inp = layer_input(args, kwargs)
+            except LayerprobeError:
+                inp = None
+            try:
+                out = residual_tensor(output)
+            except LayerprobeError:
+                out = None
+            self._sub_io[index].append((inp, out))
+
+        return hook
 
     def _norm_hook(self, index: int):
         # Placement is read from tensor identity, not values: a Pre-LN norm is handed the very
@@ -230,6 +285,7 @@ class LayerCapture:
             if inp is not None and x is not None and _same_tensor(inp, x):
                 self._norm_feeds_input[index] = True
             self._norm_outputs[index].append(output)
+            self._norm_io[index].append((inp, output))
 
         return hook
 
@@ -243,10 +299,9 @@ class LayerCapture:
                     self._handles.append(children[name].register_forward_hook(self._child_hook(i, which)))
             if self.detect_placement and self.placement is None:
                 for name, (kind, module) in self.anatomy.sublayers(i).items():
-                    if kind == "norm":
-                        self._placement_handles.append(
-                            module.register_forward_hook(self._norm_hook(i), with_kwargs=True)
-                        )
+                    if kind in ("norm", "attention", "mlp"):
+                        hook = self._norm_hook(i) if kind == "norm" else self._sub_io_hook(i)
+                        self._placement_handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if self.lens:
             self._handles.append(self.anatomy.model.register_forward_hook(self._model_hook))
         return self
@@ -262,7 +317,7 @@ class LayerCapture:
     # -- per batch -------------------------------------------------------------------------
     def end_batch(self) -> None:
         if any(u is None for u in self._units):
-            raise RuntimeError("a layer was not reached in this forward pass")
+            raise LayerprobeError("not every layer ran in the model's forward pass; name the layer list with --layers-path")
         units = torch.stack([u.cpu() for u in self._units])  # [L+1, N, H]
         self.angular_sum += angular_distance_matrix(unit_vectors(units))
         self.angular_count += units.shape[1]
@@ -272,8 +327,9 @@ class LayerCapture:
         if self._placement_handles:
             # Placement is a property of the architecture: one batch tells it; stop paying for it.
             self.placement = [
-                "post" if post else ("pre" if pre else "?")
-                for post, pre in zip(self._is_post, self._norm_feeds_input)
+                "post" if post else ("sandwich" if pre and after else "pre" if pre else "post-sublayer" if after
+                                     else "?")
+                for post, pre, after in zip(self._is_post, self._norm_feeds_input, self._after_sublayer)
             ]
             for h in self._placement_handles:
                 h.remove()

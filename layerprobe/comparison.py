@@ -12,12 +12,19 @@ Headline numbers, one row per model (see `HEADLINE_DEFINITIONS`; the depth formu
   d = ℓ/(L−1), so exp(slope) is the fitted growth factor from the first layer to the last;
 - gradient ratio: mean gradient norm of the last ⌈L/4⌉ layers over that of the first ⌈L/4⌉.
 
-This module computes and saves (`Comparison.save`: headline.csv, per_layer.csv, training.csv and the
-manifest); `layerprobe.report.compare` draws the figures and the page; `layerprobe.compare` does both.
+Seeds: train-reference --seeds trains a scheme several times, differing only in the seed of the initial
+weights. Runs whose settings agree but for the seed form one seed group (`ModelResults.seed_group`); the
+headline numbers of a group are its runs' mean with their standard deviation, min–max and n
+(`seed_summary`), and a claim of the papers counts as reproduced only when it holds for every combination
+of the schemes' seeds (`paper_checks`, `seed_verdict`).
+
+This module computes and saves (`Comparison.save`: headline.csv, headline_seeds.csv when a scheme has
+several seeds, per_layer.csv, training.csv and the manifest); `layerprobe.report.compare` draws the figures and the page; `layerprobe.compare` does both.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ import pandas as pd
 
 from .defaults import DEPTH_MODES, REMOVABLE_FRACTION, REMOVABLE_THRESHOLD as DEFAULT_THRESHOLD, check_compare_options
 from .io import write_csv
+from .metrics.loss import perplexity
 from .metrics.depth import (
     deep_half_share,
     grad_ratio,
@@ -41,6 +49,8 @@ from .model_results import ModelResults, collect, load_results
 from .results import package_versions, prepare_result_folder, update_manifest
 
 HEADLINE_DEFINITIONS = {
+    "seeds": "training runs of the scheme that differ only in the seed of their initial weights (same data, same "
+             "order); each number of the row is their mean ± sample standard deviation (n−1).",
     "perplexity": "exp of the mean next-token cross-entropy on the data `analyze` used (the prune-sweep's "
                   "full-model row when there is no analysis).",
     "final_eval_perplexity": "perplexity on the held-out split at the last evaluation of training.",
@@ -85,7 +95,7 @@ def _final_eval(training: pd.DataFrame | None) -> tuple[float, float, int | None
                 last = ev.iloc[-1]
                 ppl_col = next((c for c in ("eval_ppl", "eval_perplexity", "val_ppl") if c in ev.columns), None)
                 loss = float(last[loss_col])
-                ppl = float(last[ppl_col]) if ppl_col and pd.notna(last[ppl_col]) else math.exp(min(loss, 700))
+                ppl = float(last[ppl_col]) if ppl_col and pd.notna(last[ppl_col]) else perplexity(loss)
                 return loss, ppl, int(last["step"])
     return float("nan"), float("nan"), None
 
@@ -98,7 +108,7 @@ def _model_loss(m: ModelResults) -> tuple[float, float]:
         full = m.sweep[m.sweep["removed"].astype(str).str.lower() == "none"]
         if len(full):
             loss = float(full["loss"].iloc[0])
-            return loss, float(full["perplexity"].iloc[0]) if "perplexity" in full else math.exp(min(loss, 700))
+            return loss, float(full["perplexity"].iloc[0]) if "perplexity" in full else perplexity(loss)
     return float("nan"), float("nan")
 
 
@@ -128,61 +138,146 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
             row["grad_ratio"] = grad_ratio(a.layers["grad_norm"]) if "grad_norm" in a.layers else float("nan")
         else:
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
+        row["seed"], row["seed_group"] = m.seed, m.seed_group or m.label
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("layers", "trained_steps", "removable_relative", "removable_layers"):  # counts print as 10, not 10.0
+    for col in ("layers", "trained_steps", "removable_relative", "removable_layers", "seed"):  # counts print as 10, not 10.0
         df[col] = df[col].astype("Int64")
     return df
 
 
-def _by_scheme(df: pd.DataFrame, col: str) -> dict[str, float]:
-    """{norm scheme: value} for the schemes present once with a finite value of `col`."""
-    d = df.dropna(subset=[col]) if col in df else df.iloc[0:0]
-    d = d[~d["norm_scheme"].duplicated(keep=False)]
-    return {r["norm_scheme"]: float(r[col]) for _, r in d.iterrows() if math.isfinite(float(r[col]))}
+# Headline numbers that are averaged over a scheme's seeds (`seed_summary`).
+SEED_COLUMNS = ("loss", "perplexity", "final_eval_loss", "final_eval_perplexity", "deep_half_share",
+                "removable_relative", "removable_layers", "variance_growth", "variance_growth_factor", "grad_ratio")
+
+
+def _groups(df: pd.DataFrame) -> pd.Series:
+    """Each row's seed group (runs that differ only in their seed); each model its own without the column."""
+    return df["seed_group"] if "seed_group" in df else df["model"]
+
+
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed group of the headline table `df`: model (the group's label), norm_scheme, layers, seeds
+    (n, the runs in the group), seed_list, and for each of SEED_COLUMNS the mean over the group's runs with a
+    finite value, `_sd` their sample standard deviation (n−1; NaN for one run), `_min`, `_max` and `_n`."""
+    rows = []
+    groups = _groups(df)
+    for label in dict.fromkeys(groups):
+        d = df[groups == label]
+        row = {"model": label, "norm_scheme": d["norm_scheme"].iloc[0],
+               "layers": d["layers"].iloc[0] if "layers" in d else pd.NA, "seeds": len(d),
+               "seed_list": " ".join(str(v) for v in d["seed"].dropna()) if "seed" in d else ""}
+        for col in SEED_COLUMNS:
+            values = pd.to_numeric(d[col], errors="coerce").astype(float) if col in d else pd.Series(dtype=float)
+            values = values[values.map(math.isfinite)]
+            n = len(values)
+            row[col] = float(values.mean()) if n else float("nan")
+            row[f"{col}_sd"] = float(values.std(ddof=1)) if n > 1 else float("nan")
+            row[f"{col}_min"] = float(values.min()) if n else float("nan")
+            row[f"{col}_max"] = float(values.max()) if n else float("nan")
+            row[f"{col}_n"] = n
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["seeds"] = out["seeds"].astype("Int64")
+    return out
+
+
+def _by_scheme(df: pd.DataFrame, col: str) -> dict[str, list[float]]:
+    """{norm scheme: its finite values of `col`, one per seed} for the schemes in exactly one seed group."""
+    groups = _groups(df)
+    schemes: dict[str, set] = {}
+    for scheme, group in zip(df["norm_scheme"], groups):
+        schemes.setdefault(scheme, set()).add(group)
+    out: dict[str, list[float]] = {}
+    if col not in df:
+        return out
+    for scheme, value in zip(df["norm_scheme"], pd.to_numeric(df[col], errors="coerce").astype(float)):
+        if len(schemes[scheme]) == 1 and math.isfinite(value):
+            out.setdefault(scheme, []).append(float(value))
+    return out
+
+
+def seed_verdict(holds: list[bool]) -> str:
+    """The verdict on a claim from whether it holds for each combination of the schemes' seeds: "reproduced"
+    when it holds for all (every seed of one scheme beats every seed of the other, i.e. their min–max ranges
+    do not overlap), "not reproduced" when it holds for none, else "not decided"."""
+    if all(holds):
+        return "reproduced"
+    return "not decided" if any(holds) else "not reproduced"
+
+
+def _on_seeds(counts: dict[str, int]) -> str:
+    """"on 1 seed", "on 3 seeds each", "on 3 (mix) and 2 (pre) seeds"."""
+    n = set(counts.values())
+    if len(n) == 1:
+        k = n.pop()
+        return f"on {k} seed{'s' * (k != 1)}" + (" each" if len(counts) > 1 and k > 1 else "")
+    parts = [f"{k} ({s})" for s, k in counts.items()]
+    return "on " + ", ".join(parts[:-1]) + " and " + parts[-1] + " seeds"
+
+
+def _stat(values: list[float], spec: str, prefix: str = "") -> str:
+    """One value as is; several as their mean with their min–max range and count."""
+    f = lambda v: prefix + format(v, spec)  # noqa: E731
+    if len(values) == 1:
+        return f(values[0])
+    return f"{f(sum(values) / len(values))} (range {f(min(values))} to {f(max(values))} over {len(values)} seeds)"
 
 
 def paper_checks(df: pd.DataFrame) -> list[dict]:
-    """Which of the papers' claims the headline numbers of `df` reproduce, each as {claim, reproduced, sentence}.
+    """Which of the papers' claims the headline numbers of `df` reproduce, each as {claim, verdict, reproduced,
+    seeds, sentence}.
 
-    A claim is checked only when the schemes it names are all in the comparison (once each). The sentences
+    A claim is checked only when the schemes it names are all in the comparison, each as one model or one seed
+    group (`seed_group`: runs that differ only in their seed). With several seeds it is checked for every
+    combination of the schemes' seeds (`seed_verdict`): "Reproduced" when it holds for all, "Not reproduced"
+    when for none, "Not decided" when for some; each sentence says on how many seeds it rests. The sentences
     are phrased from the numbers; nothing here decides in advance which scheme comes out ahead."""
     checks = []
 
-    def check(claim: str, reproduced: bool, evidence: str) -> None:
-        word = "Reproduced" if reproduced else "Not reproduced"
-        checks.append({"claim": claim, "reproduced": bool(reproduced), "sentence": f"{word}: {claim} ({evidence})."})
+    def check(claim: str, holds, values: dict[str, list[float]], evidence: str) -> None:
+        """`holds(*one value per scheme)`: whether the claim holds for that combination of seeds."""
+        verdict = seed_verdict([bool(holds(*combo)) for combo in itertools.product(*values.values())])
+        counts = {s: len(v) for s, v in values.items()}
+        sentence = f"{verdict.capitalize()}: {claim} ({evidence}; {_on_seeds(counts)})."
+        checks.append({"claim": claim, "verdict": verdict, "reproduced": verdict == "reproduced",
+                       "seeds": counts, "sentence": sentence})
 
     var, grad = _by_scheme(df, "variance_growth_factor"), _by_scheme(df, "grad_ratio")
     ppl, share = _by_scheme(df, "perplexity"), _by_scheme(df, "deep_half_share")
     if "pre" in var:
-        check("under Pre-LN the output variance grows with depth (Curse of Depth)", var["pre"] > 1,
-              f"fitted growth ×{var['pre']:.3g} from the first layer to the last")
+        check("under Pre-LN the output variance grows with depth (Curse of Depth)", lambda v: v > 1,
+              {"pre": var["pre"]}, f"fitted growth {_stat(var['pre'], '.3g', '×')} from the first layer to the last")
     if {"pre", "lns"} <= var.keys():
-        check("LayerNorm Scaling grows the variance less than Pre-LN (Curse of Depth)", var["lns"] < var["pre"],
-              f"LNS ×{var['lns']:.3g}, Pre-LN ×{var['pre']:.3g}")
+        check("LayerNorm Scaling grows the variance less than Pre-LN (Curse of Depth)", lambda lns, pre: lns < pre,
+              {"lns": var["lns"], "pre": var["pre"]},
+              f"LNS {_stat(var['lns'], '.3g', '×')}, Pre-LN {_stat(var['pre'], '.3g', '×')}")
     if "pre" in grad:
-        check("Pre-LN's deep layers get smaller gradients than its early ones (Mix-LN)", grad["pre"] < 1,
-              f"last/first-quarter gradient ratio {grad['pre']:.3g}")
+        check("Pre-LN's deep layers get smaller gradients than its early ones (Mix-LN)", lambda g: g < 1,
+              {"pre": grad["pre"]}, f"last/first-quarter gradient ratio {_stat(grad['pre'], '.3g')}")
     if "post" in grad:
-        check("Post-LN's early layers get smaller gradients than its deep ones (Mix-LN)", grad["post"] > 1,
-              f"last/first-quarter gradient ratio {grad['post']:.3g}")
-    if {"pre", "post", "mix"} <= grad.keys():
-        spread = {s: abs(math.log(grad[s])) for s in ("pre", "post", "mix") if grad[s] > 0}
-        if len(spread) == 3:
-            check("Mix-LN's gradients are the most even across depth of the three (Mix-LN)",
-                  spread["mix"] < min(spread["pre"], spread["post"]),
-                  ", ".join(f"{s} {grad[s]:.3g}" for s in ("mix", "pre", "post")))
-    if {"pre", "lns"} <= grad.keys() and grad["pre"] > 0 and grad["lns"] > 0:
+        check("Post-LN's early layers get smaller gradients than its deep ones (Mix-LN)", lambda g: g > 1,
+              {"post": grad["post"]}, f"last/first-quarter gradient ratio {_stat(grad['post'], '.3g')}")
+    positive = {s: v for s, v in grad.items() if all(g > 0 for g in v)}
+    if {"pre", "post", "mix"} <= positive.keys():
+        # Evenness: |ln ratio|, 0 when the last quarter's gradients equal the first's.
+        check("Mix-LN's gradients are the most even across depth of the three (Mix-LN)",
+              lambda mix, pre, post: abs(math.log(mix)) < min(abs(math.log(pre)), abs(math.log(post))),
+              {s: grad[s] for s in ("mix", "pre", "post")},
+              ", ".join(f"{s} {_stat(grad[s], '.3g')}" for s in ("mix", "pre", "post")))
+    if {"pre", "lns"} <= positive.keys():
         check("LNS gives deep layers a larger share of the gradient than Pre-LN (Curse of Depth)",
-              grad["lns"] > grad["pre"], f"gradient ratio LNS {grad['lns']:.3g}, Pre-LN {grad['pre']:.3g}")
+              lambda lns, pre: lns > pre, {"lns": grad["lns"], "pre": grad["pre"]},
+              f"gradient ratio LNS {_stat(grad['lns'], '.3g')}, Pre-LN {_stat(grad['pre'], '.3g')}")
     for s, paper in (("mix", "Mix-LN"), ("lns", "Curse of Depth")):
         if {"pre", s} <= share.keys():
             check(f"{s}'s deeper half carries more of the removal cost than Pre-LN's ({paper})",
-                  share[s] > share["pre"], f"deep-half share {s} {share[s]:.0%}, Pre-LN {share['pre']:.0%}")
+                  lambda x, pre: x > pre, {s: share[s], "pre": share["pre"]},
+                  f"deep-half share {s} {_stat(share[s], '.0%')}, Pre-LN {_stat(share['pre'], '.0%')}")
         if {"pre", s} <= ppl.keys():
-            check(f"{s} reaches a lower perplexity than Pre-LN ({paper})", ppl[s] < ppl["pre"],
-                  f"{s} {ppl[s]:.2f}, Pre-LN {ppl['pre']:.2f}")
+            check(f"{s} reaches a lower perplexity than Pre-LN ({paper})", lambda x, pre: x < pre,
+                  {s: ppl[s], "pre": ppl["pre"]}, f"{s} {_stat(ppl[s], '.2f')}, Pre-LN {_stat(ppl['pre'], '.2f')}")
     return checks
 
 
@@ -242,6 +337,17 @@ class Comparison:
     out: Path | None = None  # the folder it was saved to
     figures: list[dict] = field(default_factory=list)  # [{file, caption, section}] once a report drew them
     seconds: float = 0.0  # wall time of compare (of the whole demo when the demo made it)
+    notes: list[str] = field(default_factory=list)  # sentences the page adds to its findings (the demo's seeds)
+
+    @property
+    def seeds(self) -> pd.DataFrame:
+        """The headline numbers per seed group: mean, spread and n over its runs (`seed_summary`)."""
+        return seed_summary(self.headline)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether some scheme was trained on more than one seed: tables then show means ± spread."""
+        return bool(len(self.headline)) and bool((self.seeds["seeds"] > 1).any())
 
     @property
     def html(self) -> Path | None:
@@ -262,7 +368,7 @@ class Comparison:
             "inputs": self.inputs,
             "command": self.made_with,
             "models": [{"label": m.label, "norm_scheme": m.norm_scheme, "folders": [str(f) for f in m.folders],
-                        "results": m.kinds} for m in self.models],
+                        "results": m.kinds, "seed": m.seed, "seed_group": m.seed_group} for m in self.models],
             "threshold_nats": self.threshold,
             "depth_axis": self.depth,
             "figures": [{"file": f["file"], "caption": f["caption"]} for f in self.figures],
@@ -277,6 +383,8 @@ class Comparison:
         self.out = out
         write_csv(out / "headline.csv", self.headline)
         write_csv(out / "per_layer.csv", self.per_layer)
+        if self.seeded:
+            write_csv(out / "headline_seeds.csv", self.seeds)
         training = self.training_table()
         if training is not None:
             write_csv(out / "training.csv", training)
@@ -294,13 +402,15 @@ def compare_results(
     depth: str = "auto",
     progress: bool = True,
     command: str | None = None,
+    notes: list[str] | None = None,
 ) -> Comparison:
     """Read the results in `folders` (of analyze, prune-sweep, train-reference) and compute the comparison;
     writes nothing (`Comparison.save` does; `layerprobe.compare` also draws the report).
 
     threshold: nats of loss under which removing one layer counts as harmless. depth: the x axis of the
     per-layer curves, "auto" (normalised depth ℓ/(L−1) when the models' depths differ), "layer" or
-    "normalised". command: how the report says it was made (default: the equivalent CLI command)."""
+    "normalised". command: how the report says it was made (default: the equivalent CLI command). notes:
+    sentences the page adds to its findings."""
     started = time.perf_counter()
     folders = check_compare_options(folders, threshold, depth)
     with status("reading results", progress):
@@ -309,10 +419,11 @@ def compare_results(
     if depth == "auto":
         depth = "layer" if len(depths) <= 1 else "normalised"
     comp = Comparison(models=models, headline=headline(models, threshold), per_layer=per_layer(models),
-                      threshold=float(threshold), depth=depth, inputs=[str(f) for f in folders], command=command)
+                      threshold=float(threshold), depth=depth, inputs=[str(f) for f in folders], command=command,
+                      notes=list(notes or []))
     comp.seconds = time.perf_counter() - started
     return comp
 
 
 __all__ = ["Comparison", "ModelResults", "collect", "compare_results", "headline", "load_results", "paper_checks",
-           "per_layer", "training_dynamics", "DEFAULT_THRESHOLD", "DEPTH_MODES", "HEADLINE_DEFINITIONS"]
+           "per_layer", "seed_summary", "seed_verdict", "SEED_COLUMNS", "training_dynamics", "DEFAULT_THRESHOLD", "DEPTH_MODES", "HEADLINE_DEFINITIONS"]

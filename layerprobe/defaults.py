@@ -18,6 +18,13 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TOKEN_MODES = ("last", "all")  # angular distance on the last token of each sample, or on all of them
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".csv", ".parquet", ".npy")
+# accelerate's placement strategies (transformers' from_pretrained(device_map=...)); "auto" = "balanced".
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# transformers' attention back-ends; whether the model (and this machine) supports one is checked at load.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# --max-memory sizes, as accelerate reads them (case-insensitive here, always bytes).
+MEMORY_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+                "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 # compare
 REMOVABLE_THRESHOLD = 0.05  # nats of loss: removing the layer costs < ~5% perplexity
@@ -58,9 +65,69 @@ def check_parquet_reader() -> None:
         raise LayerprobeError("reading .parquet needs pyarrow, which is missing: pip install pyarrow")
 
 
+def parse_max_memory(spec) -> dict | None:
+    """--max-memory "0=70GiB,cpu=200GiB" -> {0: 75161927680, "cpu": 214748364800}: accelerate's max_memory
+    (keys: GPU indices, "cpu", "mps", "disk"; values: bytes). A dict is checked the same way. Whether the
+    GPUs named exist is checked where torch is loaded (`loading.check_max_memory_devices`)."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        items = [(str(k), str(v)) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise LayerprobeError(f"--max-memory {spec!r}: give DEVICE=SIZE pairs separated by commas, "
+                                      "e.g. 0=70GiB,cpu=200GiB")
+            items.append((key.strip(), value.strip()))
+    out: dict = {}
+    for key, value in items:
+        if key.isdigit():
+            device = int(key)
+        elif key.lower() in ("cpu", "mps", "disk"):
+            device = key.lower()
+        else:
+            raise LayerprobeError(f"--max-memory names device {key!r}; use GPU indices (0, 1, ...), cpu, mps or disk")
+        out[device] = _memory_bytes(value, key)
+    return out
+
+
+def _memory_bytes(value: str, key: str) -> int:
+    text = value.strip().replace(" ", "")
+    if text.isdigit():
+        return int(text)
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = text[len(number):].lower()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in MEMORY_UNITS or not math.isfinite(amount) or amount < 0:
+        raise LayerprobeError(f"--max-memory {key}={value}: not a size; use bytes or a number with GiB, MiB, GB, "
+                              "MB ...")
+    return int(amount * MEMORY_UNITS[unit])
+
+
+def check_placement_options(device_map=None, max_memory=None, attn_implementation: str | None = None) -> dict | None:
+    """--device-map, --max-memory and --attn-implementation, checked without torch; the parsed max_memory."""
+    if device_map is not None and not isinstance(device_map, dict) and device_map not in DEVICE_MAPS:
+        raise LayerprobeError(f"unknown --device-map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    memory = parse_max_memory(max_memory)
+    if memory is not None and not isinstance(device_map, str):
+        raise LayerprobeError("--max-memory needs --device-map auto, balanced or sequential")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise LayerprobeError("--device-map needs accelerate: pip install accelerate")
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise LayerprobeError(f"unknown --attn-implementation {attn_implementation!r}; use one of "
+                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+    return memory
+
+
 def check_measure_options(*, data: str = "builtin", seq_len: int = 256, samples: int | None = 32,
                           batch_size: int = 4, tokens: str = "last", dtype: str = "auto", device: str = "auto",
-                          device_map: str | None = None) -> None:
+                          device_map: str | None = None, max_memory=None,
+                          attn_implementation: str | None = None) -> None:
     """Every option of analyze and prune-sweep that needs no model, checked before one is loaded."""
     if seq_len < 2:
         raise LayerprobeError(f"--seq-len must be at least 2 (got {seq_len})")
@@ -74,8 +141,7 @@ def check_measure_options(*, data: str = "builtin", seq_len: int = 256, samples:
         raise LayerprobeError(f"unknown --dtype {dtype!r}; use auto, {', '.join(DTYPE_NAMES)}")
     if device not in DEVICES:
         raise LayerprobeError(f"unknown --device {device!r}; use one of {', '.join(DEVICES)}")
-    if device_map not in (None, "auto"):
-        raise LayerprobeError(f"unknown --device-map {device_map!r}; the only value is 'auto'")
+    check_placement_options(device_map, max_memory, attn_implementation)
     check_data_spec(data)
 
 
@@ -93,8 +159,10 @@ def check_compare_options(folders, threshold: float, depth: str) -> list:
     return folders
 
 
-def check_demo_counts(steps: int | None, threads: int | None, workers: int | None = None) -> None:
+def check_demo_counts(steps: int | None, threads: int | None, workers: int | None = None, seeds: int = 1) -> None:
     """The demo's numeric options (its schemes and preset are checked by `layerprobe.demo_pipeline.check_options`)."""
+    if seeds is None or seeds < 1:
+        raise LayerprobeError(f"--seeds must be at least 1 (got {seeds})")
     if threads is not None and threads < 1:
         raise LayerprobeError(f"--threads must be at least 1 (got {threads})")
     if workers is not None and workers < 1:

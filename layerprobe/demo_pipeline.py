@@ -8,6 +8,10 @@ kept aside, and compare them in one report:
     layerprobe.demo(out="reports/demo")   # the same from Python
 
 Re-running it reuses finished training runs (the trainer's --resume) unless `fresh=True`.
+
+One training run per scheme by default, so its verdicts rest on one seed each (the report says so);
+`seeds=3` (`layerprobe demo --seeds 3`) trains each scheme on 3 seeds of its initial weights, in
+runs/demo/<scheme>-seed<k>/, and the report shows means ± spread and decides only beyond the spread.
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ def _say(message: str, enabled: bool) -> None:
 
 
 def check_options(*, norm: str, preset: str, steps: int | None, threads: int | None,
-                  workers: int | None = None) -> list[str]:
+                  workers: int | None = None, seeds: int = 1) -> list[str]:
     """The demo's schemes in canonical names; a LayerprobeError for a bad option, before any folder is made
     or anything is printed (the trainer checks the rest of its settings again)."""
-    check_demo_counts(steps, threads, workers)
+    check_demo_counts(steps, threads, workers, seeds)
     try:
         get_preset(preset)
         schemes = list(dict.fromkeys(canonical_scheme(s) for s in norm.split(",") if s.strip()))
@@ -101,9 +105,10 @@ def analyse_and_sweep(run_dir: Path, heldout: Path, folder: Path, *, block_sweep
     return folder
 
 
-def _command_line(*, out, runs, norm, preset, steps, block_sweep, threshold, threads, workers) -> str:
+def _command_line(*, out, runs, norm, preset, steps, block_sweep, threshold, threads, workers, seeds=1) -> str:
     """The `layerprobe demo` command that makes the same report, for the page to quote."""
     command = f"layerprobe demo --out {out} --runs {runs} --norm {norm} --preset {preset}"
+    command += f" --seeds {seeds}" if seeds > 1 else ""
     command += (f" --steps {steps}" if steps else "") + ("" if block_sweep else " --no-block-sweep")
     command += f" --threshold {threshold}" if threshold is not None else ""
     command += f" --threads {threads}" if threads else ""
@@ -145,6 +150,11 @@ class _Job:
     threads: int | None
     progress: bool
     train_options: dict
+    seed: int | None = None  # demo --seeds: the seed of this run's initial weights (None: one run per scheme)
+
+    @property
+    def label(self) -> str:
+        return self.scheme if self.seed is None else f"{self.scheme}-seed{self.seed}"
 
 
 _worker_queue = None  # in a worker process: where its progress events go
@@ -160,11 +170,12 @@ def _run_job(job: _Job) -> tuple[RunResult, dict, Path | None]:
     """Train, analyze and sweep one model; returns its RunResult, the training settings and its report folder
     (None when Ctrl-C stopped the training)."""
     if _worker_queue is not None and job.progress:
-        relay_to(_worker_queue, job.scheme)  # this job's bars show in the parent, labelled with the scheme
+        relay_to(_worker_queue, job.label)  # this job's bars show in the parent, labelled with the scheme
+    seeds = {} if job.seed is None else {"seeds": [job.seed]}  # one seed per job: runs/<scheme>-seed<k>/
     try:
         summary = train_reference(norm=job.scheme, preset=job.preset, steps=job.steps, data="builtin",
                                   out=str(job.runs), resume=not job.fresh, overwrite=job.fresh,
-                                  progress=job.progress, threads=job.threads, **job.train_options)
+                                  progress=job.progress, threads=job.threads, **seeds, **job.train_options)
     except LayerprobeError as e:
         # The advice is rendered in the demo's flags here: only the text survives the trip to the parent.
         raise LayerprobeError(e.renamed(**DEMO_FLAGS).text()) from None
@@ -173,7 +184,7 @@ def _run_job(job: _Job) -> tuple[RunResult, dict, Path | None]:
         return run, summary.settings, None
     run_dir = Path(run.path)
     heldout = heldout_blocks(run_dir, job.runs / HELDOUT_FILE, progress=job.progress)
-    folder = analyse_and_sweep(run_dir, heldout, job.out / run.scheme, block_sweep=job.block_sweep,
+    folder = analyse_and_sweep(run_dir, heldout, job.out / run_dir.name, block_sweep=job.block_sweep,
                                progress=job.progress)
     return run, summary.settings, folder
 
@@ -236,10 +247,16 @@ def demo(
     block_sweep: bool = True,
     threads: int | None = None,
     workers: int | None = None,
+    seeds: int = 1,
     progress: bool = True,
     **train_options,
 ) -> Comparison:
     """Train one tiny model per norm scheme, analyse and prune-sweep each, and write the comparison to `out`.
+
+    `seeds`: training runs per scheme, differing only in the seed of their initial weights (`seed`, seed+1,
+    …; `seed` from train_options, default 0), on the same data in the same order. With one (the default) the
+    runs go to runs/<scheme>/ and the report says its verdicts rest on one seed; with more, to
+    runs/<scheme>-seed<k>/, and the report gives each number as the mean ± spread over the seeds.
 
     The models are independent, so each is trained, analysed and swept in its own process (`workers`,
     default one per scheme), with `threads` torch threads each (default: the available cores shared out);
@@ -248,17 +265,20 @@ def demo(
     Returns the `Comparison`; its `.html` is the report.
     """
     started = time.perf_counter()
-    schemes = check_options(norm=norm, preset=preset, steps=steps, threads=threads, workers=workers)
+    schemes = check_options(norm=norm, preset=preset, steps=steps, threads=threads, workers=workers, seeds=seeds)
     out, runs = Path(out), Path(runs)
     ensure_writable_dir(out)
     ensure_writable_dir(runs)
-    n_workers, n_threads = plan_workers(len(schemes), workers, threads)
+    base = int(train_options.get("seed", 0))
+    run_seeds = [None] if seeds == 1 else [base + k for k in range(seeds)]
+    n_workers, n_threads = plan_workers(len(schemes) * len(run_seeds), workers, threads)
     where = (f"in {n_workers} processes of {n_threads} thread{'s' * (n_threads > 1)}" if n_workers > 1
              else f"one after another, {n_threads} thread{'s' * (n_threads > 1)}")
-    _say(f"training, analysing and prune-sweeping {len(schemes)} {preset} models ({', '.join(schemes)}) "
-         f"on the builtin corpus, {where}", progress)
-    jobs = [_Job(scheme, runs, out, preset, steps, fresh, block_sweep, threads, progress, train_options)
-            for scheme in schemes]
+    on_seeds = "" if seeds == 1 else f" on {seeds} seeds each"
+    _say(f"training, analysing and prune-sweeping {len(schemes) * seeds} {preset} models ({', '.join(schemes)}"
+         f"{on_seeds}) on the builtin corpus, {where}", progress)
+    jobs = [_Job(scheme, runs, out, preset, steps, fresh, block_sweep, threads, progress, train_options, seed)
+            for seed in run_seeds for scheme in schemes]
     if n_workers == 1:
         for job in jobs:
             job.threads = n_threads
@@ -274,10 +294,17 @@ def demo(
     _say("comparing", progress)
     title = f"layerprobe demo — {', '.join(schemes)} ({preset} preset, trained on the builtin corpus)"
     command = _command_line(out=out, runs=runs, norm=norm, preset=preset, steps=steps, block_sweep=block_sweep,
-                            threshold=threshold, threads=threads, workers=workers)
+                            threshold=threshold, threads=threads, workers=workers, seeds=seeds)
+    if seeds == 1:
+        note = (f"Each scheme was trained once (1 seed): the verdicts below rest on one training run per scheme, "
+                f"and a second seed may order them differently; `layerprobe demo --seeds 3` trains 3 per scheme "
+                "and decides only beyond their spread.")
+    else:
+        note = (f"Each scheme was trained on {seeds} seeds of its initial weights ({', '.join(map(str, run_seeds))}; "
+                f"same data, same order): every number is the mean ± standard deviation over its seeds.")
     comp = compare([*run_dirs, *result_dirs], out=out, title=title,
                    threshold=DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress,
-                   command=command)
+                   command=command, notes=[note])
     comp.seconds = time.perf_counter() - started
     return comp
 

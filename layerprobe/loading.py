@@ -293,6 +293,9 @@ def _check_causal_lm(config, where: str, trust_remote_code: bool) -> None:
 def _friendly_load_error(e: Exception, where: str) -> LayerprobeError:
     text = first_line(e)
     low = text.lower()
+    if "offload_folder" in text:  # before the "safetensors" test below: nothing is corrupt
+        return LayerprobeError(f"the device map offloads weights of {where} to disk that must be saved again "
+                               "first (not safetensors, or converted while loading): give --offload-folder DIR")
     if any(k in low for k in ("header", "safetensor", "deserializ", "unpickl", "corrupt", "invalid load key",
                               "incomplete metadata", "pytorchstreamreader", "failed to read", "magic",
                               "not a gguf", "unexpected end", "buffer", "truncat")):
@@ -366,9 +369,11 @@ class _Quiet:
     switch; the GGUF reader's "Converting and de-quantizing" bar is plain tqdm, given `disable=True` here)."""
 
     def __enter__(self):
-        self._log = logging.getLogger("transformers")
-        self._level = self._log.level
-        self._log.setLevel(logging.ERROR)
+        # accelerate logs, as a warning, the offloading a device map asks for.
+        self._logs = [logging.getLogger(name) for name in ("transformers", "accelerate")]
+        self._levels = [log.level for log in self._logs]
+        for log in self._logs:
+            log.setLevel(logging.ERROR)
         self._bars = no_hf_progress_bars()
         self._bars.__enter__()
         self._gguf = self._gguf_tqdm = None
@@ -389,7 +394,8 @@ class _Quiet:
         if self._gguf is not None:
             self._gguf.tqdm = self._gguf_tqdm
         self._bars.__exit__(*exc)
-        self._log.setLevel(self._level)
+        for log, level in zip(self._logs, self._levels):
+            log.setLevel(level)
         return False
 
 
@@ -402,11 +408,89 @@ def _has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _check_placement(device_map: str | None) -> None:
-    if device_map not in (None, "auto"):
-        raise LayerprobeError(f"unknown --device-map {device_map!r}; the only value is 'auto'")
-    if device_map == "auto" and importlib.util.find_spec("accelerate") is None:
-        raise LayerprobeError("--device-map auto needs accelerate: pip install accelerate")
+def check_max_memory_devices(memory: dict | None) -> None:
+    """Every GPU index in --max-memory must exist here (accelerate only warns and then places layers on it)."""
+    if not memory:
+        return
+    gpus = sorted(k for k in memory if isinstance(k, int))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        indices = f" (0-{count - 1})" if count > 1 else " (0)" if count else ""
+        have = f"{count} GPU{'s' if count != 1 else ''}{indices}"
+        raise LayerprobeError(f"--max-memory names GPU {missing[0]}, but this machine has {have}; name only "
+                              "devices that exist (GPU indices, cpu, disk)")
+    if "mps" in memory and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LayerprobeError("--max-memory names mps, but MPS is not available here")
+
+
+def offloaded_modules(device_map: dict | None) -> list[str]:
+    """The modules of a device map whose weights accelerate keeps off the compute device and copies in on
+    every forward: "disk" always, "cpu" when a GPU computes (accelerate's own rule in dispatch_model)."""
+    if not device_map:
+        return []
+    places = {str(v) for v in device_map.values()}
+    computes_on_cpu = places <= {"cpu", "disk"}
+    return [name for name, where in device_map.items()
+            if str(where) == "disk" or (str(where) == "cpu" and not computes_on_cpu)]
+
+
+def main_device(device_map: dict) -> torch.device:
+    """Where a dispatched model computes what is offloaded, and where its inputs go: the first device of
+    the map that is not cpu or disk (accelerate's main device), else the CPU."""
+    for where in device_map.values():
+        if str(where) not in ("cpu", "disk"):
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    return torch.device("cpu")
+
+
+def _reads_lazily(resolved: ResolvedSpec) -> bool:
+    """Whether disk-offloaded weights can be read from the checkpoint's own files (safetensors) with no
+    offload folder. A hub model is assumed to have them; transformers says so if not."""
+    if resolved.source == "gguf":
+        return False
+    return resolved.source != "folder" or any(Path(resolved.location).glob("*.safetensors"))
+
+
+def _meta_model(config, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool, where: str):
+    """The model's modules with no storage (device meta): what a device map is planned on, and the check that
+    the model accepts the attention implementation, both before any weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        with _Quiet(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:
+        if attn_implementation is not None:
+            raise LayerprobeError(f"--attn-implementation {attn_implementation} cannot be used with {where} here: "
+                                  f"{first_line(e)}") from None
+        raise _friendly_load_error(e, where) from None
+
+
+def plan_device_map(meta_model, device_map: str | dict, max_memory: dict | None) -> dict:
+    """Module name -> device, decided before loading exactly as from_pretrained(device_map=...) would
+    (transformers' own planner: the GPUs' budget, no_split_modules, tied weights)."""
+    if isinstance(device_map, dict):
+        return dict(device_map)
+    memory = dict(max_memory) if max_memory else None  # the planner writes into it
+    with _Quiet():  # "We will use 90% of the memory on device 0": the plan is the message that matters
+        try:
+            from transformers.integrations.accelerate import _get_device_map
+        except ImportError:  # transformers 4.x keeps it elsewhere; accelerate's public planner says the same
+            from accelerate import infer_auto_device_map
+            from accelerate.utils import get_balanced_memory
+
+            split = meta_model._no_split_modules or []
+            if device_map != "sequential":
+                memory = get_balanced_memory(meta_model, max_memory=memory, no_split_module_classes=split,
+                                             low_zero=device_map == "balanced_low_0")
+            return dict(infer_auto_device_map(meta_model, max_memory=memory, no_split_module_classes=split))
+        return dict(_get_device_map(meta_model, device_map, memory, None))
 
 
 def _load_config(resolved: ResolvedSpec, kwargs: dict, trust_remote_code: bool):
@@ -478,20 +562,39 @@ def _load_tokenizer(resolved: ResolvedSpec, kwargs: dict, source: str) -> tuple[
     return tokenizer, None
 
 
+def read_config(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config without its weights (for checks that need only its shape)."""
+    resolved = resolve_spec(str(spec), revision)
+    return _load_config(resolved, dict(resolved.kwargs, trust_remote_code=trust_remote_code), trust_remote_code)
+
+
 def load_model(
     spec: str,
     *,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    attn_implementation: str | None = None,
+    offload_folder: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     load_tokenizer: bool = True,
+    check_plan=None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id, a folder, a .gguf file or a layerprobe run."""
+    """Load a causal LM and its tokenizer from a hub id, a folder, a .gguf file or a layerprobe run.
+
+    Weights go straight to where they compute: `device` (one device), or `device_map` ("auto",
+    "balanced", "balanced_low_0", "sequential" with accelerate's `max_memory`, e.g. "0=70GiB,cpu=200GiB",
+    or an explicit {module: device} dict with "cpu"/"disk" entries; `offload_folder` for disk-offloaded
+    weights that are not already safetensors). The map is planned on an empty (meta) model first, so
+    `check_plan(meta_model, plan)` can refuse it before any weight is read.
+    """
+    from .defaults import check_placement_options
+
+    memory = check_placement_options(device_map, max_memory, attn_implementation)
+    check_max_memory_devices(memory)
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    _check_placement(device_map)
     spec_str = str(spec)
     resolved = resolve_spec(spec_str, revision)
     source = resolved.source
@@ -499,15 +602,39 @@ def load_model(
     config = _load_config(resolved, kwargs, trust_remote_code)
     if getattr(config, "model_type", None) == "layerprobe":
         source = "layerprobe"
+    torch_dtype = resolve_dtype(dtype, dev)
+    plan: dict | None = None
+    if device_map is not None or attn_implementation is not None or check_plan is not None:
+        meta = _meta_model(config, torch_dtype, attn_implementation, trust_remote_code, resolved.where)
+        try:
+            plan = plan_device_map(meta, device_map, memory) if device_map is not None else {"": str(dev)}
+        except (ValueError, RuntimeError) as e:  # accelerate's planner on a model or budget it cannot place
+            raise LayerprobeError(f"could not plan --device-map {device_map} for {resolved.where}: "
+                                  f"{first_line(e)}") from None
+        if check_plan is not None:
+            check_plan(meta, plan)
+        del meta
+    if plan is not None and "disk" in {str(v) for v in plan.values()} and offload_folder is None \
+            and not _reads_lazily(resolved):
+        raise LayerprobeError(f"the device map offloads weights to disk, and {resolved.where} has no safetensors "
+                              "files to read them from: give --offload-folder DIR for the copies")
     load_kwargs = dict(kwargs, dtype=torch_dtype, output_loading_info=True)
-    if device_map == "auto":
-        load_kwargs["device_map"] = "auto"
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        load_kwargs["device_map"] = plan
+        if offload_folder is not None:
+            load_kwargs["offload_folder"] = str(offload_folder)
+    elif dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        # Straight onto the device: no host copy of the whole model first (transformers needs accelerate
+        # for any device_map; without it the weights pass through host memory).
+        load_kwargs["device_map"] = {"": dev}
     model = _load_weights(resolved, config, load_kwargs, spec_str, source)
-    if device_map != "auto":
+    if "device_map" not in load_kwargs:
         model.to(dev)
     model.eval()
     tokenizer, problem = _load_tokenizer(resolved, kwargs, source) if load_tokenizer else (None, None)
-    model_device = next(model.parameters()).device
+    model_device = main_device(plan) if device_map is not None else next(model.parameters()).device
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, name=resolved.name, source=source,
                        revision=revision, dtype=torch_dtype, device=model_device, tokenizer_problem=problem)
 

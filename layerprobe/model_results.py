@@ -10,6 +10,7 @@ model's training curves with its analysis.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,13 @@ class ModelResults:
     training_layers: pd.DataFrame | None = None  # long: step, layer, metric columns
     train_manifest: dict = field(default_factory=dict)
     label: str = ""  # unique name shown in figures and tables
+    seed_group: str = ""  # the label its seed group goes by: runs that differ only in their seed share it
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the run's initial weights (None when no train-reference run was given)."""
+        s = self.train_manifest.get("seed")
+        return int(s) if s is not None else None
 
     @property
     def folder(self) -> Path:
@@ -160,9 +168,11 @@ def _read_training(folder: Path):
     # Several records may share a step (a resumed run, an eval logged apart): keep one row per step.
     training = training.groupby("step", as_index=False, sort=True).last()
     layers = _flatten_layer_lists(steps)
+    identity = run.get("identity") if isinstance(run.get("identity"), dict) else {}
     meta: dict = {"status": run.get("status"), "diverged_at": run.get("diverged_at"),
                   "total_steps": run.get("total_steps"), "preset": run.get("preset"),
-                  "norm_scheme": run.get("scheme")}
+                  "norm_scheme": run.get("scheme"), "seed": (identity.get("train") or {}).get("seed"),
+                  "seed_key": seed_key(identity)}
     if monitored:
         try:
             mon = json.loads((folder / MONITOR_FILE).read_text(encoding="utf-8")).get("monitor", {})
@@ -180,6 +190,15 @@ def _read_training(folder: Path):
         except (OSError, json.JSONDecodeError):
             pass
     return training, layers, {k: v for k, v in meta.items() if v is not None}
+
+
+def seed_key(identity: dict) -> str | None:
+    """What runs of one scheme that differ only in their seeds share: the run's identity (model and training
+    settings, data included) without the weights' seed and the batch order's seed. None without an identity."""
+    if not identity or not isinstance(identity.get("train"), dict):
+        return None
+    train = {k: v for k, v in identity["train"].items() if k not in ("seed", "data_seed")}
+    return json.dumps({"model": identity.get("model"), "train": train}, sort_keys=True, default=str)
 
 
 def load_results(folder: str | Path) -> ModelResults:
@@ -271,7 +290,33 @@ def collect(folders) -> list[ModelResults]:
             _merge(target, r)
     merged = [r for r in loaded if id(r) not in absorbed]
     _unique_labels(merged)
+    _seed_groups(merged)
     return merged
+
+
+def _seed_groups(models: list[ModelResults]) -> None:
+    """Give runs of the same settings that differ only in their seeds (`seed_key`) one `seed_group`: their
+    common name without the "-seed<k>" that train-reference --seeds appends, else "<scheme> seeds". Every
+    other model is a group of its own, under its label."""
+    groups: dict[str, list[ModelResults]] = {}
+    for m in models:
+        key = m.train_manifest.get("seed_key")
+        if key is not None and m.seed is not None:
+            groups.setdefault(key, []).append(m)
+    for m in models:
+        m.seed_group = m.label
+    taken = {m.label for m in models}
+    for group in groups.values():
+        seeds = [m.seed for m in group]
+        if len(group) < 2 or len(set(seeds)) < len(seeds):  # one run, or copies of one seed: not a spread
+            continue
+        bases = {re.sub(r"-seed\d+$", "", m.name) for m in group}
+        label = bases.pop() if len(bases) == 1 else f"{group[0].norm_scheme} seeds"
+        if label in taken - {m.label for m in group}:
+            label = f"{label} ({len(group)} seeds)"
+        taken.add(label)
+        for m in group:
+            m.seed_group = label
 
 
 def _unique_labels(models: list[ModelResults]) -> None:
@@ -298,4 +343,4 @@ def _unique_labels(models: list[ModelResults]) -> None:
             m.label = f"{m.label} #{seen[m.label]}"
 
 
-__all__ = ["ModelResults", "collect", "load_results", "METRICS_FILE", "SWEEP_FILE"]
+__all__ = ["ModelResults", "collect", "load_results", "seed_key", "METRICS_FILE", "SWEEP_FILE"]

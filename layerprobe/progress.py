@@ -111,3 +111,9 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
         return
     with _console.status(Text(message)):  # literal: the message may hold a user's path like "m[/]x"
         yield
+
+
+def note(message: str, enabled: bool = True) -> None:
+    """One plain line on stderr where the bars are drawn (a worker whose bars are relayed prints nothing)."""
+    if enabled and _relay is None:
+        _console.print(message, highlight=False, markup=False)

@@ -85,7 +85,8 @@ def read_table(folder: str | Path, name: str, **kwargs) -> pd.DataFrame:
     """`folder/name` as a DataFrame, or one line naming the folder and the file that cannot be read."""
     path = Path(folder) / name
     try:
-        return pd.read_csv(path, **kwargs)
+        # round_trip: the exact floats that were written (pandas before 3.0 parses with a faster, inexact default)
+        return pd.read_csv(path, float_precision="round_trip", **kwargs)
     except FileNotFoundError:
         raise LayerprobeError(f"{folder} lacks {name}; re-run the command that wrote it") from None
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError

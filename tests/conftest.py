@@ -17,6 +17,22 @@ import pytest
 
 from tiny_models import make_tiny
 
+
+def _fixed_terminal() -> None:
+    """The suite's own terminal: 120 columns, no forced colour, whatever the shell running pytest has (CI has no
+    terminal, a developer's may be 40 or 300 wide). Tables are laid out to the terminal's width, so assertions on
+    them would otherwise move with it; prose lines are soft-wrapped by the CLI and do not. Set here, at import,
+    because rich reads COLUMNS when a console is made, and the CLI's consoles are made when a test module imports
+    it; subprocesses the tests start inherit it."""
+    import os
+
+    for key in ("FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        os.environ.pop(key, None)
+    os.environ["COLUMNS"] = "120"
+
+
+_fixed_terminal()
+
 # Tests (module name, function name) that take many seconds each on a laptop CPU, beyond those using `smollm2`.
 SLOW_TESTS = {
     ("test_analyze_cli", "test_smollm2_gguf_end_to_end"),  # the console script on the real model

@@ -208,7 +208,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
 
 @pytest.mark.parametrize("scheme,measured,post_k", [("pre", "pre", 0), ("post", "post", 8), ("mix", "mix", 2),
                                                     ("lns", "pre", 0), ("deepnorm", "post", 8),
-                                                    ("sandwich", "pre", 0)])
+                                                    ("sandwich", "sandwich", 0)])
 def test_reference_checkpoint_scheme_from_config_and_measured(tmp_path, scheme, measured, post_k):
     """Our checkpoints say their scheme; the measured placement of the norms must agree with it."""
     from layerprobe.reference.configuration import LayerprobeConfig
@@ -227,11 +227,14 @@ def test_reference_checkpoint_scheme_from_config_and_measured(tmp_path, scheme, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_measured_placement_on_every_architecture(tmp_path, arch):
-    """All tested archs put a norm before each sublayer: the identity-based measurement must say pre."""
+    """All tested archs put a norm before each sublayer: the identity-based measurement must say pre;
+    Gemma-2 also norms each sublayer's output before the residual add: sandwich."""
     loaded = load_model(str(make_tiny(arch, tmp_path / arch)), device="cpu", dtype="float32")
     np.save(tmp_path / "ids.npy", np.random.RandomState(0).randint(0, 256, (2, 16)))
     r = layerprobe.analyze(loaded, data=str(tmp_path / "ids.npy"), grad=False, progress=False)
-    assert list(r.layers["norm_placement"]) == ["pre"] * r.summary["num_layers"]
+    want = "sandwich" if arch == "gemma2" else "pre"
+    assert list(r.layers["norm_placement"]) == [want] * r.summary["num_layers"]
+    assert r.summary["measured_norm_scheme"] == want
 
 
 def test_import_layerprobe_registers_reference_checkpoints(tmp_path):

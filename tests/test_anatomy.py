@@ -311,6 +311,9 @@ def test_layer_input_reads_args_or_keyword():
     (["pre", "post", "pre"], ("mixed", None)),
     (["pre", "?"], ("unknown", None)),
     ([], ("unknown", None)),
+    (["sandwich"] * 3, ("sandwich", 0)),
+    (["post-sublayer"] * 3, ("post-sublayer", 0)),
+    (["sandwich", "pre"], ("mixed", None)),
 ])
 def test_summarize_measured_scheme(per_layer, expected):
     assert summarize_measured_scheme(per_layer) == expected

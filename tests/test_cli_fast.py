@@ -92,3 +92,36 @@ def test_public_names_resolve():
     assert callable(layerprobe.compare) and callable(layerprobe.analyze) and callable(layerprobe.prune_sweep)
     with pytest.raises(AttributeError):
         layerprobe.no_such_name  # noqa: B018
+
+
+def test_a_dependency_below_its_floor_is_one_line_at_import():
+    """An environment with an older transformers than pyproject.toml declares: `import layerprobe` says which
+    package to upgrade and how, in one line (exit 2 when nothing catches it), before any forward can fail."""
+    from layerprobe import _requirements
+
+    assert _requirements.too_old(["transformers>=999.0", "rich>=1", "not-installed-anywhere>=1"]) == \
+        [f"transformers>=999.0 (installed: {__import__('transformers').__version__})"]
+    code = ("import layerprobe._requirements as r; r._declared = lambda: ['transformers>=999.0', 'torch>=0.1']; "
+            "r.check()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: layerprobe needs transformers>=999.0 (installed: ")
+    assert "pip install -U 'transformers>=999.0'" in out.stderr and "torch" not in out.stderr
+
+
+def test_declared_floors_are_the_tested_oldest_versions():
+    """Every `>=` floor in pyproject.toml is a version the suite ran with: pinned in constraints/oldest.txt."""
+    from layerprobe import _requirements
+
+    pins = dict(line.split("==") for line in (REPO / "constraints" / "oldest.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    floors = _requirements.floors(declared)
+    assert {"torch", "transformers", "gguf", "accelerate"} <= set(floors)
+    for name, floor in floors.items():
+        assert pins.get(name) == floor, (name, floor, pins.get(name))

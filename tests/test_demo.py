@@ -32,10 +32,11 @@ def micro_demo(tmp_path_factory):
 def test_demo_end_to_end(micro_demo):
     root, _, result = micro_demo
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and "index.html" in result.output
+    assert "wrote" in result.output and "index.html" in result.output and "1 seed per scheme" in result.output
     report = root / "report"
     html = (report / "index.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 9
+    assert "Each scheme was trained once (1 seed)" in html and "on 1 seed)." in html
     headline = pd.read_csv(report / "headline.csv")
     assert list(headline["model"]) == ["pre", "lns"] and list(headline["norm_scheme"]) == ["pre", "lns"]
     for col in ("perplexity", "final_eval_perplexity", "removable_layers", "variance_growth", "grad_ratio"):

@@ -6,10 +6,12 @@ a hang). The process group's timeout is short, so a rank left waiting fails with
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -24,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fail: bool, results) -> None:
+def _worker(rank: int, world: int, port: int, fail: bool, out: str) -> None:
     from layerprobe.errors import LayerprobeError  # imported before the group starts: import times differ by rank
     from layerprobe.training.distributed import DistEnv, main_first
 
@@ -50,20 +52,20 @@ def _worker(rank: int, world: int, port: int, fail: bool, results) -> None:
         outcome = ("OSError", str(e))
     except Exception as e:  # a timeout at the collective: what the old barrier gave
         outcome = (type(e).__name__, str(e)[:200])
-    results[rank] = (*outcome, time.monotonic() - start, calls)
+    Path(out, f"rank{rank}.json").write_text(json.dumps([*outcome, time.monotonic() - start, calls]))
     dist.destroy_process_group()
 
 
-def _run(fail: bool) -> dict:
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), fail, results), nprocs=2, join=True)
-    return dict(results)
+def _run(fail: bool, tmp_path) -> dict:
+    # Results come back as files: a multiprocessing Manager listens on a socket under TMPDIR, and AF_UNIX paths
+    # are limited to 108 bytes, so a long TMPDIR would fail the harness rather than the code under test.
+    mp.spawn(_worker, args=(2, _free_port(), fail, str(tmp_path)), nprocs=2, join=True)
+    return {rank: tuple(json.loads((tmp_path / f"rank{rank}.json").read_text())) for rank in range(2)}
 
 
 @pytest.mark.slow
-def test_a_failure_on_the_main_process_is_raised_on_every_process_at_once():
-    results = _run(fail=True)
+def test_a_failure_on_the_main_process_is_raised_on_every_process_at_once(tmp_path):
+    results = _run(fail=True, tmp_path=tmp_path)
     kind0, text0, _, calls0 = results[0]
     kind1, text1, waited1, calls1 = results[1]
     assert (kind0, calls0) == ("OSError", [0])  # the main process raises its own error, unchanged
@@ -74,7 +76,55 @@ def test_a_failure_on_the_main_process_is_raised_on_every_process_at_once():
 
 
 @pytest.mark.slow
-def test_main_first_returns_the_result_on_the_main_process_only():
-    results = _run(fail=False)
+def test_main_first_returns_the_result_on_the_main_process_only(tmp_path):
+    results = _run(fail=False, tmp_path=tmp_path)
     assert results[0][:2] == ("returned", "done") and results[0][3] == [0]
     assert results[1][:2] == ("returned", None) and results[1][3] == []
+
+
+# -- data preparation outlasting the process group's timeout ---------------------------------------------
+PREP_SLEEP_S = 8  # longer than SHORT_TIMEOUT_S: a rank waiting in a collective meanwhile would time out
+SHORT_TIMEOUT_S = 3
+
+
+def _prep_worker(rank: int, world: int, port: int, text: str, cache: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAYERPROBE_CACHE=cache)
+    import layerprobe.corpus.prepare as prep
+    from layerprobe.training.data import _prepare
+    from layerprobe.training.distributed import DistEnv, any_process
+
+    real = prep._prepare_into
+
+    def slow(path, key, *a, **k):  # whoever takes the lock first prepares slowly; the others must wait on it
+        if not (path / "index.json").exists():
+            time.sleep(PREP_SLEEP_S)
+        return real(path, key, *a, **k)
+
+    prep._prepare_into = slow
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=SHORT_TIMEOUT_S))
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        store = _prepare(text, "bpe:300", text_column=None, env=DistEnv(rank=rank, world_size=world),
+                         progress=False, say=None)
+        agreed = any_process(DistEnv(rank=rank, world_size=world), True)  # a collective after the preparation
+        results[rank] = ("ok", str(store.path), int(store.n_tokens), agreed, time.monotonic() - start)
+    except Exception as e:
+        results[rank] = (type(e).__name__, str(e)[:200])
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_preparation_longer_than_the_group_timeout_does_not_stop_the_other_ranks(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "depth", "layer", "norm", "token", "model", "sweep"]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(200)) for _ in range(40)), encoding="utf-8")
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_prep_worker, args=(2, _free_port(), str(text), str(tmp_path / "cache"), results), nprocs=2, join=True)
+    assert results[0][0] == results[1][0] == "ok", dict(results)
+    assert results[0][1] == results[1][1] and results[0][2] == results[1][2] > 0  # one prepared folder, shared
+    assert min(results[0][4], results[1][4]) >= PREP_SLEEP_S > SHORT_TIMEOUT_S  # someone waited past the timeout

@@ -252,7 +252,7 @@ def test_stale_temporaries_are_removed(text_model, analysed, tmp_path):
     ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--dtype", "float8", "unknown --dtype"),
     ("--device", "tpu", "unknown --device"),
-    ("--device-map", "balanced", "unknown --device-map"),
+    ("--device-map", "spread", "unknown --device-map"),
     ("--data", "no/such/file.txt", "no such data file"),
     ("--data", "pyproject.toml", "unsupported data file"),
     ("--data", "hf:", "names no dataset"),

@@ -115,6 +115,20 @@ def reference(loaded, ids, tokens):
                 max_activation=peak, mean_abs_activation=mean_abs)
 
 
+def test_lens_runs_the_models_own_path_where_the_rebuilt_readout_differs(tiny, monkeypatch):
+    """A readout that misses a step of the final path (here the final norm, as for LFM2, whose norm has
+    another name) is noticed on the first batch; the model's own forward gives the lens instead."""
+    from layerprobe.anatomy import Anatomy
+
+    arch, loaded, ids, npy = tiny
+    monkeypatch.setattr(Anatomy, "readout", lambda self, h: self.head(h.to(self.head.weight.dtype)))
+    result = layerprobe.analyze(loaded, data=npy, batch_size=4, tokens="all", grad=False, progress=False,
+                                lens_chunk=5)
+    want = reference(loaded, ids, "all")
+    for col in ("lens_kl", "lens_top1"):
+        np.testing.assert_allclose(result.layers[col], want[col], atol=TOL, rtol=TOL, err_msg=f"{arch} {col}")
+
+
 @pytest.mark.parametrize("tokens", ["last", "all"])
 def test_layer_metrics_match_plain_loops(tiny, tokens):
     arch, loaded, ids, npy = tiny

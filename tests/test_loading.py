@@ -92,7 +92,7 @@ def test_device_map_auto_loads(tiny):
 @pytest.mark.parametrize("kwargs, match", [
     ({"dtype": "float64"}, "unknown --dtype"),
     ({"device": "tpu"}, "unknown --device"),
-    ({"device_map": "balanced"}, "unknown --device-map"),
+    ({"device_map": "spread"}, "unknown --device-map"),
     ({"revision": "main"}, "--revision only applies to hub ids"),
 ])
 def test_bad_options(tiny, kwargs, match):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from generation_checks import assert_generate_matches_recompute, assert_left_padding_is_invisible
 from tiny_models import VOCAB, make_tiny
 from torch import nn
 from typer.testing import CliRunner
@@ -230,18 +231,41 @@ def test_prefix_runner_reproduces_the_full_model(tiny):
     assert runner.layer_calls == LAYERS
 
 
-def test_a_tail_that_is_not_rebuilt_is_refused(tmp_path):
-    """Gemma 2 soft-caps its logits; a runner that forgets it must not produce numbers."""
-    lm = load_model(str(make_tiny("gemma2", tmp_path / "g2", num_hidden_layers=3, final_logit_softcapping=0.5)))
+def test_a_tail_that_is_not_rebuilt_runs_through_the_model_or_is_refused(tmp_path, monkeypatch):
+    """Gemma 2 soft-caps its logits; a runner that forgets it must not produce numbers of its own:
+    it runs the model's own final path (checked against its logits), and where that fails too it refuses."""
+    import layerprobe.pruning.prefix as prefix
     from layerprobe.anatomy import find_anatomy
 
+    lm = load_model(str(make_tiny("gemma2", tmp_path / "g2", num_hidden_layers=3, final_logit_softcapping=0.5)))
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     runner = PrefixRunner(lm.model, find_anatomy(lm.model))
     assert runner.softcap  # the sweep handles it ...
-    runner.capture(torch.randint(3, VOCAB, (1, 8)))
+    runner.capture(ids)
+    assert not runner.own_tail
     runner2 = PrefixRunner(lm.model, find_anatomy(lm.model))
-    runner2.softcap = None  # ... and notices when it is missing
+    runner2.softcap = None  # ... and when it is missing, the model's own path is used
+    cap = runner2.capture(ids)
+    assert runner2.own_tail
+    # Layer 1 removed by hand: a hook that returns its input; the model's own logits are the reference.
+    layers = lm.model.model.layers
+    handle = layers[1].register_forward_hook(lambda m, args, out: args[0] if isinstance(out, torch.Tensor)
+                                             else (args[0],) + tuple(out[1:]))
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, use_cache=False).logits
+    handle.remove()
+    with torch.inference_mode():
+        got = runner2.logits(runner2.final_hidden(runner2.run(cap.inputs[1], 1, {1}, cap.calls)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this model's own path cannot run from a layer's output")
+
+    monkeypatch.setattr(prefix, "own_path_logits", broken)
+    runner3 = PrefixRunner(lm.model, find_anatomy(lm.model))
+    runner3.softcap = None
     with pytest.raises(LayerprobeError, match="not final norm"):
-        runner2.capture(torch.randint(3, VOCAB, (1, 8)))
+        runner3.capture(ids)
 
 
 # -- the pruned model ------------------------------------------------------------------------------
@@ -272,12 +296,13 @@ def test_save_pruned_reloads_and_generates(tiny, tmp_path, arch):
         got = reloaded(input_ids=ids).logits
         torch.testing.assert_close(got, in_memory(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-        # Generation with the KV cache (layer_idx are the cache slots) equals generation without it.
-        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-        with_cache = reloaded.generate(ids, use_cache=True, **kw)
-        without = reloaded.generate(ids, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        assert torch.equal(in_memory.generate(ids, use_cache=True, **kw), with_cache)
+    # Generation with the KV cache (layer_idx are the cache slots): each step's logits equal a full recompute, also
+    # with a left-padded row; the in-memory copy generates the same tokens.
+    with_cache = assert_generate_matches_recompute(reloaded, ids, steps=6)
+    assert_left_padding_is_invisible(reloaded, VOCAB)
+    with torch.no_grad():
+        assert torch.equal(in_memory.generate(ids, use_cache=True, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                           with_cache)
     # Greedy decoding by hand from the naive model gives the same tokens.
     seq = ids
     with torch.no_grad():
@@ -285,6 +310,27 @@ def test_save_pruned_reloads_and_generates(tiny, tmp_path, arch):
             nxt = reference(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(seq, with_cache)
+
+
+@pytest.mark.parametrize("scheme", ["mix", "sandwich", "hybrid_star"])
+def test_save_pruned_reference_model_generates_with_its_cache(tmp_path, scheme):
+    """A pruned reference checkpoint, reloaded: cached decoding equals a full recompute (logits, 1e-5), left padding
+    included, and the cache slots are the new layer indices."""
+    from transformers import AutoModelForCausalLM
+
+    from layerprobe.reference import LayerprobeConfig, LayerprobeForCausalLM
+
+    torch.manual_seed(0)
+    config = LayerprobeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                              num_attention_heads=4, max_position_embeddings=64, norm_scheme=scheme,
+                              post_ln_ratio=0.4)
+    LayerprobeForCausalLM(config).save_pretrained(tmp_path / "ref")
+    out = save_pruned(load_model(str(tmp_path / "ref")), [1, 3], tmp_path / "small")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert [layer.layer_idx for layer in reloaded.model.layers] == list(range(LAYERS - 2))
+    ids = torch.from_numpy(np.random.default_rng(7).integers(3, VOCAB, size=(2, 6)))
+    assert_generate_matches_recompute(reloaded, ids, steps=5)
+    assert_left_padding_is_invisible(reloaded, VOCAB)
 
 
 def find_layers(model, path):
@@ -317,6 +363,37 @@ def test_save_refuses_a_model_whose_layers_depend_on_their_index(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_config_changes_rewrite_every_per_layer_entry():
+    """Counts, per-layer lists, index lists, layer-keyed dicts and cyclic patterns, by hand for keep = 0, 2, 3."""
+    from transformers import PretrainedConfig
+
+    from layerprobe.pruning.surgery import config_changes
+
+    cfg = PretrainedConfig(num_hidden_layers=4, decoder_layers=4, layer_types=["full_attention", "sliding_attention", "conv", "moe"], moe_layers=[1, 3],
+                           head_dim=4, per_layer_config={"2": {"head_dim": 8}, "3": {"head_dim": 16}}, block_types=["r", "r", "att"],
+                           architectures=["A", "B", "C", "D"])
+    assert config_changes(cfg, [0, 2, 3], 4) == {
+        "num_hidden_layers": 3, "decoder_layers": 3, "layer_types": ["full_attention", "conv", "moe"], "moe_layers": [2],
+        "per_layer_config": {1: {"head_dim": 8}, 2: {"head_dim": 16}}, "block_types": ["r", "att", "r"],
+    }
+
+
+def test_save_refuses_a_config_that_builds_other_layers_in_one_line(tmp_path):
+    """Jamba derives each layer's kind from attn_layer_period/offset: after removing layer 1 the config
+    would build layer 2 as another kind. Gemma-4 holds per-layer input embeddings outside the layers,
+    sized by the layer count. Both are refused before anything is written."""
+    from zoo_models import build
+
+    for model_type, message in [("jamba", "changes what layer 2 becomes.*attn_layer_period"),
+                                ("gemma4_text", "resizes model.embed_tokens_per_layer.weight")]:
+        model, why = build(model_type)
+        assert model is not None, why
+        with pytest.raises(LayerprobeError, match=message) as e:
+            save_pruned(model, [1], tmp_path / model_type)
+        assert "\n" not in str(e.value) and not (tmp_path / model_type).exists()
+        assert list(tmp_path.iterdir()) == []  # no temporary left behind either
+
+
 def test_format_and_parse_removed():
     for removed, text in [((), "none"), ((7,), "7"), ((7, 8, 9), "7-9"), ((3, 7, 8, 9, 12), "3,7-9,12")]:
         assert format_removed(removed) == text
@@ -347,6 +424,7 @@ def test_cli_writes_csv_manifest_figures_and_index_with_analyze(tiny, ids_file, 
     assert "analyze" in manifest  # merged, not overwritten
     assert section["ranking_source"].endswith("(analyze on the same tokens)")  # reused layers.csv
     assert section["saved_pruned"] == str(tmp_path / "small")
+    assert "config rewritten for the kept layers: num_hidden_layers" in r.output
     files = [f["file"] for f in section["figures"]]
     assert files == ["prune_layers.png", "prune_blocks.png", "prune_curves.png"]
     for f in files:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
 import layerprobe  # noqa: F401
+from transformers.masking_utils import create_causal_mask
 from fixtures_reference import one_thread  # noqa: F401  (a fixture)
+from generation_checks import (
+    assert_generate_matches_recompute,
+    assert_left_padding_is_invisible,
+    assert_manual_cache_matches_recompute,
+    no_transformers_deprecation,
+)
 from layerprobe.reference import (
     NORM_SCHEMES,
     LayerprobeConfig,
@@ -18,6 +26,8 @@ from layerprobe.reference import (
 )
 
 D, HEADS, FFN, VOCAB = 32, 4, 48, 97
+# The cache's keyword in the installed transformers (5.25 renamed past_key_values to cache): the one that must not warn.
+CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -169,13 +179,32 @@ def test_pre_ln_is_exactly_llama():
                                    llama(ids, attention_mask=mask).logits[:, 4:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["mix", "sandwich"])
+@pytest.mark.parametrize("scheme", NORM_SCHEMES)
 def test_kv_cache_generation_equals_full_recompute(scheme):
+    """generate() and cached decoding by hand (the cache under either name) give, at every step, the logits of a
+    full recompute of the same tokens, for every scheme; with no deprecation message from the installed transformers."""
     model = build(cfg(scheme, layers=4, post_ln_ratio=0.5))
-    prompt = torch.randint(0, VOCAB, (2, 5))
-    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, VOCAB, (2, 5), generator=g)
+    assert_generate_matches_recompute(model, prompt, steps=6)
+    continuation = torch.randint(1, VOCAB, (2, 4), generator=g)
+    with no_transformers_deprecation():
+        assert_manual_cache_matches_recompute(model, prompt, continuation, cache_kw=CACHE_KW)
+    assert_manual_cache_matches_recompute(model, prompt, continuation, cache_kw="past_key_values")
+
+
+@pytest.mark.parametrize("scheme", ["pre", "mix", "hybrid"])
+def test_left_padding_changes_no_logit(scheme):
+    assert_left_padding_is_invisible(build(cfg(scheme, layers=3, post_ln_ratio=0.5)), VOCAB)
+
+
+def test_two_different_caches_are_refused():
+    from transformers import DynamicCache
+
+    model = build(cfg("pre", layers=2))
+    with pytest.raises(ValueError, match="not two different ones"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=DynamicCache(config=model.config),
+              past_key_values=DynamicCache(config=model.config))
 
 
 # ---- Mix-LN split ------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import typer
 
 from . import app
 from .common import (
-    BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
-    RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
+    ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
+    TrustRemoteCodeOpt,
     console, err_console, user_errors,
 )
 
@@ -30,6 +31,9 @@ def analyze_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
+    attn_implementation: AttnImplementationOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     layers_path: LayersPathOpt = None,
     out: OutOpt = None,
@@ -42,17 +46,20 @@ def analyze_command(
 
     # Every check that needs no model, before the library and the model load and before any folder is made.
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
-                          dtype=dtype, device=device, device_map=device_map)
+                          dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                          attn_implementation=attn_implementation)
     if out is not None:
         check_manifest(check_output_dir(out))
     from ..analysis import analyze
-    from ..loading import load_model
+    from ..opening import open_model
     from ..progress import status
     from ..report import render_analysis, summary_table
 
-    with status(f"loading {model}", not quiet):
-        loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                            trust_remote_code=trust_remote_code)
+    # With gradients, a device map that offloads a layer is refused before any weight is read.
+    loaded = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                        max_memory=max_memory, attn_implementation=attn_implementation, offload_folder=offload_folder,
+                        trust_remote_code=trust_remote_code, layers_path=layers_path, grad=grad,
+                        progress=not quiet).loaded
     if out is None:
         out = Path("reports") / loaded.name
         check_manifest(check_output_dir(out))

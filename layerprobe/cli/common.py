@@ -13,9 +13,11 @@ from rich.text import Text
 from ..errors import LayerprobeError
 
 # Messages and tables carry user strings (model names, paths) that may look like rich markup ("m[/]x"):
-# these consoles print every string literally; styled parts are Text objects.
-console = Console(markup=False)  # results: tables go to stdout
-err_console = Console(stderr=True, markup=False)  # progress bars and errors go to stderr
+# these consoles print every string literally; styled parts are Text objects. Lines of prose are left to the
+# terminal to wrap (soft_wrap): a path is never cut by a newline, and the text is the same at any width. Tables are
+# still laid out to the terminal's width (their columns set their own wrapping).
+console = Console(markup=False, soft_wrap=True)  # results: tables go to stdout
+err_console = Console(stderr=True, markup=False, soft_wrap=True)  # progress bars and errors go to stderr
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -56,7 +58,10 @@ TextColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the t
 RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
-DeviceMapOpt = Annotated[Optional[str], typer.Option(help="'auto' spreads a model larger than one GPU (accelerate).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto | balanced | balanced_low_0 | sequential: spread the model over the GPUs, offloading what does not fit to cpu/disk (accelerate).")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (accelerate's max_memory).")]
+OffloadFolderOpt = Annotated[Optional[Path], typer.Option(help="With --device-map: folder for disk-offloaded weights that are not safetensors (GGUF, .bin).")]
+AttnImplementationOpt = Annotated[Optional[str], typer.Option(help="eager | sdpa | flash_attention_2 | flash_attention_3 | flex_attention (transformers; default: the model's).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own code.")]
 LayersPathOpt = Annotated[Optional[str], typer.Option(help="Dotted path of the layer list, e.g. transformer.h.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<model-name>/).")]

@@ -30,15 +30,19 @@ def demo_command(
                                                      "side (default: one per scheme; 1: one after another)."),
     threads: Optional[int] = typer.Option(None, help="torch threads in each process (default: the available cores "
                                                      "shared out among the processes, at least 1)."),
+    seeds: int = typer.Option(1, help="Training runs per scheme, differing only in the seed of their initial weights "
+                                      "(0, 1, …; same data and order). 1: one run each, in runs/<scheme>/; more: "
+                                      "runs/<scheme>-seed<k>/, and the report gives means ± spread."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The whole story offline: train tiny Pre-LN, Post-LN, Mix-LN and LNS models, analyse and prune-sweep each, compare."""
-    defaults.check_demo_counts(steps, threads, workers)  # before the library loads
+    defaults.check_demo_counts(steps, threads, workers, seeds)  # before the library loads
     from ..demo_pipeline import demo
     from ..report.compare import headline_table
 
     comp = demo(out=out, runs=runs, norm=norm, preset=preset, steps=steps, fresh=fresh, threshold=threshold,
-                block_sweep=block_sweep, threads=threads, workers=workers, progress=not quiet)
+                block_sweep=block_sweep, threads=threads, workers=workers, seeds=seeds, progress=not quiet)
     console.print(headline_table(comp))
-    err_console.print(f"wrote {comp.html} in {comp.seconds / 60:.1f} min (checkpoints in {runs}/, one folder "
+    on = "1 seed per scheme; --seeds 3 shows the spread over seeds" if seeds == 1 else f"{seeds} seeds per scheme"
+    err_console.print(f"wrote {comp.html} in {comp.seconds / 60:.1f} min ({on}; checkpoints in {runs}/, one folder "
                       f"per model in {out}/)", highlight=False)

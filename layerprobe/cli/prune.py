@@ -9,8 +9,9 @@ import typer
 
 from . import app
 from .common import (
-    BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelArg, OutOpt, QuietOpt,
-    RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
+    ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
+    TrustRemoteCodeOpt,
     console, err_console, user_errors,
 )
 
@@ -27,6 +28,10 @@ def prune_sweep_command(
     save_pruned: Optional[Path] = typer.Option(None, help="Write the model without the --remove layers to this folder (from_pretrained loads it)."),
     lm_eval_tasks: Optional[str] = typer.Option(None, help="Also score every candidate on these lm-evaluation-harness tasks (needs lm-eval and its data)."),
     lm_eval_limit: Optional[int] = typer.Option(100, help="Examples per lm-eval task."),
+    block_top: Optional[int] = typer.Option(None, help="Block mode: measure only the k blocks of each size closest in angle by analyze's angular map (O(k·L²) layer calls instead of O(L³))."),
+    search_samples: Optional[int] = typer.Option(None, help="Greedy: choose the layers on the first N samples; the chosen sets are then measured on all of them."),
+    yes: bool = typer.Option(False, "--yes", help="Run a sweep over the layer-call limit (the plan is printed before it starts)."),
+    max_layer_calls: Optional[int] = typer.Option(None, help="Refuse a sweep planned above this many layer calls (default 30,000; --yes runs any)."),
     data: DataOpt = "builtin",
     seq_len: SeqLenOpt = 256,
     samples: SamplesOpt = 32,
@@ -37,6 +42,9 @@ def prune_sweep_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
+    attn_implementation: AttnImplementationOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     layers_path: LayersPathOpt = None,
     out: OutOpt = None,
@@ -48,23 +56,30 @@ def prune_sweep_command(
     from ..loading import load_model
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
+    from ..pruning.save import saved_config_changes
     from ..report import render_sweep, sweep_tables
     from ..results import check_manifest
 
     removal = _check_before_loading(remove, save_pruned, out, mode=mode, block_size=block_size, steps=steps,
-                                    by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks,
+                                    by=by, batch_size=batch_size, lm_eval_tasks=lm_eval_tasks, block_top=block_top,
+                                    search_samples=search_samples,
                                     measure=dict(data=data, seq_len=seq_len, samples=samples, dtype=dtype,
-                                                 device=device, device_map=device_map))
+                                                 device=device, device_map=device_map, max_memory=max_memory,
+                                                 attn_implementation=attn_implementation),
+                                    cost=dict(model=model, revision=revision, trust_remote_code=trust_remote_code,
+                                              yes=yes, max_layer_calls=max_layer_calls))
     with status(f"loading {model}", not quiet):
         loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                            trust_remote_code=trust_remote_code)
+                            max_memory=max_memory, attn_implementation=attn_implementation,
+                            offload_folder=offload_folder, trust_remote_code=trust_remote_code)
     if out is None:
         out = Path("reports") / loaded.name
         check_manifest(check_output_dir(out))
     result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
                          seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_column=text_column,
                          device_map=device_map, layers_path=layers_path, analysis=out, lm_eval_tasks=lm_eval_tasks,
-                         lm_eval_limit=lm_eval_limit, progress=not quiet)
+                         lm_eval_limit=lm_eval_limit, block_top=block_top, search_samples=search_samples, yes=yes,
+                         max_layer_calls=max_layer_calls, progress=not quiet)
     if save_pruned is not None:
         try:
             with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
@@ -84,10 +99,13 @@ def prune_sweep_command(
     if save_pruned is not None:
         err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
                           "load it with from_pretrained or layerprobe)", highlight=False)
+        rewritten = saved_config_changes(save_pruned)
+        if rewritten:
+            err_console.print(f"config rewritten for the kept layers: {', '.join(rewritten)}", highlight=False)
 
 
 def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, measure: dict,
-                          **options) -> list[int] | None:
+                          cost: dict, **options) -> list[int] | None:
     """Every check that needs no model, so bad input fails before the expensive part and before a folder is
     made; the --remove layers."""
     from ..defaults import check_measure_options
@@ -103,9 +121,28 @@ def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Pat
         raise LayerprobeError("--remove names no layer; give 0-based layer indices like 20,21,22")
     if save_pruned is not None and not removal:
         raise LayerprobeError("--save-pruned needs --remove: the layers to drop, e.g. --remove 20,21,22")
-    SweepOptions.parse(remove=removal, **options)
+    opts = SweepOptions.parse(remove=removal, **options)
+    _check_cost(opts, measure["samples"], options["batch_size"], **cost)
     if save_pruned is not None:
         check_target(save_pruned.expanduser())
     if out is not None:
         check_manifest(check_output_dir(out))
     return removal
+
+
+def _check_cost(opts, samples: int | None, batch_size: int, *, model: str, revision, trust_remote_code: bool,
+                yes: bool, max_layer_calls: int | None) -> None:
+    """The layer-call limit from the model's config alone, before its weights load (a sweep over all samples
+    of a file, or a config that names no depth, is checked after loading)."""
+    from ..anatomy import num_layers_of
+    from ..loading import read_config
+    from ..pruning.plan import Plan, check_layer_call_limit
+
+    check_layer_call_limit(max_layer_calls)
+    if yes or samples is None:
+        return
+    L = num_layers_of(read_config(model, revision=revision, trust_remote_code=trust_remote_code))
+    if L is None or L < 2:
+        return
+    opts.for_depth(L)
+    Plan.for_options(opts, L, samples, batch_size).check(yes=yes, max_layer_calls=max_layer_calls)

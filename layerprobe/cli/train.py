@@ -27,15 +27,16 @@ def summary_table(summary):
     # Narrow enough for an 80-column terminal; every number is also in OUT/summary.json.
     table = Table(title=f"train-reference → {summary.out}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True)
-    for col in ("scheme", "status", "steps", "eval ppl", "best@step", "out var ℓ0→last", "tok/s"):
-        table.add_column(col, justify="left" if col in ("scheme", "status") else "right", no_wrap=True)
+    seeded = any(Path(r.path).name != r.scheme for r in summary.runs)  # --seeds: OUT/<scheme>-seed<k>
+    for col in ("run" if seeded else "scheme", "status", "steps", "eval ppl", "best@step", "out var ℓ0→last", "tok/s"):
+        table.add_column(col, justify="left" if col in ("run", "scheme", "status") else "right", no_wrap=True)
     for r in summary.runs:
         status = {"diverged": Text(f"diverged@{r.diverged_at}", style="red"),
                   "interrupted": Text("stopped", style="yellow"), "completed": "done"}.get(r.status, r.status)
         best = "—" if r.best_eval_loss is None else f"{perplexity(r.best_eval_loss):.1f}@{r.best_step}"
         var = r.layer_output_var
         growth = "—" if not var else f"{var[0]:.2g}→{var[-1]:.2g}"
-        table.add_row(r.scheme, status, f"{r.steps_done}/{r.total_steps}", _fmt(r.final_eval_ppl, ".1f"), best,
+        table.add_row(Path(r.path).name if seeded else r.scheme, status, f"{r.steps_done}/{r.total_steps}", _fmt(r.final_eval_ppl, ".1f"), best,
                       growth, _fmt(r.tokens_per_s, ",.0f"))
     return table
 
@@ -53,12 +54,12 @@ def train_reference_command(
     out: Path = typer.Option(Path("runs"), help="Output folder; each scheme trains in OUT/<scheme>/."),
     layers: Optional[int] = typer.Option(None, help="Override the preset's number of layers."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", "--width", help="Override the width."),
-    ffn_size: Optional[int] = typer.Option(None, help="Override the FFN width (default ≈ 8/3 × width when --width changes)."),
+    ffn_size: Optional[str] = typer.Option(None, help="Override the FFN width: a number, or 'aligned' for the preset's rounded up to a multiple of 64 (1b: 5461 -> 5504; a different model from the paper's, recorded in run.json). Default ≈ 8/3 × width when --width changes."),
     heads: Optional[int] = typer.Option(None, help="Override the number of attention heads."),
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads (grouped-query attention); default = --heads."),
     seq_len: Optional[int] = typer.Option(None, help="Override the sequence length."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch: sequences per optimizer step, over all processes."),
-    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass and process; the rest is gradient accumulation."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass and process; the rest is gradient accumulation (default: the largest divisor of the per-process batch with at most 16,384 tokens)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of the steps spent in linear warmup (default 0.1)."),
     min_lr_ratio: Optional[float] = typer.Option(None, help="The cosine decays to this fraction of the peak (default 0.1)."),
@@ -75,7 +76,8 @@ def train_reference_command(
     eval_samples: Optional[int] = typer.Option(None, help="Held-out blocks (default 64, or the recipe's 10M tokens; cut from --data: at most 5% of it)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps (default: --eval-every)."),
     seed: int = typer.Option(0, help="Seed of the initial weights (the same for every scheme)."),
-    data_seed: Optional[int] = typer.Option(None, help="Seed of the batch order (default: --seed)."),
+    seeds: Optional[str] = typer.Option(None, help="Train each scheme once per seed of its initial weights: a count N (seeds --seed … --seed+N−1) or a comma list (0,1,2), each run in OUT/<scheme>-seed<k>/, all on the same data in the same order (--data-seed). Default: one run per scheme in OUT/<scheme>/."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of the batch order (default: --seed; with --seeds, the same for every seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: Optional[str] = typer.Option(None, help="auto (the default: bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine)."),
@@ -96,7 +98,7 @@ def train_reference_command(
         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, post_ln_ratio=post_ln_ratio,
         post_ln_layers=post_ln_layers, scaled_init=scaled_init, norm_type=norm_type, vocab_size=vocab_size,
         tokenizer=tokenizer, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed,
-        data_seed=data_seed, device=device, dtype=dtype, threads=threads, compile=compile, fsdp=fsdp, resume=resume,
+        seeds=seeds, data_seed=data_seed, device=device, dtype=dtype, threads=threads, compile=compile, fsdp=fsdp, resume=resume,
         overwrite=overwrite, progress=not quiet,
     )
     say = None if quiet else (lambda line: err_console.print(line, highlight=False, markup=False))
@@ -110,12 +112,13 @@ def train_reference_command(
         if r.status == "diverged":
             kept = (f"the checkpoint of step {r.checkpoint_step} is kept in {r.path}"
                     if r.checkpoint_step else "no checkpoint had been saved yet")
-            err_console.print(f"{r.scheme}: diverged at step {r.diverged_at} ({r.diverged_reason}); {kept}",
+            err_console.print(f"{Path(r.path).name}: diverged at step {r.diverged_at} ({r.diverged_reason}); {kept}",
                               highlight=False, soft_wrap=True)
     if summary.interrupted:
         stopped = summary.runs[-1]
-        err_console.print(f"interrupted: {stopped.scheme} saved at step {stopped.steps_done}; "
+        err_console.print(f"interrupted: {Path(stopped.path).name} saved at step {stopped.steps_done}; "
                           f"continue with the same command and --resume", highlight=False)
         raise typer.Exit(130)
-    err_console.print(f"wrote {summary.out}/<scheme>/ (HF checkpoint, last/, best/, metrics.jsonl, run.json) "
+    folder = "<scheme>-seed<k>" if summary.settings.get("seeds") else "<scheme>"
+    err_console.print(f"wrote {summary.out}/{folder}/ (HF checkpoint, last/, best/, metrics.jsonl, run.json) "
                       f"and {summary.out}/summary.json", highlight=False)

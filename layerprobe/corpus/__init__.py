@@ -9,9 +9,9 @@ file, then serve fixed-length blocks by index in constant memory.
 """
 
 from .budget import parse_token_count, steps_for_tokens
-from .prepare import Prepared, cache_root, check_tokenizer_matches, encode_texts, prepare_data, read_index, validate_spec
+from .prepare import Prepared, cache_root, encode_texts, prepare_data, validate_spec
 from .readers import Piece, is_prepared_dir, iter_documents, iter_pieces, source_files
-from .store import BlockView, Split, TokenStore, permute, split_store, step_rows
+from .store import BlockView, Split, TokenStore, check_tokenizer_matches, permute, read_index, split_store, step_rows
 from .vocab import check_embedding, embedding_size, load_hf_tokenizer, parse_tokenizer_spec, separator, train_bpe_on_sample
 
 __all__ = [

@@ -31,11 +31,10 @@ import numpy as np
 from ..errors import LayerprobeError
 from ..io import ensure_writable_dir, write_json
 from .readers import BUILTIN, INDEX_NAME, fingerprint_key, is_prepared_dir, iter_pieces, parse_hf_spec, source_bytes, source_fingerprint
+from .store import FORMAT, FORMAT_VERSION, TOKENS_NAME, TokenStore, read_index
 from .vocab import SAMPLE_BYTES, embedding_size, fingerprint, load_hf_tokenizer, parse_tokenizer_spec, separator, train_bpe_on_sample
 
-FORMAT = "layerprobe-tokens"
-FORMAT_VERSION = 1
-TOKENS_NAME, PARTIAL_NAME, STATE_NAME, TOKENIZER_DIR = "tokens.bin", "tokens.bin.partial", "progress.json", "tokenizer"
+PARTIAL_NAME, STATE_NAME, TOKENIZER_DIR = "tokens.bin.partial", "progress.json", "tokenizer"
 CHUNK_BYTES = 4 << 20  # text per encode_batch call: enough pieces for every core, bounded memory
 CHARS_PER_TOKEN_LOW = 2.0  # disk estimate: English BPE gives ~4 characters per token; assume half
 
@@ -51,40 +50,6 @@ def cache_root() -> Path:
     """Where prepared data is cached: $LAYERPROBE_CACHE/tokens, else ~/.cache/layerprobe/tokens."""
     base = os.environ.get("LAYERPROBE_CACHE")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "layerprobe") / "tokens"
-
-
-def read_index(path: str | os.PathLike) -> dict:
-    p = Path(path).expanduser() / INDEX_NAME
-    try:
-        index = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LayerprobeError(f"cannot read {p}: {e}; prepare the data again with prepare-data") from None
-    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
-        raise LayerprobeError(f"{p} is not a layerprobe token index of format version {FORMAT_VERSION}; prepare the data again")
-    return index
-
-
-def check_tokenizer_matches(index: dict, tokenizer_spec: str | None, tokenizer=None, where: str = "") -> None:
-    """A prepared folder must have been made with the tokenizer asked for: name both when not."""
-    if tokenizer_spec is None and tokenizer is None:
-        return
-    have = index["tokenizer"]
-    asked = tokenizer_spec or type(tokenizer).__name__
-    if tokenizer is not None:
-        same = fingerprint(tokenizer) == have["fingerprint"]
-    else:
-        name, n = parse_tokenizer_spec(tokenizer_spec)
-        same = have["name"] == (f"bpe:{n}" if name == "bpe" else tokenizer_spec)
-        if not same and name != "bpe":
-            try:  # a folder and a hub id can name the same tokenizer: compare what they hold
-                same = fingerprint(load_hf_tokenizer(tokenizer_spec)) == have["fingerprint"]
-            except LayerprobeError:
-                same = False
-    if not same:
-        raise LayerprobeError(
-            f"the prepared data {where or ''} was made with tokenizer {have['name']!r} (fingerprint {have['fingerprint']}), "
-            f"not {asked!r}: prepare it again with --tokenizer {asked}, or ask for {have['name']!r}"
-        )
 
 
 def preparation_key(spec: str, tokenizer_spec: str, text_column: str | None, tok_fingerprint: str | None,
@@ -240,8 +205,6 @@ def prepare_data(spec: str, tokenizer: str | None = None, out: str | os.PathLike
     if kind == "prepared":
         if max_tokens is not None:
             raise LayerprobeError(f"{spec} is already prepared: --max-tokens applies to text; prepare the source again")
-        from .store import TokenStore
-
         store = TokenStore(spec, tokenizer=tokenizer)  # validates the index, the size and the tokenizer
         return Prepared(store.path, store.index, reused=True)
     tok_spec = f"bpe:{bpe_vocab}" if tok_name == "bpe" else str(tokenizer)
@@ -278,8 +241,6 @@ def _prepare_into(path: Path, key: str, spec: str, kind: str, tok_spec: str, hf_
                   text_column, max_tokens: int | None, chunk_bytes: int, progress: bool, on_status) -> Prepared:
     state_kind = _check_out(path, key)
     if state_kind == "complete":
-        from .store import TokenStore
-
         store = TokenStore(path)
         return Prepared(store.path, store.index, reused=True)
     say = on_status or (lambda msg: None)

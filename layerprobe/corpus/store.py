@@ -8,6 +8,7 @@ indices, so nothing of size n_blocks is ever materialised.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,47 @@ import numpy as np
 import torch
 
 from ..errors import LayerprobeError
-from .prepare import INDEX_NAME, TOKENS_NAME, check_tokenizer_matches, read_index
-from .vocab import embedding_size
+from .readers import INDEX_NAME
+from .vocab import embedding_size, fingerprint, load_hf_tokenizer, parse_tokenizer_spec
+
+# The files of a prepared folder, owned here (the reader); prepare.py writes them.
+FORMAT = "layerprobe-tokens"
+FORMAT_VERSION = 1
+TOKENS_NAME = "tokens.bin"
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    p = Path(path).expanduser() / INDEX_NAME
+    try:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayerprobeError(f"cannot read {p}: {e}; prepare the data again with prepare-data") from None
+    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+        raise LayerprobeError(f"{p} is not a layerprobe token index of format version {FORMAT_VERSION}; prepare the data again")
+    return index
+
+
+def check_tokenizer_matches(index: dict, tokenizer_spec: str | None, tokenizer=None, where: str = "") -> None:
+    """A prepared folder must have been made with the tokenizer asked for: name both when not."""
+    if tokenizer_spec is None and tokenizer is None:
+        return
+    have = index["tokenizer"]
+    asked = tokenizer_spec or type(tokenizer).__name__
+    if tokenizer is not None:
+        same = fingerprint(tokenizer) == have["fingerprint"]
+    else:
+        name, n = parse_tokenizer_spec(tokenizer_spec)
+        same = have["name"] == (f"bpe:{n}" if name == "bpe" else tokenizer_spec)
+        if not same and name != "bpe":
+            try:  # a folder and a hub id can name the same tokenizer: compare what they hold
+                same = fingerprint(load_hf_tokenizer(tokenizer_spec)) == have["fingerprint"]
+            except LayerprobeError:
+                same = False
+    if not same:
+        raise LayerprobeError(
+            f"the prepared data {where or ''} was made with tokenizer {have['name']!r} (fingerprint {have['fingerprint']}), "
+            f"not {asked!r}: prepare it again with --tokenizer {asked}, or ask for {have['name']!r}"
+        )
 
 
 class TokenStore:

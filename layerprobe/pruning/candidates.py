@@ -59,6 +59,19 @@ def _angular_blocks(angular: pd.DataFrame | None, steps: int) -> list[tuple[int,
     return out
 
 
+def angular_top_blocks(angular: pd.DataFrame | None, sizes: list[int], k: int) -> dict[int, list[int]]:
+    """Per block size n, the first layers of the k blocks of n layers closest in angle (ties: lower layer)."""
+    if angular is None or angular.empty:
+        raise LayerprobeError("--block-top needs the angular-distance table (angular.csv) from analyze")
+    out = {}
+    for n in sizes:
+        sub = angular[angular["n"] == n].dropna(subset=["angular_distance"])
+        if sub.empty:
+            raise LayerprobeError(f"the angular-distance table has no blocks of {n} layers; re-run analyze")
+        out[n] = [int(x) for x in sub.sort_values(["angular_distance", "layer"])["layer"].iloc[:k]]
+    return out
+
+
 def _analysis_matches(section: dict, opening: Opening) -> bool:
     """Whether saved analyze results were measured on the very tokens this sweep uses."""
     blocks = opening.blocks
@@ -100,26 +113,32 @@ def get_analysis(analysis, opening: Opening, *, samples, batch_size: int, progre
 
 
 def ranked_sets(opts: SweepOptions, opening: Opening, analysis, *, samples, batch_size: int,
-                progress: bool) -> tuple[dict[str, list[tuple[int, ...]]], str | None]:
-    """Per ranking in `opts.bys`, the sets S_1..S_steps; and where the analyze results came from."""
+                progress: bool) -> tuple[dict[str, list[tuple[int, ...]]], str | None, dict[int, list[int]] | None]:
+    """Per ranking in `opts.bys`, the sets S_1..S_steps; where the analyze results came from; with
+    `opts.block_top`, the first layers of the blocks block mode measures, per size."""
     L = opening.anatomy.num_layers
     result, source = None, None
-    if any(b != "last" for b in opts.bys):
+    if any(b != "last" for b in opts.bys) or opts.block_top is not None:
         result, source = get_analysis(analysis, opening, samples=samples, batch_size=batch_size, progress=progress)
     sets = {b: ranking_sets(b, L, opts.n_steps, result.layers if result is not None else None,
                             result.angular if result is not None else None) for b in opts.bys}
-    return sets, source
+    top = (angular_top_blocks(result.angular, opts.block_sizes, opts.block_top)
+           if opts.block_top is not None else None)
+    return sets, source, top
 
 
-def build_candidates(opts: SweepOptions, num_layers: int, ranked: dict[str, list[tuple[int, ...]]]) -> list[Candidate]:
-    """Every candidate measured in the one pass over the data (greedy ones are found later, step by step)."""
+def build_candidates(opts: SweepOptions, num_layers: int, ranked: dict[str, list[tuple[int, ...]]],
+                     top_blocks: dict[int, list[int]] | None = None) -> list[Candidate]:
+    """Every candidate measured in the one pass over the data (greedy ones are found later, step by step).
+    `top_blocks`: per block size, the only first layers block mode measures (`--block-top`)."""
     L = num_layers
     out: list[Candidate] = []
     if "layer" in opts.modes:
         out += [Candidate("layer", (l,), first_layer=l, block_size=1) for l in range(L)]
     if "block" in opts.modes:
         out += [Candidate("block", tuple(range(l, l + n)), first_layer=l, block_size=n)
-                for n in opts.block_sizes for l in range(L - n + 1)]
+                for n in opts.block_sizes
+                for l in (range(L - n + 1) if top_blocks is None else sorted(top_blocks[n]))]
     if opts.removal is not None:
         out.append(Candidate("remove", opts.removal, first_layer=opts.removal[0]))
     for b in opts.bys:

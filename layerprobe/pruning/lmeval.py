@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..anatomy import execution_device
 from ..errors import LayerprobeError, first_line
 from ..progress import make_progress
 from .surgery import parse_removed, pruned
@@ -88,7 +89,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: 
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task"):
         logging.getLogger(name).setLevel(logging.ERROR)
     names, include = resolve_tasks(tasks)
-    device = str(next(model.parameters()).device)
+    embed = model.get_input_embeddings()
+    device = str(execution_device(embed) or next(model.parameters()).device)  # not `meta` when offloaded
     try:
         with _quiet_bars():
             manager = TaskManager(include_path=include or None)

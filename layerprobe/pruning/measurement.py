@@ -1,12 +1,17 @@
 """The sweep's measurement: every candidate scored on every batch from the full model's cached layer inputs.
 
 Per batch, one full pass stores each layer's input (`PrefixRunner.capture`) and every candidate
-restarts from the input of its first removed layer. Greedy steps re-run the current pruned model
-once per batch and sweep its remaining layers the same way (SLEB-style).
+restarts from the input of its first removed layer. Greedy steps redo that full pass per batch
+(nothing is kept from batch to batch, so memory does not grow with the samples), run the current
+pruned model from its first removed layer and sweep its remaining layers the same way (SLEB-style).
+
+The sums stay on the device: `score` returns them as a tensor and they are read once per batch
+(once per greedy step), so the host never waits on the GPU per candidate or per chunk.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,17 +21,30 @@ from .measures import Sums, next_token_targets, predicted_rows, score
 from .prefix import PrefixRunner
 from .surgery import format_removed
 
-GROUP_BYTES = 512 << 20  # final hidden states of the candidates scored together, per batch
+GROUP_BYTES = 512 << 20  # final hidden states of the candidates scored together, per batch (CPU)
+GROUP_SHARE_OF_FREE = 4  # on a GPU: a quarter of the free memory, at least GROUP_BYTES when it is there
 
 
-def group_size_for(runner: PrefixRunner, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype) -> int:
-    """How many candidates' final hidden rows fit in GROUP_BYTES for one batch (at least L + 1)."""
+def group_size_for(runner: PrefixRunner, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype,
+                   budget: int | None = None) -> int:
+    """How many candidates' final hidden rows fit in the byte budget for one batch (at least 1).
+
+    Every group recomputes the full model's log-probabilities, so a group is as large as memory allows:
+    `budget` bytes, by default GROUP_BYTES, or on a GPU the larger of that and a quarter of its free
+    memory, capped by the free memory itself. When memory is short the group falls below L + 1.
+    """
     anatomy = runner.anatomy
     width = (int(anatomy.head.weight.shape[1]) if hasattr(anatomy.head, "weight")
              else int(runner.model.config.hidden_size))
     rows_per_batch = min(batch_size, blocks.shape[0]) * (blocks.shape[1] - 1)
     elem = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    return max(runner.num_layers + 1, GROUP_BYTES // max(1, rows_per_batch * width * elem))
+    if budget is None:
+        budget = GROUP_BYTES
+        device = getattr(getattr(anatomy.head, "weight", None), "device", torch.device("cpu"))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(max(GROUP_BYTES, free // GROUP_SHARE_OF_FREE), free // 2)
+    return max(1, budget // max(1, rows_per_batch * width * elem))
 
 
 class Scorer:
@@ -40,9 +58,10 @@ class Scorer:
         self.naive_layer_calls = 0  # what one full forward per candidate would have run
 
     def evaluate(self, base_inputs, base_removed: frozenset, calls, sets: list[frozenset], full_rows, targets,
-                 full_sums: Sums | None = None) -> list[Sums]:
+                 with_full: bool = False) -> torch.Tensor:
+        """[len(sets) (+1 first, the full model's, `with_full`), 3] sums on the device, not read."""
         runner = self.runner
-        out: list[Sums] = []
+        parts: list[torch.Tensor] = []
         for g in range(0, len(sets), self.group_size):
             rows = []
             for s in sets[g:g + self.group_size]:
@@ -52,83 +71,103 @@ class Scorer:
                 rows.append(runner.final_hidden(predicted_rows(y)))
                 if self.on_done:
                     self.on_done()
-            out.extend(score(runner.logits, full_rows, rows, targets, self.chunk_rows,
-                             full_sums if g == 0 else None))
+            parts.append(score(runner.logits, full_rows, rows, targets, self.chunk_rows, with_full and g == 0))
             del rows
-        if not sets and full_sums is not None:
-            score(runner.logits, full_rows, [], targets, self.chunk_rows, full_sums)
-        return out
+        if not sets:
+            parts.append(score(runner.logits, full_rows, [], targets, self.chunk_rows, with_full))
+        return torch.cat([p.to(parts[0].device) for p in parts])
 
 
 @dataclass
 class Measured:
-    """Sums per removal set over all batches, the full model's, and what greedy needs to go on."""
+    """Sums per removal set over all batches, and the full model's."""
 
     full: Sums = field(default_factory=Sums)
     by_set: dict[frozenset, Sums] = field(default_factory=lambda: defaultdict(Sums))
-    stored: list[tuple] = field(default_factory=list)  # per batch: (targets, first layer input, calls, full rows)
 
 
-def measure_sets(scorer: Scorer, batches: list[torch.Tensor], sets: list[frozenset], *, keep_for_greedy: bool,
-                 bar, task) -> Measured:
-    """One full pass per batch, then every set in `sets` from the cached inputs."""
+def measure_sets(scorer: Scorer, batches: list[torch.Tensor], sets: list[frozenset], *, bar, task,
+                 on_first_batch=None) -> Measured:
+    """One full pass per batch, then every set in `sets` from the cached inputs. `on_first_batch(seconds,
+    layer calls)` is told what the first batch cost (for the time estimate)."""
     runner = scorer.runner
     in_dev = runner.anatomy.input_device
     out = Measured()
-    for batch in batches:
+    for b, batch in enumerate(batches):
+        started, calls_before = time.perf_counter(), runner.layer_calls + runner.capture_passes * runner.num_layers
         ids = batch.to(in_dev)
         scorer.naive_layer_calls += runner.num_layers  # the full model's own pass
         with torch.inference_mode():
             cap = runner.capture(ids)
             targets = next_token_targets(ids)
             full_rows = runner.final_hidden(predicted_rows(cap.output))
-            sums = scorer.evaluate(cap.inputs, frozenset(), cap.calls, sets, full_rows, targets, full_sums=out.full)
-        for s, part in zip(sets, sums):
-            out.by_set[s].add(part)
-        if keep_for_greedy:
-            out.stored.append((targets, cap.inputs[0], cap.calls, full_rows))
+            sums = scorer.evaluate(cap.inputs, frozenset(), cap.calls, sets, full_rows, targets, with_full=True)
         del cap
+        values = sums.tolist()  # the batch's one host sync
+        tokens = int(targets.shape[0])
+        out.full.add(Sums.from_row(values[0], tokens))
+        for s, row in zip(sets, values[1:]):
+            out.by_set[s].add(Sums.from_row(row, tokens))
         if not sets:
             bar.update(task, advance=1)
         bar.update(task, info=f"full loss {out.full.loss:.3f}")
+        if b == 0 and on_first_batch is not None:
+            on_first_batch(time.perf_counter() - started,
+                           runner.layer_calls + runner.capture_passes * runner.num_layers - calls_before)
     return out
 
 
-def _greedy_step_sums(scorer: Scorer, stored, removed: frozenset, sets: list[frozenset]) -> dict[frozenset, Sums]:
-    """Sums for each set in `sets` (all extending `removed`) over every stored batch."""
+def _greedy_step_sums(scorer: Scorer, batches: list[torch.Tensor], removed: frozenset,
+                      sets: list[frozenset]) -> dict[frozenset, Sums]:
+    """Sums for each set in `sets` (all extending `removed`) over every batch, read once.
+
+    Each batch's full pass is redone here rather than kept from the first pass: the layers before the
+    first removed one are the full model's, so the pruned model starts from the input stored there."""
     runner = scorer.runner
-    step_sums = {s: Sums() for s in sets}
-    for targets, first_input, calls, full_rows in stored:
+    in_dev = runner.anatomy.input_device
+    first = min(removed)
+    total, tokens = None, 0
+    for batch in batches:
+        ids = batch.to(in_dev)
         with torch.inference_mode():
-            inputs: dict[int, torch.Tensor] = {}
-            runner.run(first_input, 0, removed, calls, record=inputs)
-            parts = scorer.evaluate(inputs, removed, calls, sets, full_rows, targets)
-        for s, part in zip(sets, parts):
-            step_sums[s].add(part)
-        del inputs
-    return step_sums
+            cap = runner.capture(ids)
+            targets = next_token_targets(ids)
+            full_rows = runner.final_hidden(predicted_rows(cap.output))
+            inputs: dict[int, torch.Tensor] = dict(enumerate(cap.inputs[:first]))
+            runner.run(cap.inputs[first], first, removed, cap.calls, record=inputs)
+            part = scorer.evaluate(inputs, removed, cap.calls, sets, full_rows, targets)
+            total = part if total is None else total.add_(part)
+        tokens += int(targets.shape[0])
+        del cap, inputs
+    values = total.tolist()  # one host sync per step
+    return {s: Sums.from_row(row, tokens) for s, row in zip(sets, values)}
 
 
-def greedy(scorer: Scorer, measured: Measured, steps: int, bar) -> list[tuple[frozenset, int, Sums]]:
+def singles(num_layers: int) -> list[frozenset]:
+    """Greedy's first step: each single layer, measured in the sweep's own pass."""
+    return [frozenset({j}) for j in range(num_layers)]
+
+
+def greedy(scorer: Scorer, first_step: dict[frozenset, Sums], batches: list[torch.Tensor], steps: int,
+           bar) -> list[tuple[frozenset, int, Sums]]:
     """SLEB-style: remove the least harmful layer, re-measure every remaining one, repeat.
 
-    Returns per step (layers removed so far, the layer added, their sums).
+    `first_step` holds every single layer's sums on `batches` (the sweep's pass measured them).
+    Returns per step (layers removed so far, the layer added, their sums on `batches`).
     """
     L = scorer.runner.num_layers
-    known, stored = measured.by_set, measured.stored
     removed: frozenset = frozenset()
     out = []
-    reuse_first = all(frozenset({j}) in known for j in range(L))  # step 1 is the layer sweep
-    total = sum((L - t + 1) for t in range(1 if not reuse_first else 2, steps + 1)) * len(stored)
+    total = sum(L - t + 1 for t in range(2, steps + 1)) * len(batches)
     task = bar.add_task("greedy removal", total=max(total, 1), info="")
     scorer.on_done = lambda: bar.update(task, advance=1)
     for t in range(1, steps + 1):
         remaining = [j for j in range(L) if j not in removed]
         sets = [removed | {j} for j in remaining]
-        if t == 1 and reuse_first:
-            step_sums = {s: known[s] for s in sets}
+        if t == 1:
+            step_sums = {s: first_step[s] for s in sets}
         else:
-            step_sums = _greedy_step_sums(scorer, stored, removed, sets)
+            step_sums = _greedy_step_sums(scorer, batches, removed, sets)
         best = min(remaining, key=lambda j: (step_sums[removed | {j}].loss, j))
         removed = removed | {best}
         out.append((removed, best, step_sums[removed]))

@@ -19,11 +19,24 @@ import torch
 
 from ..metrics import cross_entropy_rows
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 8M floats = 32 MiB in float32
+# Logits per scoring chunk. On a GPU ~1 GiB of fp32 logits (~2,000 rows at a 128k vocabulary), so the head
+# GEMM is compute-bound and the head matrix is read once per 2,000 rows, not per 65; on the CPU 32 MiB, which
+# measured faster there (caches; bench/bench_prune.py --scoring: 3.7 s vs 4.5 s of CPU at 128k).
+GPU_CHUNK_ELEMENTS = 1 << 28
+CPU_CHUNK_ELEMENTS = 1 << 23
+DEFAULT_CHUNK_ELEMENTS = CPU_CHUNK_ELEMENTS  # the budget `chunk_rows_for` takes where no device is named
+LIVE_CHUNKS = 3  # chunk-sized fp32 buffers alive at once in `score`: log p, p and one candidate's logits
 
 
-def chunk_rows_for(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    return max(1, chunk_elements // max(int(vocab), 1))
+def chunk_rows_for(vocab: int, chunk_elements: int | None = None, device: torch.device | None = None) -> int:
+    """Rows per scoring chunk: `chunk_elements` logits (default: by the device, above); on a GPU never more
+    than a quarter of its free memory holds (the chunk's live buffers, twice over)."""
+    on_gpu = device is not None and device.type == "cuda"
+    elements = chunk_elements or (GPU_CHUNK_ELEMENTS if on_gpu else CPU_CHUNK_ELEMENTS)
+    if on_gpu:
+        free, _ = torch.cuda.mem_get_info(device)
+        elements = min(elements, free // (4 * LIVE_CHUNKS * 4))
+    return max(1, elements // max(int(vocab), 1))
 
 
 @dataclass
@@ -34,6 +47,12 @@ class Sums:
     kl: float = 0.0
     top1: int = 0
     tokens: int = 0
+
+    @classmethod
+    def from_row(cls, row, tokens: int) -> "Sums":
+        """From one row (ce, kl, top1) of `score`'s result, read on the host."""
+        ce, kl, top1 = row
+        return cls(ce=ce, kl=kl, top1=int(round(top1)), tokens=tokens)
 
     def add(self, other: "Sums") -> None:
         self.ce += other.ce
@@ -73,15 +92,17 @@ def score(
     candidate_rows: list[torch.Tensor],
     targets: torch.Tensor,
     chunk_rows: int,
-    full_sums: Sums | None = None,
-) -> list[Sums]:
+    with_full: bool = False,
+) -> torch.Tensor:
     """Sums of CE, KL(full ‖ candidate) and top-1 agreement for each candidate's final hidden rows.
 
     `logits_fn` maps [rows, H] final hidden states (after the final norm) to logits;
-    `full_rows` are the full model's. `full_sums`, when given, receives the full model's CE.
+    `full_rows` are the full model's. Returns a float64 tensor [candidates, 3] (ce, kl, top1) on the
+    logits' device, never read here: the caller reads a whole batch's sums at once (one host sync).
+    With `with_full`, a first row holds the full model's (ce, 0, tokens).
     """
-    out = [Sums() for _ in candidate_rows]
     n = targets.shape[0]
+    sums = None
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         logits = logits_fn(full_rows[s:e]).float()
@@ -90,28 +111,29 @@ def score(
         tgt = targets[s:e].to(logits.device)
         lse_f = torch.logsumexp(logits, dim=-1)
         top_f = logits.argmax(dim=-1)
-        if full_sums is not None:
-            ce = cross_entropy_rows(logits, tgt, lse_f)
-            full_sums.ce += float(ce.sum(dtype=torch.float64))
-            full_sums.tokens += e - s
-            full_sums.top1 += e - s
+        parts = []
+        if with_full:
+            ce = cross_entropy_rows(logits, tgt, lse_f).sum(dtype=torch.float64)
+            parts.append(torch.stack([ce, torch.zeros_like(ce), torch.full_like(ce, e - s)]))
         logp_f = logits.sub_(lse_f[:, None])  # in place: the full logits are not needed any more
         p_f = logp_f.exp()
         del logits
-        for c, rows in enumerate(candidate_rows):
+        for rows in candidate_rows:
             z = logits_fn(rows[s:e]).float()
             if _shares_memory(z, rows):  # an identity logits_fn: never write into the caller's rows
                 z = z.clone()
             lse = torch.logsumexp(z, dim=-1)
-            ce = cross_entropy_rows(z, tgt, lse)
-            agree = z.argmax(dim=-1) == top_f
+            ce = cross_entropy_rows(z, tgt, lse).sum(dtype=torch.float64)
+            agree = (z.argmax(dim=-1) == top_f).sum(dtype=torch.float64)
             z.sub_(lse[:, None])  # log q
             torch.sub(logp_f, z, out=z)  # log p − log q
-            kl = z.mul_(p_f).sum(dim=-1)
-            acc = out[c]
-            acc.ce += float(ce.sum(dtype=torch.float64))
-            acc.kl += float(kl.sum(dtype=torch.float64))
-            acc.top1 += int(agree.sum())
-            acc.tokens += e - s
+            kl = z.mul_(p_f).sum(dim=-1).sum(dtype=torch.float64)
+            parts.append(torch.stack([ce, kl, agree]))
             del z
-    return out
+        chunk = torch.stack(parts) if parts else None
+        if chunk is not None:
+            sums = chunk if sums is None else sums.add_(chunk)
+    if sums is None:  # no rows, or no candidate and no full model
+        device = full_rows.device
+        sums = torch.zeros(len(candidate_rows) + int(with_full), 3, dtype=torch.float64, device=device)
+    return sums

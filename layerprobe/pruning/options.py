@@ -109,13 +109,16 @@ class SweepOptions:
     tasks: list[str]
     block_size: int | str | Iterable[int] | None = None
     steps: int | None = None
+    block_top: int | None = None  # block mode: only the k blocks per size closest in angle (analyze's map)
+    search_samples: int | None = None  # greedy: samples its search steps read (default: all)
     # Known once the depth is:
     removal: tuple[int, ...] | None = None
     block_sizes: list[int] = field(default_factory=list)
     n_steps: int | None = None
 
     @classmethod
-    def parse(cls, *, mode, block_size, steps, by, remove, batch_size: int, lm_eval_tasks) -> "SweepOptions":
+    def parse(cls, *, mode, block_size, steps, by, remove, batch_size: int, lm_eval_tasks, block_top=None,
+              search_samples=None) -> "SweepOptions":
         remove_list = list(remove) if remove is not None else []
         if remove is not None and not remove_list:
             raise LayerprobeError("--remove names no layer; give 0-based layer indices like 20,21,22")
@@ -125,8 +128,14 @@ class SweepOptions:
             raise LayerprobeError(f"--batch-size must be at least 1 (got {batch_size})")
         if steps is not None and steps < 1:
             raise LayerprobeError(f"--steps must be at least 1 (got {steps})")
+        if block_top is not None and (block_top < 1 or "block" not in modes):
+            raise LayerprobeError(f"--block-top must be at least 1 (got {block_top})" if block_top < 1
+                                  else "--block-top picks blocks for block mode; add --mode block")
+        if search_samples is not None and (search_samples < 1 or "greedy" not in modes):
+            raise LayerprobeError(f"--search-samples must be at least 1 (got {search_samples})" if search_samples < 1
+                                  else "--search-samples sets greedy's search; add --mode greedy")
         return cls(modes=modes, bys=bys, remove=remove_list, tasks=parse_tasks(lm_eval_tasks),
-                   block_size=block_size, steps=steps)
+                   block_size=block_size, steps=steps, block_top=block_top, search_samples=search_samples)
 
     def for_depth(self, num_layers: int) -> None:
         L = num_layers
@@ -142,4 +151,5 @@ class SweepOptions:
 
     def manifest(self) -> dict:
         return {"modes": self.modes, "block_sizes": self.block_sizes or None, "steps": self.n_steps,
+                "block_top": self.block_top, "search_samples": self.search_samples,
                 "by": self.bys or None, "rankings": {b: RANKING_HELP[b] for b in self.bys} or None}

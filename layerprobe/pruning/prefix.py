@@ -7,8 +7,10 @@ layer (position embeddings, masks, position ids), then the final norm and the he
 
 The "tail" from the last layer's output to the logits (final norm, OPT's `project_out`, the
 head, logit soft-capping or scaling) is rebuilt from the model's parts and checked against the
-model's own logits on every capture's last position, so an architecture whose tail differs
-fails loudly instead of giving wrong numbers.
+model's own logits on the first capture's last position. Where the rebuilt tail differs, the
+model's own forward runs it (`anatomy.own_path_logits`: the layers stand in, returning the
+stream) and is checked the same way; a model where neither matches fails loudly instead of
+giving wrong numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, residual_tensor, split_layer_call
+from ..anatomy import Anatomy, execution_device, one_stream, own_path_logits, residual_tensor, split_layer_call
 from ..errors import LayerprobeError
 
 
@@ -70,6 +72,8 @@ class PrefixRunner:
         self.layer_calls = 0  # layers run by `run` (not counting the capture passes)
         self.capture_passes = 0
         self._checked = False
+        self.own_tail = False  # the model's own forward computes the tail (see check_tail)
+        self._output_len: int | None = None  # elements of a layer's output (None: a tensor)
 
     # -- the full pass ----------------------------------------------------------------------
     def capture(self, input_ids: torch.Tensor, keep_inputs: bool = True) -> Capture:
@@ -82,6 +86,7 @@ class PrefixRunner:
         def pre_hook(index):
             def hook(module, args, kwargs):
                 h, rest, kw = split_layer_call(args, kwargs)
+                one_stream(h)
                 if keep_inputs or index == 0:
                     inputs[index] = h.detach().clone()
                 calls[index] = (tuple(_no_cache(a) for a in rest), {k: _no_cache(v) for k, v in kw.items()})
@@ -90,6 +95,7 @@ class PrefixRunner:
 
         def post_hook(module, args, output):
             out.append(residual_tensor(output).detach().clone())
+            self._output_len = None if isinstance(output, torch.Tensor) else len(output)
 
         handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         handles.append(self.layers[-1].register_forward_hook(post_hook))
@@ -115,9 +121,21 @@ class PrefixRunner:
         return cap
 
     def check_tail(self, cap: Capture) -> None:
-        """The rebuilt tail must give the model's own logits, or the numbers would be wrong."""
+        """The tail must give the model's own logits, or the numbers would be wrong: the rebuilt one,
+        else the model's own forward from the last layer on."""
         if cap.logits is None:
             raise LayerprobeError("the model's forward returned no logits; layerprobe needs a causal-LM head")
+        try:
+            self._compare_tail(cap)
+        except LayerprobeError as rebuilt_error:
+            self.own_tail = True
+            try:
+                self._compare_tail(cap)
+            except Exception:  # the model's own path failed too: the rebuilt tail's message says why
+                self.own_tail = False
+                raise rebuilt_error from None
+
+    def _compare_tail(self, cap: Capture) -> None:
         with torch.inference_mode():
             ours = self.logits(self.final_hidden(cap.output[:, -1:] if cap.logits_positions == "last" else cap.output))
         theirs = cap.logits.to(ours.device)
@@ -155,7 +173,10 @@ class PrefixRunner:
 
     # -- the tail -----------------------------------------------------------------------------
     def final_hidden(self, y: torch.Tensor) -> torch.Tensor:
-        """The last layer's output through the final norm (and OPT's projection)."""
+        """The last layer's output through the final norm (and OPT's projection); with the model's own
+        tail, unchanged (`logits` runs the whole path)."""
+        if self.own_tail:
+            return y
         if self.final_norm is not None:
             y = self.final_norm(y)
         if self.project_out is not None:
@@ -163,7 +184,10 @@ class PrefixRunner:
         return y
 
     def logits(self, hn: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hn.to(self.head.weight.device) if hasattr(self.head, "weight") else hn)
+        if self.own_tail:
+            return own_path_logits(self.anatomy, hn, self._output_len)
+        where = execution_device(self.head)  # not the weight's device: `meta` when the head is offloaded
+        logits = self.head(hn.to(where) if where is not None else hn)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.logit_scale is not None:

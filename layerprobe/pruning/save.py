@@ -9,6 +9,7 @@ the depth) change when re-indexed; that fails the proof and nothing is written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from ..io import check_output_dir, temp_sibling
 from ..loading import context_length, load_model, no_hf_progress_bars
 from ..opening import open_model
 from .prefix import PrefixRunner
-from .surgery import check_removal, format_removed, pruned, removal_config_changes
+from .surgery import _layers_config, check_removal, format_removed, pruned, removal_config_changes
 
 MARKER = "layerprobe_pruned.json"
 
@@ -47,6 +48,14 @@ def removal_logits(model, remove: tuple[int, ...], input_ids: torch.Tensor, laye
     with torch.inference_mode():
         y = runner.run(cap.inputs[start], start, set(remove), cap.calls)
         return runner.logits(runner.final_hidden(y))
+
+
+def saved_config_changes(folder) -> list[str]:
+    """The config keys a pruned folder's marker says were rewritten for the kept layers."""
+    try:
+        return list(json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("config_changes", {}))
+    except (OSError, ValueError):
+        return []
 
 
 def check_target(out: Path) -> None:
@@ -90,10 +99,11 @@ def save_pruned(
     tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     probe = _probe_ids(net.config).to(anatomy.input_device)
+    changes = removal_config_changes(net, remove, layers_path)
+    check_structure(net, anatomy, remove, changes)
     try:
         with torch.inference_mode():
             expected = removal_logits(net, remove, probe, layers_path) if check else None
-        changes = removal_config_changes(net, remove, layers_path)
         _write_weights(net, tokenizer, remove, layers_path, tmp)
         info = {
             "source": source,
@@ -114,15 +124,80 @@ def save_pruned(
     return out
 
 
+def _layer_shapes(layer) -> dict[str, tuple]:
+    return {name: tuple(p.shape) for name, p in layer.named_parameters()}
+
+
+def check_structure(net, anatomy, remove: tuple[int, ...], changes: dict) -> None:
+    """Refuse, before writing, a removal after which the config builds other layers than the kept ones,
+    or resizes a weight outside them.
+
+    The pruned config is built on the meta device (no memory, no weights); each of its layers must
+    have the parameters of the kept layer it stands for. A config that derives layer kinds from
+    their index (Jamba's attn_layer_period/expert_layer_period) fails here, where the reload would
+    have failed with missing weights.
+    """
+    # Through a dict, as the reload reads it: a config recomputes derived per-layer values from it
+    # (Gemma-4's shared-KV layers count from the end of the stack).
+    stored = net.config.to_dict()
+    target = stored if _layers_config(net.config) is net.config else stored.get("text_config")
+    try:
+        if not isinstance(target, dict):
+            return  # the reload check decides
+        target.update(changes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = type(net.config).from_dict(stored)
+        with torch.device("meta"), warnings.catch_warnings(), no_hf_progress_bars():
+            warnings.simplefilter("ignore")
+            small = type(net)._from_config(cfg)
+    except Exception as e:  # the config class's own checks refuse the pruned values
+        raise LayerprobeError(f"the pruned config is refused by {type(net.config).__name__}: "
+                              f"{_first_line(e)}; nothing was written") from None
+    try:
+        new_layers = find_anatomy(small, anatomy.layers_path).layers
+    except LayerprobeError:
+        return  # the reload check decides
+    prefix = anatomy.layers_path + "."
+    outside = {n: tuple(p.shape) for n, p in net.named_parameters() if not n.startswith(prefix)}
+    for name, p in small.named_parameters():
+        if not name.startswith(prefix) and name in outside and outside[name] != tuple(p.shape):
+            # Gemma-3n/4's per-layer input embeddings: one slice per layer in a weight outside the layers
+            raise LayerprobeError(
+                f"removing layers resizes {name} ({list(outside[name])} -> {list(p.shape)}), a weight outside the "
+                "layers sized by the layer count; --save-pruned cannot write this model"
+            )
+    keep = [i for i in range(anatomy.num_layers) if i not in set(remove)]
+    if len(new_layers) != len(keep):
+        raise LayerprobeError(f"the pruned config still builds {len(new_layers)} layers, not {len(keep)}: layerprobe "
+                              "does not know which key holds this model's layer count; --save-pruned cannot write it")
+    for new, old in enumerate(keep):
+        if new >= len(new_layers) or _layer_shapes(new_layers[new]) != _layer_shapes(anatomy.layers[old]):
+            keys = ", ".join(k for k in sorted(target) if any(w in k for w in ("period", "offset", "every",
+                                                                                           "interval", "step")))
+            raise LayerprobeError(
+                f"removing layer {format_removed(remove)} changes what layer {old} becomes: this config derives each "
+                f"layer's kind from its position{f' ({keys})' if keys else ''}; --save-pruned cannot write it"
+            )
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[-1] if lines and "validation error" in lines[0].lower() else (lines[0] if lines else "")
+    return f"{type(e).__name__}: {text}".rstrip(".")[:300]
+
+
 def _write_weights(net, tokenizer, remove: tuple[int, ...], layers_path: str | None, tmp: Path) -> None:
     """save_pretrained of the model without `remove` (and its tokenizer) into `tmp`."""
-    with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), no_hf_progress_bars(), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    try:
+        with pruned(net, remove, layers_path) as small, _dequantized_gguf(small), no_hf_progress_bars(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             small.save_pretrained(tmp)
-        except ValueError as e:  # e.g. a quantization that transformers cannot write
-            raise LayerprobeError(f"the pruned model could not be saved: {str(e).splitlines()[0]}") from None
+    except LayerprobeError:
+        raise
+    except Exception as e:  # e.g. a quantization that transformers cannot write, a config check
+        raise LayerprobeError(f"the pruned model could not be saved: {_first_line(e)}") from None
     if tokenizer is not None:
         try:
             tokenizer.save_pretrained(tmp)
@@ -164,16 +239,29 @@ def _dequantized_gguf(model):
 
 
 def _prove(folder: Path, expected: torch.Tensor, probe: torch.Tensor, net) -> dict:
+    """Reload the saved folder and compare its logits on the probe with `expected`.
+
+    The original is still resident, and a pruned 70B is most of a GPU: so the reload keeps every weight on
+    disk (read lazily from the safetensors just written, one module at a time, through accelerate) and
+    computes on the CPU. Neither the GPU nor host memory holds a second copy; the cost is one CPU pass
+    over the probe's 32 tokens. Without accelerate the reload is an ordinary one onto the CPU.
+    """
     dtype = next(net.parameters()).dtype
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "auto")
-    dev = expected.device.type
+    lazy = importlib.util.find_spec("accelerate") is not None
     try:
-        reloaded = load_model(str(folder), dtype=dtype_name, device=dev, load_tokenizer=False).model
+        reloaded = load_model(str(folder), dtype=dtype_name, device="cpu", device_map={"": "disk"} if lazy else None,
+                              load_tokenizer=False).model
     except LayerprobeError as e:
         raise LayerprobeError(f"the pruned model does not reload: {e}") from None
-    with torch.inference_mode():
-        got = reloaded(input_ids=probe.to(reloaded.device), use_cache=False).logits
-    got, exp = got.float().to(expected.device), expected.float()
+    except Exception as e:  # transformers' own checks of the saved config or weights
+        raise LayerprobeError(f"the pruned model does not reload: {_first_line(e)}; nothing was written") from None
+    try:
+        with torch.inference_mode():
+            got = reloaded(input_ids=probe.cpu(), use_cache=False).logits
+    except Exception as e:
+        raise LayerprobeError(f"the reloaded pruned model does not run: {_first_line(e)}; nothing was written") from None
+    got, exp = got.float(), expected.float().cpu()
     scale = float(exp.abs().max().clamp_min(1e-6))
     err = float((got - exp).abs().max()) / scale
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -183,4 +271,5 @@ def _prove(folder: Path, expected: torch.Tensor, probe: torch.Tensor, net) -> di
             f"the saved pruned model does not compute what the removal measures (relative logit difference "
             f"{err:.2e}): its layers depend on their index or depth; nothing was written"
         )
-    return {"probe_shape": list(probe.shape), "max_relative_logit_difference": err, "tolerance": tol}
+    return {"probe_shape": list(probe.shape), "max_relative_logit_difference": err, "tolerance": tol,
+            "reloaded": "on cpu, weights read from disk module by module" if lazy else "on cpu"}

@@ -2,9 +2,13 @@
 
 `pruned(model, remove)` does it in place for the duration of a `with` block (no copy of the
 weights) and puts everything back afterwards; `pruned_copy` returns a pruned deep copy.
-The config changes: the layer count (`num_hidden_layers`, `n_layer`, `num_layers` ... whichever
-the config has), every per-layer list (`layer_types` and any list with one entry per layer),
-GPT-Neo's compressed `attention_types`, and a Mix-LN prefix length (`post_ln_layers`).
+The config changes: the layer count (`num_hidden_layers`, `n_layer`, `num_layers`, a decoder's
+`decoder_layers` ... whichever the config has), every per-layer list (`layer_types`, hybrids'
+`layers_block_type`, `no_rope_layers` and any list with one entry per layer), every list of layer
+indices (INDEX_LISTS: `mlp_only_layers`, `moe_layers`, ...), GPT-Neo's compressed
+`attention_types`, and a Mix-LN prefix length (`post_ln_layers`). Configs that derive a layer's kind
+from its index by a rule (Jamba's `attn_layer_period`) cannot say it for a shorter stack:
+`save.check_structure` refuses those before anything is written.
 Each kept layer's `layer_idx` (and that of its attention module) becomes its new position,
 which is also its KV-cache slot.
 """
@@ -20,8 +24,14 @@ from torch import nn
 from ..anatomy import LAYER_COUNT_KEYS, find_anatomy
 from ..errors import LayerprobeError
 
-# Config lists indexed by layer whose entries are layer indices, not per-layer values.
-INDEX_LISTS = ("mlp_only_layers",)
+# Config lists whose entries are layer indices, not per-layer values: kept indices are renumbered,
+# removed ones dropped (Qwen-MoE's mlp_only_layers, Llama-4's moe_layers, hybrids' attention indices).
+INDEX_LISTS = ("mlp_only_layers", "moe_layers", "index_layers", "full_attn_idxs", "attn_layer_indices",
+               "local_layer_ids", "ple_layer_ids", "rope_scaling_layers", "cross_attention_layers")
+# Patterns repeated over the depth (Recurrent-Gemma's block_types cycles): written out for the kept layers.
+CYCLIC_PATTERNS = ("block_types",)
+# Layer counts besides LAYER_COUNT_KEYS (a decoder-only model of an encoder-decoder family: BART, Whisper).
+EXTRA_COUNT_KEYS = ("decoder_layers", "num_blocks")  # xLSTM counts blocks
 # Lists that may happen to have one entry per layer but are not per-layer settings.
 NOT_PER_LAYER = ("architectures",)
 
@@ -90,6 +100,9 @@ def config_changes(config, keep: list[int], num_layers: int) -> dict[str, object
     for key in LAYER_COUNT_KEYS:
         if isinstance(stored.get(key), int):
             changes[key] = len(keep)
+    for key in EXTRA_COUNT_KEYS:
+        if stored.get(key) == num_layers:
+            changes[key] = len(keep)
     if not changes:  # the count lives under an alias (attribute_map)
         for key in LAYER_COUNT_KEYS:
             if isinstance(getattr(cfg, key, None), int):
@@ -103,6 +116,11 @@ def config_changes(config, keep: list[int], num_layers: int) -> dict[str, object
             changes[key] = [new_index[i] for i in value if i in new_index]
         elif isinstance(value, (list, tuple)) and len(value) == num_layers and num_layers > 1:
             changes[key] = [value[i] for i in keep]
+        elif key in CYCLIC_PATTERNS and isinstance(value, (list, tuple)) and 0 < len(value) < num_layers:
+            changes[key] = [value[i % len(value)] for i in keep]
+        elif isinstance(value, dict) and "layer" in key and _layer_keyed(value, num_layers):
+            # Gemma-4's per_layer_config: overrides keyed by layer index (JSON makes the keys strings)
+            changes[key] = {new_index[int(k)]: v for k, v in value.items() if int(k) in new_index}
     if getattr(cfg, "model_type", "") == "gpt_neo" and isinstance(stored.get("attention_types"), list):
         expanded = list(getattr(cfg, "attention_layers", []))
         if len(expanded) == num_layers:
@@ -113,6 +131,11 @@ def config_changes(config, keep: list[int], num_layers: int) -> dict[str, object
     if isinstance(k, int):  # Mix-LN: the Post-LN blocks are a prefix; removing some shortens it
         changes["post_ln_layers"] = sum(1 for i in keep if i < k)
     return changes
+
+
+def _layer_keyed(value: dict, num_layers: int) -> bool:
+    keys = [k for k in value if isinstance(k, int) or (isinstance(k, str) and k.isdigit())]
+    return bool(value) and len(keys) == len(value) and all(0 <= int(k) < num_layers for k in keys)
 
 
 def _apply(model: nn.Module, remove: tuple[int, ...], layers_path: str | None):

@@ -16,13 +16,14 @@ import torch
 from ..defaults import check_measure_options
 from ..loading import LoadedModel
 from ..opening import Opening, open_model
-from ..progress import make_progress
+from ..progress import make_progress, note
 from ..results import SWEEP_SECTION, SweepResult
 from .candidates import Candidate, build_candidates, ranked_sets, ranking_sets
 from .lmeval import add_lm_eval_columns, check_lm_eval
-from .measurement import Scorer, greedy, group_size_for, measure_sets
-from .measures import DEFAULT_CHUNK_ELEMENTS, chunk_rows_for
+from .measurement import Scorer, greedy, group_size_for, measure_sets, singles
+from .measures import chunk_rows_for
 from .options import MODES, RANKING_HELP, RANKINGS, SweepOptions, parse_block_sizes, parse_by, parse_modes, resolve_steps
+from .plan import Plan, check_layer_call_limit, estimate_seconds
 from .prefix import PrefixRunner
 from .table import COLUMNS, candidate_row, full_row, summarize, sweep_table
 
@@ -33,27 +34,61 @@ __all__ = ["prune_sweep", "SweepResult", "ranking_sets", "parse_modes", "parse_b
 
 
 def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], *, batch_size: int,
-             chunk_rows: int, progress: bool) -> tuple[list[dict], Scorer, int, float]:
+             chunk_rows: int, plan: Plan, say, progress: bool) -> tuple[list[dict], Scorer, int, float]:
     """Rows for the full model, every candidate and the greedy steps; the scorer (its layer-call
     counts); the tokens scored; the seconds spent."""
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
+    L = anatomy.num_layers
     unique_sets = list(dict.fromkeys(frozenset(c.removed) for c in candidates))
     runner = PrefixRunner(net, anatomy)
     batches = list(torch.split(blocks, batch_size))
+    search_apart = opts.greedy and opts.search_samples is not None and opts.search_samples < blocks.shape[0]
     started = time.perf_counter()
+
+    def estimate(seconds: float, calls: int) -> None:
+        plan.estimated_s = estimate_seconds(plan, seconds, calls)
+        say(f"first batch: {seconds:.1f} s for {calls:,} layer calls; the sweep should take about "
+            f"{_duration(plan.estimated_s)}")
+
     with make_progress(progress) as bar:
+        scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype))
+        found = []
+        if search_apart:  # greedy searches on the first samples; the sets it finds join the sweep's pass
+            search = list(torch.split(blocks[:opts.search_samples], batch_size))
+            task = bar.add_task("greedy search: each layer", total=len(search) * L, info="")
+            scorer.on_done = lambda: bar.update(task, advance=1)
+            first = measure_sets(scorer, search, singles(L), bar=bar, task=task, on_first_batch=estimate)
+            found = greedy(scorer, first.by_set, search, opts.n_steps, bar)
+            unique_sets += [s for s, _, _ in found if s not in unique_sets]
+        elif opts.greedy:  # greedy's first step is the layer sweep: measured in the same pass
+            unique_sets += [s for s in singles(L) if s not in unique_sets]
         task = bar.add_task("removing layers", total=len(batches) * max(1, len(unique_sets)), info="")
-        scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype),
-                        on_done=lambda: bar.update(task, advance=1))
-        measured = measure_sets(scorer, batches, unique_sets, keep_for_greedy=opts.greedy, bar=bar, task=task)
+        scorer.on_done = lambda: bar.update(task, advance=1)
+        measured = measure_sets(scorer, batches, unique_sets, bar=bar, task=task,
+                                on_first_batch=None if search_apart else estimate)
         full_loss = measured.full.loss
         rows = [full_row(measured.full)]
         rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss) for c in candidates]
-        if opts.greedy:
-            for t, (removed, added, sums) in enumerate(greedy(scorer, measured, opts.n_steps, bar), 1):
-                c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
-                rows.append(candidate_row(c, sums, full_loss))
+        if opts.greedy and not search_apart:
+            found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar)
+        for t, (removed, added, sums) in enumerate(found, 1):
+            c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
+            # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
+            rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss))
     return rows, scorer, measured.full.tokens, time.perf_counter() - started
+
+
+def _head_device(anatomy) -> torch.device:
+    weight = getattr(anatomy.head, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def prune_sweep(
@@ -73,13 +108,20 @@ def prune_sweep(
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    attn_implementation: str | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     analysis=None,
     lm_eval_tasks: str | Iterable[str] | None = None,
     lm_eval_limit: int | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
+    block_top: int | None = None,
+    search_samples: int | None = None,
+    yes: bool = False,
+    max_layer_calls: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Remove layers of a causal LM and measure each removal against the full model on the same tokens.
@@ -92,38 +134,55 @@ def prune_sweep(
     candidate of your own (mode "remove"); with `remove` and no `mode`, only it is measured.
     `analysis`: an AnalysisResult or a folder with analyze results for the rankings; when it does
     not match these tokens, analyze runs (without gradients) on them.
+    `block_top` k: block mode measures only the k blocks of each size closest in angle by analyze's
+    angular map (O(k·L²) layer calls instead of O(L³)). `search_samples`: greedy chooses its layers on
+    the first that many samples, then its sets are measured on all of them.
+    Cost: the planned layer calls are printed before the sweep (`pruning.plan`), the estimated time after
+    the first batch; above `max_layer_calls` (default `plan.LAYER_CALLS_NEEDING_YES`) the sweep is
+    refused unless `yes`.
     Returns a SweepResult: `.table` has one row per candidate (columns mode, removed, loss,
     delta_loss, perplexity, kl, top1_agreement, ...), the full model's row first. `result.save(folder)`
     writes the data; `layerprobe.report.render_sweep(result, folder)` draws the figures and index.html.
     """
     opts = SweepOptions.parse(mode=mode, block_size=block_size, steps=steps, by=by, remove=remove,
-                              batch_size=batch_size, lm_eval_tasks=lm_eval_tasks)
+                              batch_size=batch_size, lm_eval_tasks=lm_eval_tasks, block_top=block_top,
+                              search_samples=search_samples)
+    check_layer_call_limit(max_layer_calls)
     if opts.tasks:
         check_lm_eval()
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, dtype=dtype,
-                          device=device, device_map=device_map)  # before the model loads
+                          device=device, device_map=device_map, max_memory=max_memory,
+                          attn_implementation=attn_implementation)  # before the model loads
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                         max_memory=max_memory, attn_implementation=attn_implementation,
+                         offload_folder=offload_folder,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.model.eval()
     anatomy = opening.anatomy
     opts.for_depth(anatomy.num_layers)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
+    n_samples = int(opening.blocks.shape[0])
+    # The bound from the options, before analyze runs for the rankings.
+    Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size).check(yes=yes, max_layer_calls=max_layer_calls)
     # Rankings first: analyze (if it has to run) shows its own progress.
-    ranked, ranking_source = ranked_sets(opts, opening, analysis, samples=samples, batch_size=batch_size,
-                                         progress=progress)
-    candidates = build_candidates(opts, anatomy.num_layers, ranked)
-    chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements)
+    ranked, ranking_source, top_blocks = ranked_sets(opts, opening, analysis, samples=samples,
+                                                     batch_size=batch_size, progress=progress)
+    candidates = build_candidates(opts, anatomy.num_layers, ranked, top_blocks)
+    plan = Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size, candidates=candidates)
+    note(plan.describe(), progress)
+    chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements, device=_head_device(anatomy))
     rows, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
-                                     progress=progress)
+                                               plan=plan, say=lambda line: note(line, progress), progress=progress)
     table = sweep_table(rows)
     if opts.tasks:
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
                                     batch_size, layers_path, progress)
     runner, L = scorer.runner, anatomy.num_layers
     summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens)
-    summary.update({"layer_calls": runner.layer_calls + runner.capture_passes * L,
-                    "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3)})
+    summary.update({"layer_calls": runner.layer_calls + runner.capture_passes * L, "planned_layer_calls": plan.total,
+                    "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3),
+                    "estimated_time_s": None if plan.estimated_s is None else round(plan.estimated_s, 3)})
     manifest = opening.manifest(
         batch_size=batch_size, **opts.manifest(), ranking_source=ranking_source,
         remove=list(opts.removal) if opts.removal else None, chunk_rows=chunk_rows,

@@ -95,7 +95,7 @@ class LayerprobeConfig(PretrainedConfig):
     """
 
     model_type = "layerprobe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 512

@@ -47,6 +47,8 @@ blocks have no `attn_norm`, and their q/k/v norms live inside `self_attn`).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import torch
@@ -59,6 +61,20 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import LayerprobeConfig
+
+# transformers 5.25 renamed the KV cache from `past_key_values` to `cache` (in `generate`, the mask helpers and the
+# output classes; the old name warns and goes in 5.40). The model accepts both names and talks to transformers in the
+# name the installed version uses, so generation is right, and silent, on every version pyproject.toml admits.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+    else "past_key_values"
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache given under either name (a caller that passes both must mean one object)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("give the KV cache as `cache` or `past_key_values`, not two different ones")
+    return cache if cache is not None else past_key_values
 
 
 class RMSNorm(nn.Module):
@@ -176,8 +192,7 @@ class LayerprobeAttention(nn.Module):
             self.k_norm = make_norm(config, "qkv", self.head_dim)
             self.v_norm = make_norm(config, "qkv", self.head_dim)
 
-    def forward(self, x, position_embeddings, attention_mask=None, past_key_values: Cache | None = None,
-                layer_idx: int = 0):
+    def forward(self, x, position_embeddings, attention_mask=None, cache: Cache | None = None, layer_idx: int = 0):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -185,8 +200,8 @@ class LayerprobeAttention(nn.Module):
         if hasattr(self, "q_norm"):  # before RoPE and the cache, as HybridNorm's OLMoBlock.attention
             q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         q, k = apply_rotary(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
         # No mask means "plain causal": SDPA's is_causal path. A single query attends to the whole cache.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and t > 1,
@@ -242,14 +257,15 @@ class LayerprobeDecoderLayer(nn.Module):
             return norm(self.residual_scale * x + fn(x))
         return x + out_norm(fn(norm(x)))  # sandwich
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache: Cache | None = None,
                 past_key_values: Cache | None = None, **kwargs):
+        cache = _one_cache(cache, past_key_values)
         if position_embeddings is None:  # a layer called on its own: positions 0..t-1
             pos = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
             position_embeddings = rope_tables(hidden_states, pos, self.self_attn.head_dim, self.rope_theta)
 
         def attn(h):
-            return self.self_attn(h, position_embeddings, attention_mask, past_key_values, self.layer_idx)
+            return self.self_attn(h, position_embeddings, attention_mask, cache, self.layer_idx)
 
         if self.placement == "hybrid":
             # HybridNorm: QKV-norm is inside self_attn; the FFN's skip starts after its norm (see the docstring).
@@ -265,7 +281,7 @@ class LayerprobePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["LayerprobeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _can_compile_fullgraph = True
 
@@ -319,8 +335,9 @@ class LayerprobeModel(LayerprobePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -328,19 +345,19 @@ class LayerprobeModel(LayerprobePreTrainedModel):
         if self.embed_scale is not None:  # part of the model, like Gemma's √d: applied to given embeddings too
             inputs_embeds = self.embed_scale(inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
         if position_ids is None:
-            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            start = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
 
-        if attention_mask is None and past_key_values is None:
+        if attention_mask is None and cache is None:
             mask = None  # training and scoring: SDPA's causal kernel, no mask tensor
         else:
             mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      past_key_values=past_key_values, position_ids=position_ids)
+                                      position_ids=position_ids, **{_MASK_CACHE_KW: cache})
 
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
@@ -348,12 +365,11 @@ class LayerprobeModel(LayerprobePreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask,
-                           past_key_values=past_key_values)
+            hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values,
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_OUTPUT_CACHE_FIELD: cache},
                                        hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
@@ -378,11 +394,11 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, logits_to_keep: int = 0,
+                past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -394,8 +410,8 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
             # (not the logits) avoids copying a [batch, seq, vocab] tensor.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)})
 
 
 __all__ = ["LayerprobeForCausalLM", "LayerprobeModel", "LayerprobePreTrainedModel", "LayerprobeDecoderLayer",

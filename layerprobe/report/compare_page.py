@@ -11,23 +11,36 @@ from .._version import __version__
 from ..comparison import HEADLINE_DEFINITIONS, paper_checks
 from ..results import package_versions
 from .compare_figures import styles
-from .compare_table import HEADLINE_COLUMNS, fmt, visible_columns
+from .compare_table import HEADLINE_COLUMNS, cell, table_frame, visible_columns
 from .depth_findings import depth_findings
 from .html import esc, img_tag, page
 
-def _headline_html(comp, styles) -> str:
-    df = comp.headline
+def _colours(comp, styles) -> dict[str, str]:
+    """Swatch colour of each model label and of each seed group (its first run's)."""
+    out = {m.label: styles[m.label]["color"] for m in comp.models}
+    for m in comp.models:
+        out.setdefault(m.seed_group, styles[m.label]["color"])
+    return out
+
+
+def _headline_html(comp, styles, df=None) -> str:
+    """The headline table: `df` (default: one row per model, or per seed group when a scheme has several seeds)."""
+    df = table_frame(comp) if df is None else df
+    colours = _colours(comp, styles)
     cols = visible_columns(df)
     head = "".join(f'<th class="t">{esc(h)}</th>' if f is None else f"<th>{esc(h)}</th>" for _, h, f in cols)
     body = []
     for _, row in df.iterrows():
         cells = []
         for c, _, f in cols:
-            text = esc(fmt(row[c], f))
+            text = esc(cell(row, c, f))
             if c == "model":
-                color = styles[row["model"]]["color"]
+                color = colours.get(row["model"], "#777")
                 text = f'<span class="swatch" style="background:{color}"></span>{text}'
-            elif c in ("removable_layers", "removable_relative") and pd.notna(row[c]) and pd.notna(row["layers"]):
+            elif c == "seeds" and pd.notna(row.get("seed_list")) and str(row.get("seed_list")):
+                text += f' <span class="muted">({esc(str(row["seed_list"]).replace(" ", ", "))})</span>'
+            elif (c in ("removable_layers", "removable_relative") and pd.notna(row[c]) and pd.notna(row["layers"])
+                  and "removable_which" in row):
                 listed = row.get("removable_which" if c == "removable_layers" else "removable_relative_which")
                 which = [int(x) for x in str(listed if pd.notna(listed) else "").split()]
                 rest = [ell for ell in range(int(row["layers"])) if ell not in which]
@@ -44,7 +57,7 @@ def _headline_html(comp, styles) -> str:
 
 def _definitions_html(comp) -> str:
     items = []
-    shown = {c for c, _, _ in visible_columns(comp.headline)}
+    shown = {c for c, _, _ in visible_columns(table_frame(comp))}
     names = {c: h for c, h, _, _, _ in HEADLINE_COLUMNS}
     for key, text in HEADLINE_DEFINITIONS.items():
         if key in shown:
@@ -56,7 +69,7 @@ def _definitions_html(comp) -> str:
 
 def findings(comp) -> list[str]:
     """Plain sentences read off the headline numbers: each lists every model, ordered, nothing more."""
-    df = comp.headline
+    df = table_frame(comp)  # per seed group (means ± sd) when a scheme has several seeds
     out = []
 
     def ranked(col, fmt, descending=False, prefix=""):
@@ -64,7 +77,7 @@ def findings(comp) -> list[str]:
         if len(d) < 2:
             return None
         d = d.sort_values(col, ascending=not descending)
-        return ", ".join(f"{r['model']} {prefix}{format(r[col], fmt)}" for _, r in d.iterrows())
+        return ", ".join(f"{r['model']} {prefix}{cell(r, col, fmt)}" for _, r in d.iterrows())
 
     text = ranked("perplexity", ".2f")
     if text:
@@ -84,7 +97,10 @@ def findings(comp) -> list[str]:
                    "(under 50%: the deep layers matter less than the early ones).")
     if "removable_layers" in df and df["removable_layers"].notna().sum() >= 1:
         d = df.dropna(subset=["removable_layers"])
-        parts = [f"{r['model']} {int(r['removable_layers'])}/{int(r['layers'])}" for _, r in d.iterrows()]
+        parts = []
+        for _, r in d.iterrows():
+            count = cell(r, "removable_layers", "d")
+            parts.append(f"{r['model']} {count}{' of ' if '±' in count else '/'}{int(r['layers'])}")
         out.append(f"Layers whose removal alone costs less than {comp.threshold:g} nats: " + ", ".join(parts) +
                    " (an absolute threshold: it depends on the models' scale).")
     out += depth_findings([(m.label, m.analysis.layers if m.analysis is not None else None) for m in comp.models])
@@ -166,7 +182,10 @@ def render_html(comp, out: Path, title: str) -> str:
                 f"layerprobe {esc(__version__)} · torch {esc(versions.get('torch', '?'))} · "
                 f"transformers {esc(versions.get('transformers', '?'))}")
     parts = ["<h2>At a glance</h2>", _headline_html(comp, model_styles)]
-    facts = findings(comp)
+    if comp.seeded:
+        parts.append("<details><summary>Every run (one row per seed)</summary>" +
+                     _headline_html(comp, model_styles, comp.headline) + "</details>")
+    facts = list(comp.notes) + findings(comp)
     specs = {(m.analysis.manifest.get("data"), m.analysis.manifest.get("seq_len"), m.analysis.manifest.get("samples"))
              for m in comp.models if m.analysis is not None}
     if len(specs) > 1:
@@ -176,8 +195,12 @@ def render_html(comp, out: Path, title: str) -> str:
         parts.append('<ul class="findings">' + "".join(f"<li>{esc(s)}</li>" for s in facts) + "</ul>")
     checks = paper_checks(comp.headline)
     if checks:
+        rule = ("<p class=\"muted\">A claim is reproduced when it holds for every combination of the schemes' "
+                "seeds (every seed of one beats every seed of the other: their min–max ranges do not overlap), not "
+                "reproduced when it holds for none, and not decided otherwise. On one seed per scheme it rests on "
+                "one training run each; <code>train-reference --seeds N</code> trains more.</p>")
         parts.append("<h3>Where these models reproduce the papers</h3><ul class=\"findings\">" +
-                     "".join(f"<li>{esc(c['sentence'])}</li>" for c in checks) + "</ul>")
+                     "".join(f"<li>{esc(c['sentence'])}</li>" for c in checks) + "</ul>" + rule)
     parts.append("<details open><summary>How each number is defined</summary>" + _definitions_html(comp) + "</details>")
     x_note = ("<p class=\"muted\">The models have different depths, so the x axis is the normalised depth "
               "ℓ/(L−1).</p>" if comp.depth == "normalised" else "")

@@ -1,6 +1,7 @@
 """The headline table of a comparison: which columns say something, how values print, the terminal table.
 
-The terminal table never cuts a number or a name: when the models do not fit side by side in the
+With several seeds of a scheme (train-reference --seeds) the table has one row per seed group, each number
+the mean ± standard deviation over its runs. The terminal table never cuts a number or a name: when the models do not fit side by side in the
 terminal's width (80 columns when piped), it turns so that each model is a column and each quantity a row.
 """
 
@@ -21,6 +22,7 @@ HEADLINE_COLUMNS = [
     ("model", "model", "model", None, False),
     ("norm_scheme", "norm scheme", "norm", None, False),
     ("layers", "layers", "L", "d", False),
+    ("seeds", "seeds", "seeds", "d", False),  # only in the per-scheme table, when a scheme has several seeds
     ("perplexity", "perplexity", "ppl", ".2f", False),
     ("final_eval_perplexity", "held-out ppl at the end of training", "train ppl", ".2f", False),
     ("deep_half_share", "deep-half share of removal cost", "deep½ cost", ".0%", False),
@@ -32,6 +34,7 @@ HEADLINE_COLUMNS = [
 ]
 
 NOTES = {  # the terminal table's caption, for the columns it shows
+    "seeds": "seeds: training runs per scheme, differing only in their seed; a ± b: their mean ± standard deviation",
     "perplexity": "ppl: on the analysed data",
     "final_eval_perplexity": "train ppl: held-out, at the end of training",
     "deep_half_share": "deep½ cost: share of the single-layer removal cost on the deeper half",
@@ -55,6 +58,32 @@ def fmt(v, spec) -> str:
     return str(v)
 
 
+def table_frame(comp) -> pd.DataFrame:
+    """What the headline tables show: one row per model, or, when a scheme was trained on several seeds, one
+    row per seed group with each number its mean (`Comparison.seeds`)."""
+    return comp.seeds if comp.seeded else comp.headline
+
+
+def _number(v) -> float | None:
+    return None if v is None or v is pd.NA or not math.isfinite(float(v)) else float(v)
+
+
+def cell(row, col: str, spec) -> str:
+    """A value of `table_frame` as text: a seed group's mean ± its standard deviation when it has several runs
+    (counts then with one decimal), "(n=2)" after it when fewer of its runs than all have the number; else the
+    value as `fmt` prints it."""
+    sd = _number(row.get(f"{col}_sd")) if hasattr(row, "get") else None
+    n, runs = (_number(row.get(f"{col}_n")), _number(row.get("seeds"))) if hasattr(row, "get") else (None, None)
+    if sd is None:
+        text = fmt(row[col], spec)
+    else:
+        spec = ".1f" if spec == "d" else spec
+        text = f"{fmt(row[col], spec)} ± {fmt(sd, spec)}"
+    if n is not None and runs is not None and 0 < n < runs:
+        text += f" (n={int(n)})"
+    return text
+
+
 def _repeats(df: pd.DataFrame, col: str, other: str) -> bool:
     if col not in df or other not in df:
         return False
@@ -75,25 +104,25 @@ def visible_columns(df: pd.DataFrame, terminal: bool = False):
             not (terminal and c == "norm_scheme" and _repeats(df, c, "model"))]
 
 
-def _wide(comp, cols, title: str) -> Table:
+def _wide(df, cols, title: str) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for c, header, _ in cols:
         numeric = c not in ("model", "norm_scheme")
         t.add_column(header, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
-    for _, row in comp.headline.iterrows():
-        t.add_row(*[fmt(row[c], f) for c, _, f in cols])
+    for _, row in df.iterrows():
+        t.add_row(*[cell(row, c, f) for c, _, f in cols])
     return t
 
 
-def _tall(comp, cols, title: str) -> Table:
+def _tall(df, cols, title: str) -> Table:
     """One column per model, one row per quantity."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("", justify="left", overflow="fold")
-    for label in comp.headline["model"]:
+    for label in df["model"]:
         t.add_column(str(label), justify="right", overflow="fold")
     for c, header, f in cols:
         if c != "model":
-            t.add_row(header, *[fmt(v, f) for v in comp.headline[c]])
+            t.add_row(header, *[cell(row, c, f) for _, row in df.iterrows()])
     return t
 
 
@@ -106,14 +135,17 @@ def headline_table(comp, width: int | None = None):
     """The headline numbers for the terminal, side by side when they fit in `width` (default: the terminal's),
     else one column per model; a caption says what each column is."""
     width = width or Console().width
-    cols = visible_columns(comp.headline, terminal=True)
+    df = table_frame(comp)
+    cols = visible_columns(df, terminal=True)
     title = f"comparison of {len(comp.models)} model(s)"
-    table = _wide(comp, cols, title)
+    if comp.seeded:
+        title += f" in {len(df)} seed groups"
+    table = _wide(df, cols, title)
     if not _fits(table, width):
-        table = _tall(comp, cols, title)
+        table = _tall(df, cols, title)
     shown = {c for c, _, _ in cols}
     caption = [text for c, text in NOTES.items() if c in shown]
-    if "removable_layers" in comp.headline and comp.headline["removable_layers"].notna().any():
-        counts = ", ".join(f"{m} {fmt(v, 'd')}" for m, v in zip(comp.headline["model"], comp.headline["removable_layers"]))
+    if "removable_layers" in df and df["removable_layers"].notna().any():
+        counts = ", ".join(f"{row['model']} {cell(row, 'removable_layers', 'd')}" for _, row in df.iterrows())
         caption.append(f"removable at an absolute < {comp.threshold:g} nats: {counts}")
     return Group(table, Text("\n".join(caption), style="dim"))

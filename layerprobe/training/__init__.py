@@ -2,6 +2,7 @@
 
     from layerprobe.training import train_reference
     summary = train_reference(norm="pre,post,mix,lns", preset="tiny", steps=200, out="runs")
+    summary = train_reference(norm="pre,lns", seeds=3, out="runs")  # runs/pre-seed0 … runs/lns-seed2
 
 Modules, in the order a run uses them: settings (TrainSettings -> validated Plan, with --recipe and
 --tokens resolved), recipes (the papers' settings as data), data (the data prepared once into a token

@@ -153,20 +153,13 @@ def _npy(path: str, seq_len: int, vocab_size: int | None) -> np.ndarray:
 
 
 def _prepare(spec: str, tokenizer: str | None, *, text_column, env, progress, say, max_tokens=None) -> TokenStore:
-    """Prepare `spec` once (the first process; the others then find it complete) and open it."""
-    from .distributed import main_first
-
-    def run(show: bool):
-        return prepare_data(spec, tokenizer, text_column=text_column, max_tokens=max_tokens, progress=show,
-                            on_status=say if show else None)
-
-    if env is None:
-        prepared = run(progress)
-    else:  # the main process prepares; the others then find the folder complete (or raise its error)
-        prepared = main_first(env, lambda: run(progress))
-        if not env.is_main:
-            prepared = run(False)
-    if say and not prepared.reused and (env is None or env.is_main):
+    """Prepare `spec` once and open it. Every process calls `prepare_data`, which works behind a file lock:
+    the first to take it prepares, the others wait on the lock (not in a collective, whose timeout a long
+    tokenization would outlast) and then find the folder complete, or prepare it themselves if that one failed."""
+    main = env is None or env.is_main
+    prepared = prepare_data(spec, tokenizer, text_column=text_column, max_tokens=max_tokens,
+                            progress=progress and main, on_status=say if main else None)
+    if say and not prepared.reused and main:
         capped = " (read only as far as this run needs)" if prepared.index["source"].get("capped") else ""
         say(f"prepared {spec} into {prepared.path} ({prepared.index['tokens']:,} tokens){capped}")
     return TokenStore(prepared.path)

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import LayerprobeError, first_line
+
+# How long a process may wait in a collective for the others. The phases where one process works while the
+# others wait are writing a checkpoint on the main process (a gathered 1b model + Adam: ~16 GB, ~10-20 s) and
+# evaluation; data preparation (which may take an hour) waits on a file lock, outside any collective.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass
@@ -54,7 +60,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

@@ -96,11 +96,12 @@ def gradient_norms(model, env: DistEnv, *, sharded: bool, per_layer: bool) -> tu
     """
     core = unwrap(model)
 
+    # Each parameter's gradient once (a shard's local tensor under FSDP), shared by the total and its layer.
+    local = {id(p): (SimpleNamespace(grad=p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+                     if sharded else p) for p in core.parameters() if p.grad is not None}
+
     def params(module):
-        if not sharded:
-            return [p for p in module.parameters() if p.grad is not None]
-        return [SimpleNamespace(grad=p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
-                for p in module.parameters() if p.grad is not None]
+        return [local[id(p)] for p in module.parameters() if id(p) in local]
 
     groups = {"total": params(core)}
     if per_layer:

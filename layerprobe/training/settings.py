@@ -5,7 +5,7 @@ run folder must keep to be resumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,7 +36,7 @@ class TrainSettings:
     out: str = "runs"
     layers: int | None = None
     hidden_size: int | None = None
-    ffn_size: int | None = None
+    ffn_size: int | str | None = None  # units, or "aligned": the preset's rounded up to FFN_ALIGNMENT
     heads: int | None = None
     kv_heads: int | None = None
     seq_len: int | None = None
@@ -57,6 +57,7 @@ class TrainSettings:
     eval_samples: int | None = None
     save_every: int | None = None
     seed: int = 0
+    seeds: str | int | list[int] | None = None  # --seeds: a count N or a list; None: one run per scheme
     data_seed: int | None = None
     device: str = "auto"
     dtype: str | None = None
@@ -71,6 +72,13 @@ class TrainSettings:
 # Values of the settings a recipe can set, when neither a flag nor a recipe gives them.
 DEFAULTS = {"norm": "pre,post,mix,lns", "preset": "tiny", "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
             "weight_decay": 0.0, "grad_clip": 1.0, "dtype": "auto", "eval_samples": 64}
+# The default micro-batch: the largest divisor of the per-process batch with at most this many tokens. 64 x 256,
+# what the 1b preset fits on an 80 GB GPU under FSDP; the whole per-process batch of the 71m/130m presets
+# (512 x 256) would need ~90-110 GiB, most of it the logits.
+MICRO_BATCH_TOKENS = 16_384
+# `--ffn-size aligned`: the preset's FFN rounded up to a multiple of this (1b: 5461 -> 5504), so every MLP
+# GEMM's leading dimension suits tensor cores. A different model from the paper's, recorded as such.
+FFN_ALIGNMENT = 64
 # Recipe field -> setting (the rest have the same name).
 _RECIPE_FIELDS = {"norms": "norm"}
 
@@ -134,6 +142,20 @@ class Plan:
     settings: TrainSettings  # effective: recipe and defaults filled in
     tokenizer_spec: str | None = None  # what the data is tokenized with (None: token ids / a prepared folder's own)
     budget_tokens: int | None = None  # --tokens, when the steps were derived from it
+    seeds: list[int] | None = None  # --seeds: every scheme once per seed, in OUT/<scheme>-seed<k>/
+
+    def per_seed(self) -> list["Plan"]:
+        """One plan per training seed: the plan itself without --seeds, else a copy whose settings.seed is the
+        seed (the weights' seed; data_seed, the batch order, stays the same for every seed)."""
+        from dataclasses import replace
+
+        if self.seeds is None:
+            return [self]
+        return [replace(self, settings=replace(self.settings, seed=k)) for k in self.seeds]
+
+    def run_name(self, scheme: str) -> str:
+        """The run's folder inside OUT: <scheme>, or <scheme>-seed<k> under --seeds."""
+        return scheme if self.seeds is None else f"{scheme}-seed{self.settings.seed}"
 
     def describe(self, given: TrainSettings | None = None) -> list[str]:
         """What will run, printed before training: the recipe (with the flags that override it) and the plan."""
@@ -154,6 +176,13 @@ class Plan:
         else:
             tokenizer = self.tokenizer_spec or "the one the prepared data was made with"
         lines.append(f"  tokenizer {tokenizer}")
+        preset = get_preset(self.preset)
+        if s.ffn_size is not None and s.ffn_size != preset.intermediate_size and s.hidden_size in (None, preset.hidden_size):
+            lines.append(f"  FFN {s.ffn_size} instead of the preset's {preset.intermediate_size}: a different model "
+                         "from the paper's")
+        if self.seeds is not None:
+            lines.append(f"  seeds {', '.join(map(str, self.seeds))}: each scheme once per seed of its initial "
+                         f"weights, in OUT/<scheme>-seed<k>/, all on the same data in the same order")
         return lines
 
 
@@ -173,6 +202,36 @@ def parse_schemes(norm: str | list[str]) -> list[str]:
     if not out:
         raise LayerprobeError(f"--norm names no scheme; give a comma list of {', '.join(NORM_SCHEMES)}")
     return out
+
+
+def parse_seeds(seeds, base: int = 0) -> list[int] | None:
+    """--seeds: a count N (the seeds base, base+1, …, base+N−1, base being --seed) or a comma list of seeds
+    ("0,1,2"; a list of one needs its comma: "7,"); None when not given."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, (list, tuple)):
+        parts, is_list = list(seeds), True
+    else:
+        text = str(seeds).strip()
+        is_list = "," in text
+        parts = [p for p in text.split(",") if p.strip()] if is_list else [text]
+    try:
+        values = [int(str(p).strip()) for p in parts]
+    except ValueError:
+        raise LayerprobeError(f"--seeds must be a number of seeds (3) or a comma list of seeds (0,1,2); got {seeds!r}") from None
+    if not is_list:
+        if values[0] < 1:
+            raise LayerprobeError(f"--seeds must be at least 1 (got {values[0]})")
+        values = [base + k for k in range(values[0])]
+    if not values:
+        raise LayerprobeError("--seeds names no seed; give a count (3) or a comma list (0,1,2)")
+    bad = [v for v in values if v < 0]
+    if bad:
+        raise LayerprobeError(f"seeds must be at least 0 (got {bad[0]} in --seeds)")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise LayerprobeError(f"--seeds lists the seed {twice[0]} more than once")
+    return values
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -204,13 +263,43 @@ def _check_options(s: TrainSettings) -> None:
         raise LayerprobeError(f"--min-lr-ratio must lie in [0, 1] (got {s.min_lr_ratio})")
 
 
-def _batching(s: TrainSettings, preset, env: DistEnv) -> tuple[int, int]:
+def default_micro_batch(per_rank: int, seq_len: int) -> int:
+    """The largest divisor of the per-process batch whose sequences hold at most MICRO_BATCH_TOKENS tokens."""
+    cap = max(1, MICRO_BATCH_TOKENS // seq_len)
+    return max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+
+
+def resolve_ffn_size(value, preset, hidden_size: int | None) -> int | None:
+    """--ffn-size as units: a number, or "aligned" (the FFN the preset would use, rounded up to FFN_ALIGNMENT)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "aligned":
+        base = reference_config(preset, hidden_size=hidden_size).intermediate_size
+        return -(-base // FFN_ALIGNMENT) * FFN_ALIGNMENT
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise LayerprobeError(f"--ffn-size must be a number of units or 'aligned' (got {value!r})") from None
+    if size != value and str(size) != str(value).strip():
+        raise LayerprobeError(f"--ffn-size must be a whole number of units or 'aligned' (got {value!r})")
+    return size
+
+
+def shape_departures(preset_name: str, config) -> list[str]:
+    """How the model's shape differs from its preset's (a paper's model), e.g. 'intermediate_size 5504 (preset 5461)'."""
+    p = get_preset(preset_name)
+    pairs = (("hidden_size", p.hidden_size), ("intermediate_size", p.intermediate_size),
+             ("num_attention_heads", p.num_attention_heads), ("num_hidden_layers", p.num_hidden_layers))
+    return [f"{key} {getattr(config, key)} (preset {value})" for key, value in pairs if getattr(config, key) != value]
+
+
+def _batching(s: TrainSettings, preset, env: DistEnv, seq_len: int) -> tuple[int, int]:
     """(global batch, micro-batch per process), checked against the number of processes."""
     batch = s.batch_size or preset.batch_size
     if batch % env.world_size:
         raise LayerprobeError(f"--batch-size {batch} is not divisible by the {env.world_size} processes")
     per_rank = batch // env.world_size
-    micro = min(s.micro_batch_size or per_rank, per_rank)
+    micro = min(s.micro_batch_size, per_rank) if s.micro_batch_size else default_micro_batch(per_rank, seq_len)
     if per_rank % micro:
         raise LayerprobeError(f"the per-process batch {per_rank} is not a multiple of --micro-batch-size {micro}")
     if s.eval_samples < env.world_size:
@@ -248,10 +337,12 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
     given = s
     s = effective_settings(s)
     schemes = parse_schemes(s.norm)
+    seeds = parse_seeds(s.seeds, s.seed)
     try:
         preset = get_preset(s.preset)
     except ValueError as e:
         raise LayerprobeError(str(e)) from None
+    s = replace(s, ffn_size=resolve_ffn_size(s.ffn_size, preset, s.hidden_size))
     _check_options(s)
     seq_len = s.seq_len or preset.seq_len
     if seq_len < 2:
@@ -259,7 +350,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
     layers = s.layers or preset.num_hidden_layers
     if s.post_ln_layers is not None and not 0 <= s.post_ln_layers <= layers:
         raise LayerprobeError(f"--post-ln-layers must lie in [0, {layers}] for {layers} layers (got {s.post_ln_layers})")
-    batch, micro = _batching(s, preset, env)
+    batch, micro = _batching(s, preset, env, seq_len)
     steps, budget = _length(given, s, preset, batch, seq_len)
     eval_every = s.eval_every or min(preset.eval_every, steps)
     _check_data(s)
@@ -273,6 +364,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
         warmup_steps=int(s.warmup_ratio * steps), eval_every=eval_every, save_every=s.save_every or eval_every,
         vocab_size=vocab, data_seed=s.seed if s.data_seed is None else s.data_seed,
         autocast_dtype=torch.bfloat16 if use_bf16 else None, settings=s, tokenizer_spec=tok_spec, budget_tokens=budget,
+        seeds=seeds,
     )
 
 

@@ -42,6 +42,7 @@ from .settings import (
     Plan,
     TrainSettings,
     identity_differences,
+    shape_departures,
     model_config,
     parse_schemes,
     resolve_plan,
@@ -86,7 +87,7 @@ class Run:
                  data: TokenData, env: DistEnv, out: Path):
         self.plan, self.scheme, self.config, self.identity = plan, scheme, config, identity
         self.tokenizer, self.data, self.env = tokenizer, data, env
-        self.dir = out / scheme
+        self.dir = out / plan.run_name(scheme)
         self.state: dict | None = None  # trainer state to resume from
         self.skip = False  # already complete
 
@@ -150,6 +151,8 @@ class Run:
                 "diverged_reason": result.diverged_reason, "checkpoint_step": result.checkpoint_step,
                 "layer_output_var": result.layer_output_var,
                 "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "identity": self.identity, "preset": self.plan.preset,
+                # empty: the preset's (a paper's) model; else how this one differs, e.g. an aligned FFN
+                "differs_from_preset": shape_departures(self.plan.preset, self.config),
                 "settings": {k: v for k, v in asdict(self.plan.settings).items() if k not in ("resume", "overwrite")},
                 "world_size": self.env.world_size}
 
@@ -311,7 +314,7 @@ class Run:
         eval_blocks = self.data.eval[: (len(self.data.eval) // env.world_size) * env.world_size]
         eval_model = model if s.fsdp else core  # FSDP's forward needs its wrapper; DDP's does not
         tokens_per_step = plan.batch_size * plan.seq_len
-        task = progress.add_task(self.scheme, total=plan.steps, completed=tally.step, info="")
+        task = progress.add_task(self.dir.name, total=plan.steps, completed=tally.step, info="")
 
         def save_last():
             self._save_last(core, model, opt, tally.step, result, tally.state())
@@ -400,7 +403,8 @@ def _after_step(run_dir: Path, step: int) -> None:
 # ---- all schemes ------------------------------------------------------------------------------------------
 
 def train_reference(settings: TrainSettings | None = None, *, on_status=None, **kwargs) -> TrainingSummary:
-    """Train one reference model per scheme in `settings.norm`, in OUT/<scheme>, with identical data and seed.
+    """Train one reference model per scheme in `settings.norm`, in OUT/<scheme>, with identical data and seed;
+    with `seeds` (a count or a list), one per scheme and seed, in OUT/<scheme>-seed<k>, on identical data.
 
     Returns a TrainingSummary; `interrupted` is set when Ctrl-C stopped the runs (after saving).
     A diverging scheme (NaN/Inf loss) is recorded as such and the next scheme starts.
@@ -459,9 +463,11 @@ def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSu
                               f"{env.world_size} processes; give more data")
 
     runs = []
-    for scheme in plan.schemes:
-        config = model_config(plan, scheme, vocab, tokenizer)
-        runs.append(Run(plan, scheme, config, run_identity(plan, config, fingerprint), tokenizer, data, env, out))
+    for seed_plan in plan.per_seed():  # --seeds: every scheme of one seed, then the next seed
+        for scheme in plan.schemes:
+            config = model_config(seed_plan, scheme, vocab, tokenizer)
+            runs.append(Run(seed_plan, scheme, config, run_identity(seed_plan, config, fingerprint), tokenizer, data,
+                            env, out))
     for run in runs:  # every folder is checked before anything is trained or deleted
         run.check_folder()
     barrier(env)
@@ -471,7 +477,7 @@ def _train_all(given: TrainSettings, env: DistEnv, on_status=None) -> TrainingSu
     # One scheme after another, sharing the stop flag: Ctrl-C saves the current run and leaves the rest.
     summary = TrainingSummary(out=str(out), settings={
         "preset": plan.preset, "steps": plan.steps, "seq_len": plan.seq_len, "batch_size": plan.batch_size,
-        "lr": plan.lr, "seed": s.seed, "data_seed": plan.data_seed, "data": s.data, "eval_data": s.eval_data,
+        "lr": plan.lr, "seed": s.seed, "seeds": plan.seeds, "data_seed": plan.data_seed, "data": s.data, "eval_data": s.eval_data,
         "prepared": str(data.prepared) if data.prepared else None, "tokenizer": plan.tokenizer_spec,
         "vocab_size": vocab, "train_blocks": len(data.train), "eval_blocks": len(data.eval), "world_size": env.world_size,
         "device": str(env.device), "autocast": str(plan.autocast_dtype) if plan.autocast_dtype else "float32"})

@@ -1,0 +1,71 @@
+"""Gradient norms (`metrics.grad_norms_by_group`, the trainer's `gradient_norms`) against a plain loop over the
+parameters in float64, and the host copies they make: one per device, not one per parameter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerprobe.metrics import grad_norms_by_group
+from layerprobe.reference.presets import reference_config
+from layerprobe.training.distributed import DistEnv
+from layerprobe.training.layer_stats import gradient_norms
+from layerprobe.training.model import init_model
+
+
+def plain_norm(params) -> float:
+    total, seen = 0.0, False
+    for p in params:
+        if p.grad is not None:
+            total += float((p.grad.double() ** 2).sum())
+            seen = True
+    return math.sqrt(total) if seen else float("nan")
+
+
+class HostCopies:
+    """Counts .cpu() and .item() (a device tensor's value read on the host)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("cpu", "item"):
+            original = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _original=original, **k):
+                self.count += 1
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norms_equal_a_plain_loop(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in ((7, 5), (5,), (3, 3, 3), (11,), (2,))]
+    for p in params[:-1]:  # the last has no gradient
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(dtype)
+    groups = {"all": params, "first": params[:2], "overlap": params[1:4], "none": params[-1:], "empty": []}
+    copies = HostCopies(monkeypatch)
+    norms = grad_norms_by_group(groups)
+    assert copies.count == 1  # one device (the CPU): one host copy for every group
+    for name, ps in groups.items():
+        expect = plain_norm(ps)
+        if math.isnan(expect):
+            assert math.isnan(norms[name]), name
+        else:
+            assert norms[name] == pytest.approx(expect, rel=1e-12), name
+
+
+def test_training_gradient_norms_equal_a_plain_loop(monkeypatch):
+    model = init_model(reference_config("micro", "pre", vocab_size=64), seed=0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    copies = HostCopies(monkeypatch)
+    total, layers = gradient_norms(model, DistEnv(), sharded=False, per_layer=True)
+    assert copies.count == 1
+    assert total == pytest.approx(plain_norm(model.parameters()), rel=1e-12)
+    assert len(layers) == len(model.model.layers)
+    for got, layer in zip(layers, model.model.layers):
+        assert got == pytest.approx(plain_norm(layer.parameters()), rel=1e-12)
+    assert math.fsum(x * x for x in layers) < total ** 2  # embeddings and head are in the total only
