@@ -41,7 +41,7 @@ from ..errors import LayerprobeError
 from ..io import check_output_dir, ensure_writable_dir, write_json
 from ..metrics import grad_norms_by_group, weight_change_sums, weight_update_ratio
 from .probe import check_probe, probe_statistics
-from .writers import JsonLinesWriter, open_writers
+from .writers import JsonLinesWriter, check_writers, open_writers
 
 LOG_FILE = "metrics.jsonl"  # the name train-reference uses: `layerprobe compare` reads either
 MANIFEST_FILE = "monitor.json"
@@ -143,6 +143,8 @@ class LayerMonitor:
         if self.rank == 0:
             if self.out is not None:
                 check_output_dir(self.out, option="out=")
+            check_writers(self.out, tensorboard=tensorboard, wandb=wandb)  # before anything is created
+            if self.out is not None:
                 ensure_writable_dir(self.out)
                 write_json(self.out / MANIFEST_FILE, self._manifest())
                 self._log = JsonLinesWriter(self.out / LOG_FILE)

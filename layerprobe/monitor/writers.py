@@ -66,8 +66,6 @@ class WandbWriter:
     def __init__(self):
         import wandb
 
-        if wandb.run is None:
-            raise LayerprobeError("wandb=True logs to the active Weights & Biases run: call wandb.init() first")
         self._wandb = wandb
 
     def write(self, row: dict) -> None:
@@ -77,17 +75,28 @@ class WandbWriter:
         pass
 
 
-def open_writers(out: Path | None, *, tensorboard: bool, wandb: bool) -> list:
-    """The optional writers asked for; a clear error when the package is missing (before any training)."""
-    writers = []
+def check_writers(out: Path | None, *, tensorboard: bool, wandb: bool) -> None:
+    """Refuse an optional writer that cannot work, before anything is written."""
     if tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
             raise LayerprobeError("tensorboard=True needs the tensorboard package: pip install tensorboard")
         if out is None:
             raise LayerprobeError("tensorboard=True writes under the run folder: give out=")
-        writers.append(TensorBoardWriter(out / "tensorboard"))
     if wandb:
         if importlib.util.find_spec("wandb") is None:
             raise LayerprobeError("wandb=True needs the wandb package: pip install wandb")
+        import wandb as wb
+
+        if wb.run is None:
+            raise LayerprobeError("wandb=True logs to the active Weights & Biases run: call wandb.init() first")
+
+
+def open_writers(out: Path | None, *, tensorboard: bool, wandb: bool) -> list:
+    """The optional writers asked for (`check_writers` first)."""
+    check_writers(out, tensorboard=tensorboard, wandb=wandb)
+    writers = []
+    if tensorboard:
+        writers.append(TensorBoardWriter(out / "tensorboard"))
+    if wandb:
         writers.append(WandbWriter())
     return writers
