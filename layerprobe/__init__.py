@@ -28,6 +28,7 @@ _PUBLIC = {
     "save_pruned": "pruning",
     "SweepResult": "pruning",
     "demo": "demo_pipeline",  # not `demo.py`: importing a submodule would shadow the function
+    "LayerMonitor": "monitor",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

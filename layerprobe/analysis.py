@@ -118,19 +118,7 @@ def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.Dat
     """(layers, angular, sublayers) from a filled capture and, with `grad`, the accumulated gradients."""
     L = anatomy.num_layers
     angular_mean = capture.angular_mean()
-    layers = pd.DataFrame({
-        "layer": range(L),
-        "angular_distance": [float(angular_mean[i, i + 1]) for i in range(L)],
-        "block_influence": capture.block_influence(),
-        "output_variance": [m.variance for m in capture.output_moments],
-        "update_variance": [m.variance for m in capture.update_moments],
-        "lens_kl": capture.lens_kl(),
-        "lens_top1": capture.lens_top1(),
-        "relative_update": capture.relative_update(),
-        "update_cosine": capture.update_cosine(),
-        "max_activation": capture.max_activation(),
-        "mean_abs_activation": capture.mean_abs_activation(),
-    })
+    layers = pd.DataFrame({"layer": range(L), **capture.per_layer()})
     sublayers, grad_rows = _gradient_tables(anatomy, grad)
     layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
     if grad:

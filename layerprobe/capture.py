@@ -336,6 +336,23 @@ class LayerCapture:
             self._placement_handles = []
 
     # -- results ---------------------------------------------------------------------------
+    def per_layer(self) -> dict[str, list[float]]:
+        """Every per-layer statistic of the pass, column name -> one value per layer: the columns of
+        analyze's layers.csv that the forward gives (the monitor's probe logs the same)."""
+        angular_mean = self.angular_mean()
+        return {
+            "angular_distance": [float(angular_mean[i, i + 1]) for i in range(self.num_layers)],
+            "block_influence": self.block_influence(),
+            "output_variance": [m.variance for m in self.output_moments],
+            "update_variance": [m.variance for m in self.update_moments],
+            "lens_kl": self.lens_kl(),
+            "lens_top1": self.lens_top1(),
+            "relative_update": self.relative_update(),
+            "update_cosine": self.update_cosine(),
+            "max_activation": self.max_activation(),
+            "mean_abs_activation": self.mean_abs_activation(),
+        }
+
     def angular_mean(self) -> torch.Tensor:
         return self.angular_sum / max(self.angular_count, 1)
 

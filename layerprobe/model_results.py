@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayerprobeError
+from .monitor import MANIFEST_FILE as MONITOR_FILE  # written by LayerMonitor next to its metrics.jsonl
 from .pruning import SweepResult
 from .results import AnalysisResult, check_format, read_manifest
 from .training import checkpoint as ckpt
@@ -119,8 +120,13 @@ def _read_sweep(folder: Path, manifest: dict):
     return sweep
 
 
-# Per-layer lists that train-reference logs at each evaluation -> column names used here.
-TRAINING_LAYER_KEYS = {"layer_grad_norm": "grad_norm", "layer_output_var": "output_variance"}
+# Per-layer lists that train-reference logs at each evaluation, and that the monitor (layerprobe.monitor)
+# logs at its steps and probes -> column names used here (analyze's layers.csv names where they exist).
+TRAINING_LAYER_KEYS = {"layer_grad_norm": "grad_norm", "layer_output_var": "output_variance",
+                       **{f"layer_{c}": c for c in (
+                           "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm", "weight_update",
+                           "angular_distance", "block_influence", "update_variance", "lens_kl", "lens_top1",
+                           "relative_update", "update_cosine", "max_activation", "mean_abs_activation")}}
 
 
 def _flatten_layer_lists(records: list[dict]) -> pd.DataFrame:
@@ -153,7 +159,8 @@ def _read_training(folder: Path):
     steps = [r for r in records if "step" in r]
     if not steps:
         raise LayerprobeError(f"{folder / METRICS_FILE} holds no training steps; the run logged nothing yet")
-    if not any("loss" in r for r in steps):
+    monitored = (folder / MONITOR_FILE).is_file()
+    if not monitored and not any("loss" in r for r in steps):
         raise LayerprobeError(f"{folder / METRICS_FILE} has no 'loss' entries: it comes from another layerprobe "
                               "version; re-run train-reference")
     scalars = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in steps]
@@ -166,6 +173,13 @@ def _read_training(folder: Path):
                   "total_steps": run.get("total_steps"), "preset": run.get("preset"),
                   "norm_scheme": run.get("scheme"), "seed": (identity.get("train") or {}).get("seed"),
                   "seed_key": seed_key(identity)}
+    if monitored:
+        try:
+            mon = json.loads((folder / MONITOR_FILE).read_text(encoding="utf-8")).get("monitor", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            mon = {}
+        if isinstance(mon, dict):
+            meta.update(norm_scheme=mon.get("norm_scheme") or meta["norm_scheme"], num_layers=mon.get("num_layers"))
     config_path = folder / "config.json"
     if config_path.is_file():
         try:

@@ -11,6 +11,7 @@ from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lock_in_layer
 from .loss import cross_entropy_rows, next_token_loss_sum, perplexity, predicted_tokens
 from .update import second_half_ratio, update_sums
 from .variance import RunningMoments
+from .weights import weight_change_sums, weight_update_ratio
 
 __all__ = [
     "activation_extremes",
@@ -34,4 +35,6 @@ __all__ = [
     "perplexity",
     "predicted_tokens",
     "RunningMoments",
+    "weight_change_sums",
+    "weight_update_ratio",
 ]

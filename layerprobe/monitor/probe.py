@@ -1,0 +1,89 @@
+"""The monitor's probe: analyze's hooked forward on one fixed batch, in the middle of someone's training.
+
+The statistics come from `LayerCapture.per_layer()` and `angular_mean()`, the same code that fills
+analyze's layers.csv and angular.csv, so a probe at step s and `analyze` of the step-s checkpoint on the
+same batch agree. The run must not notice: the forward is under no_grad (no graph, `.grad` untouched),
+every module is put in eval mode and back into the mode it was in, and the CPU and CUDA random states
+are restored, so the next training step draws the same dropout masks as it would have without a probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..anatomy import Anatomy
+from ..capture import LayerCapture
+from ..errors import LayerprobeError
+from ..metrics import next_token_loss_sum, predicted_tokens
+
+
+def check_probe(probe, vocab_size: int | None, context: int | None) -> torch.Tensor:
+    """The probe batch as a [batch, tokens] int64 tensor of ids the model can read, or a clear error."""
+    try:
+        ids = torch.as_tensor(probe)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise LayerprobeError(f"probe must be a [batch, tokens] tensor of token ids ({e})") from None
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise LayerprobeError(f"probe must hold integer token ids, not {str(ids.dtype).replace('torch.', '')}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise LayerprobeError(f"probe must be a [batch, tokens] tensor with at least 1 sample of 2 tokens; "
+                              f"got shape {list(ids.shape)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise LayerprobeError(f"probe holds token ids from {low} to {high}, outside this model's vocabulary "
+                              f"of {vocab_size} (0 to {vocab_size - 1 if vocab_size else '?'})")
+    if context is not None and ids.shape[1] > context:
+        raise LayerprobeError(f"probe has {ids.shape[1]} tokens per sample, beyond this model's context of {context}")
+    return ids.to(torch.long)
+
+
+@contextlib.contextmanager
+def untouched(model: torch.nn.Module):
+    """Eval mode and no_grad inside; each module's own training flag and the random states restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def model_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a transformers causal LM (keyword call, no cache) or of a module that takes ids and
+    returns logits (or an output with `.logits`, or a tuple whose first element is the logits)."""
+    if hasattr(model, "config"):
+        out = model(input_ids=ids, use_cache=False)
+    else:
+        out = model(ids)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(logits, torch.Tensor):
+        raise LayerprobeError(f"the model returned {type(out).__name__}, not logits; the probe needs a causal LM")
+    return logits
+
+
+def probe_statistics(anatomy: Anatomy, ids: torch.Tensor, tokens: str = "last",
+                     forward_model: torch.nn.Module | None = None) -> dict:
+    """Per-layer statistics of one hooked forward over `ids`: capture's columns (one list each), the
+    (L+1)×(L+1) mean angular-distance matrix, and the probe batch's mean next-token loss.
+
+    `forward_model`: the module to call when it is not `anatomy.model` itself (a wrapper sharing its layers).
+    """
+    model = forward_model if forward_model is not None else anatomy.model
+    capture = LayerCapture(anatomy, tokens=tokens, detect_placement=False)
+    with untouched(model), capture:
+        ids = ids.to(anatomy.input_device)
+        logits = model_logits(model, ids)
+        loss = float(next_token_loss_sum(logits, ids)) / predicted_tokens(ids)
+        capture.end_batch()
+    return {"columns": capture.per_layer(), "angular": capture.angular_mean().tolist(), "loss": loss}
