@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pandas as pd
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .anatomy import Anatomy
 from .capture import LayerCapture
 from .defaults import check_measure_options
 from .loading import LoadedModel
-from .metrics import angular_long_table, lock_in_layer, grad_norms_by_group, next_token_loss_sum, perplexity, predicted_tokens
+from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
+                      next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, open_model
 from .progress import make_progress
 from .results import AnalysisResult
@@ -72,20 +75,91 @@ def _add_sublayer_updates(sublayers: pd.DataFrame, capture: LayerCapture, dtype:
     return sublayers.assign(relative_update=rel, update_cosine=cos)
 
 
-def _forward_pass(net, ids: torch.Tensor, grad: bool, n_pred: int) -> float:
+class _Head:
+    """The model split at its head: the base model's last hidden state, then the head and loss a chunk
+    of rows at a time (metrics/loss.py chunked_loss_sum), so the [B·T, V] logits never exist at once.
+    Used only where, on a few tokens, it gives the model's own logits (else `vocab` is None and the
+    pass calls the whole model)."""
+
+    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor):
+        self.net, self.anatomy, self.vocab = net, anatomy, None
+        base = getattr(net, "base_model", None)
+        if anatomy.head is None or not isinstance(base, torch.nn.Module) or base is net:
+            return
+        self.base = base
+        probe = ids[:1, : min(ids.shape[1], 8)]
+        try:
+            with torch.inference_mode():
+                want = net(input_ids=probe, use_cache=False).logits
+                got = anatomy.head_logits(self.hidden(probe))
+        except Exception:  # a base model we cannot call this way: the whole model it is
+            return
+        if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+            self.vocab = want.shape[-1]
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base(input_ids=ids, use_cache=False).last_hidden_state
+
+    def loss_sum(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return next_token_loss_sum(self.net(input_ids=ids, use_cache=False).logits, ids)
+        hidden = self.hidden(ids)
+        return chunked_loss_sum(self.anatomy.head_logits, hidden, next_token_labels(ids), self.vocab)
+
+
+@contextmanager
+def _checkpointed(layers):
+    """Each layer's forward under non-reentrant activation checkpointing: the backward keeps only the
+    layers' inputs and runs one layer again at a time. The layer's own hooks stay outside the
+    checkpoint; the hooks on its children return at once during the recompute (capture.py)."""
+    saved = []
+    for layer in layers:
+        own = layer.__dict__.get("forward")  # accelerate's hooks replace forward on the instance
+        saved.append(own)
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, own in zip(layers, saved):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int) -> float:
     """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss)."""
     if grad:
-        with torch.enable_grad():
-            logits = net(input_ids=ids, use_cache=False).logits
-            loss_sum = next_token_loss_sum(logits, ids)
+        with torch.enable_grad(), _checkpointed(head.anatomy.layers):
+            loss_sum = head.loss_sum(ids)
             # d(mean loss over all analysed tokens): each batch adds its share.
             (loss_sum / n_pred).backward()
     else:
         with torch.inference_mode():
-            logits = net(input_ids=ids, use_cache=False).logits
-            loss_sum = next_token_loss_sum(logits, ids)
-    del logits
+            loss_sum = head.loss_sum(ids)
     return float(loss_sum.detach())
+
+
+@contextmanager
+def _gradients_on_layers(net, anatomy: Anatomy):
+    """requires_grad on the layers' parameters only (what the gradient tables read): no embedding or
+    head gradients, no backward through the embedding. The flags are restored afterwards."""
+    before = {p: p.requires_grad for p in net.parameters()}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in anatomy.layers.parameters():
+        p.requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
 
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
@@ -93,18 +167,15 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     """The hooked pass over every batch: the filled capture and the mean next-token loss."""
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
     n_pred = predicted_tokens(blocks)
-    if grad:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        net.zero_grad(set_to_none=True)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
+    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
-    with capture, make_progress(progress) as bar:
+    with (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
-            loss_total += _forward_pass(net, ids, grad, n_pred)
+            loss_total += _forward_pass(head, ids, grad, n_pred)
             capture.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
