@@ -9,10 +9,11 @@ import pandas as pd
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .anatomy import Anatomy
+from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
 from .defaults import check_measure_options
 from .loading import LoadedModel
+from .memory import Prediction, fake_copy, fake_mode, track
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, open_model
@@ -180,6 +181,20 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
     return capture, loss_total / n_pred
+
+
+def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
+                   layers_path: str | None = None, build: bool = True) -> Prediction:
+    """Peak memory of `analyze` on `net`'s shapes, allocating nothing: `_measure` itself, on two
+    batches (gradients are held from one to the next), run on a full-size copy of `net` under
+    FakeTensorMode with a storage tracker (memory.py). `build=False`: `net` is already fake."""
+    with fake_mode(None if build else net):
+        model = fake_copy(net) if build else net
+        anatomy = find_anatomy(model, layers_path=layers_path)
+        blocks = torch.zeros(2 * batch_size, seq_len, dtype=torch.long)
+        opening = type("FakeOpening", (), {"model": model, "anatomy": anatomy, "blocks": blocks})()
+        return track(lambda: _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=False),
+                     model, [blocks])
 
 
 def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

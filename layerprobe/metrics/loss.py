@@ -68,13 +68,10 @@ def chunked_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch
     """Σ cross_entropy_rows(head(hidden), targets) over rows of `hidden` [..., H], a chunk at a time.
 
     Under autograd each chunk is checkpointed: the backward runs the chunk's head again instead of
-    keeping its logits, so one chunk's logits live at a time, forward and backward. Rows whose
-    target is IGNORE are skipped (they add 0).
+    keeping its logits, so one chunk's logits live at a time, forward and backward. No host
+    sync: rows whose target is IGNORE are computed and add 0.
     """
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
-    keep = t != IGNORE
-    if not bool(keep.all()):
-        h, t = h[keep], t[keep]
     rows = max(1, chunk_elements // vocab)
     total = None
     for start in range(0, h.shape[0], rows):
