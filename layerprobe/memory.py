@@ -32,22 +32,22 @@ CUDA_CONTEXT_BYTES = int(0.7 * GIB)
 
 
 # Ops that return a Python value read from the data, and what a faked run answers.
-_VALUE_READS = {torch.ops.aten._local_scalar_dense.default: 1, torch.ops.aten.item.default: 1,
-                torch.ops.aten.allclose.default: True,
-                torch.ops.aten.equal.default: True, torch.ops.aten.is_nonzero.default: True}
+_SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+_VALUE_READS = {torch.ops.aten.allclose.default: True, torch.ops.aten.equal.default: True,
+                torch.ops.aten.is_nonzero.default: True}
 
 
 class StorageTracker(TorchDispatchMode):
     """Live and peak bytes of the storages aten ops create, per device.
 
-    `fake_scalars`: answer every read of a tensor's value (`.item()`, `float(t)`, `bool(t)`) with 1
-    instead of failing, so code that syncs on a value runs under FakeTensorMode (the values are
+    `fake_scalars`: answer every read of a tensor's value (`.item()`, `float(t)`: `scalar`; `allclose`:
+    True) instead of failing, so code that syncs on a value runs under FakeTensorMode (the values are
     meaningless, the shapes and therefore the bytes are not).
     """
 
-    def __init__(self, fake_scalars: bool = False):
+    def __init__(self, fake_scalars: bool = False, scalar: float = 0):
         super().__init__()
-        self.fake_scalars = fake_scalars
+        self.fake_scalars, self.scalar = fake_scalars, scalar
         self.live: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self._seen: set[int] = set()
@@ -85,9 +85,9 @@ class StorageTracker(TorchDispatchMode):
             self.peak[device] = live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.fake_scalars and func in _VALUE_READS:
+        if self.fake_scalars and (func in _SCALAR_READS or func in _VALUE_READS):
             self.scalar_reads += 1
-            return _VALUE_READS[func]
+            return self.scalar if func in _SCALAR_READS else _VALUE_READS[func]
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):

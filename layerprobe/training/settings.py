@@ -204,13 +204,25 @@ def _check_options(s: TrainSettings) -> None:
         raise LayerprobeError(f"--min-lr-ratio must lie in [0, 1] (got {s.min_lr_ratio})")
 
 
-def _batching(s: TrainSettings, preset, env: DistEnv) -> tuple[int, int]:
+# Tokens per forward pass when --micro-batch-size is not given: the logits of 32,768 tokens at a
+# 32,000 vocabulary (bf16, their fp32 copy, log-softmax and gradient) take ~14 GiB, so the 71m/130m
+# recipes' default 512 x 256 batch runs as 4 micro-batches of 128 on one 80 GB GPU.
+MICRO_BATCH_TOKENS = 1 << 15
+
+
+def default_micro_batch(per_rank: int, seq_len: int, budget: int = MICRO_BATCH_TOKENS) -> int:
+    """The largest divisor of `per_rank` whose micro-batch holds at most `budget` tokens (at least 1)."""
+    fit = max(1, budget // max(seq_len, 1))
+    return max(d for d in range(1, min(per_rank, fit) + 1) if per_rank % d == 0)
+
+
+def _batching(s: TrainSettings, preset, env: DistEnv, seq_len: int) -> tuple[int, int]:
     """(global batch, micro-batch per process), checked against the number of processes."""
     batch = s.batch_size or preset.batch_size
     if batch % env.world_size:
         raise LayerprobeError(f"--batch-size {batch} is not divisible by the {env.world_size} processes")
     per_rank = batch // env.world_size
-    micro = min(s.micro_batch_size or per_rank, per_rank)
+    micro = min(s.micro_batch_size or default_micro_batch(per_rank, seq_len), per_rank)
     if per_rank % micro:
         raise LayerprobeError(f"the per-process batch {per_rank} is not a multiple of --micro-batch-size {micro}")
     if s.eval_samples < env.world_size:
@@ -259,7 +271,7 @@ def resolve_plan(s: TrainSettings, env: DistEnv) -> Plan:
     layers = s.layers or preset.num_hidden_layers
     if s.post_ln_layers is not None and not 0 <= s.post_ln_layers <= layers:
         raise LayerprobeError(f"--post-ln-layers must lie in [0, {layers}] for {layers} layers (got {s.post_ln_layers})")
-    batch, micro = _batching(s, preset, env)
+    batch, micro = _batching(s, preset, env, seq_len)
     steps, budget = _length(given, s, preset, batch, seq_len)
     eval_every = s.eval_every or min(preset.eval_every, steps)
     _check_data(s)
