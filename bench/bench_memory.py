@@ -170,7 +170,8 @@ def run_train(preset: str) -> dict:
 
 def validate() -> int:
     """The tracker against real allocations: one subprocess per run (see the module docstring)."""
-    print("tracker vs real allocations: fp32 Llama, 4 layers, hidden 512, vocab 32000, 2 x 1024 tokens, CPU")
+    print("tracker vs real allocations: fp32 Llama, 4 layers, hidden 512, vocab 32000, 2 batches of 2 x 1024 "
+          "tokens, CPU")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for grad in (True, False):
         out = subprocess.run([sys.executable, __file__, "--validate-one", "grad" if grad else "nograd"],
@@ -185,23 +186,28 @@ def validate() -> int:
     return 0
 
 
-def validation_model():
+# (vocabulary, hidden, layers, batch, tokens): --validate's model, and the test's smaller one
+VALIDATION_SIZES = {"full": (32000, 512, 4, 2, 1024), "small": (16000, 256, 2, 2, 512)}
+
+
+def validation_model(vocab: int, hidden: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
 
 
-def validate_one(which: str) -> None:
+def validate_one(which: str, size: str = "full") -> None:
     from layerprobe import analysis
 
     torch.set_num_threads(1)
     grad = which == "grad"
-    blocks = torch.randint(0, 32000, (4, 1024))
-    model = validation_model()
+    vocab, hidden, layers, batch, seq = VALIDATION_SIZES[size]
+    blocks = torch.randint(0, vocab, (2 * batch, seq))
+    model = validation_model(vocab, hidden, layers)
     opening = opening_for(model, blocks)
     # Warm-up on a few tokens: first-use imports and allocator set-up are not the pass's memory.
     analysis._measure(opening_for(model, blocks[:2, :16]), batch_size=1, tokens="last", grad=grad, progress=False)
@@ -213,7 +219,7 @@ def validate_one(which: str) -> None:
     tracker.register_module(model)
     tracker.register([blocks])
     with no_inference_mode(), tracker:
-        analysis._measure(opening, batch_size=2, tokens="last", grad=grad, progress=False)
+        analysis._measure(opening, batch_size=batch, tokens="last", grad=grad, progress=False)
     measured = (_rss_kib("VmHWM") - base) / 1024
     print(json.dumps({"tracked_mib": max(tracker.peak.values()) / (1 << 20), "measured_mib": measured}))
 
@@ -235,9 +241,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--validate-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--validate-size", default="full", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.validate_one:
-        validate_one(args.validate_one)
+        validate_one(args.validate_one, args.validate_size)
         return 0
     if args.validate:
         return validate()

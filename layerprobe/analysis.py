@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -11,9 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
+from .errors import LayerprobeError
 from .defaults import check_measure_options
 from .loading import LoadedModel
-from .memory import Prediction, fake_copy, fake_mode, track
+from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, open_model
@@ -188,13 +190,52 @@ def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", 
     """Peak memory of `analyze` on `net`'s shapes, allocating nothing: `_measure` itself, on two
     batches (gradients are held from one to the next), run on a full-size copy of `net` under
     FakeTensorMode with a storage tracker (memory.py). `build=False`: `net` is already fake."""
-    with fake_mode(None if build else net):
+    with fake_mode(None if build else net), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FakeTensor's data_ptr warning (norm placement reads identities)
         model = fake_copy(net) if build else net
         anatomy = find_anatomy(model, layers_path=layers_path)
-        blocks = torch.zeros(2 * batch_size, seq_len, dtype=torch.long)
+        blocks = torch.zeros((2 if grad else 1) * batch_size, seq_len, dtype=torch.long)
         opening = type("FakeOpening", (), {"model": model, "anatomy": anatomy, "blocks": blocks})()
         return track(lambda: _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=False),
                      model, [blocks])
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (None elsewhere: the fit check is for GPUs)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) -> None:
+    """On a GPU, before the run: refuse a batch whose predicted peak (predict_memory, x CUDA_FACTOR)
+    exceeds the device's free memory, naming the largest batch size that fits. The peak over the
+    weights is linear in the batch size (checked on the tracker), so two predictions give the line."""
+    net, anatomy = opening.model, opening.anatomy
+    devices = {p.device for p in net.parameters()}
+    free = device_free_bytes(anatomy.input_device) if len(devices) == 1 else None
+    if free is None:
+        return
+    seq_len = opening.blocks.shape[1]
+
+    def need(b: int) -> float:
+        return CUDA_FACTOR * predict_memory(net, batch_size=b, seq_len=seq_len, tokens=tokens, grad=grad,
+                                            layers_path=anatomy.layers_path).tracked
+
+    try:
+        at_batch = need(batch_size)
+        if at_batch <= free:
+            return
+        at_one = need(1) if batch_size > 1 else at_batch
+    except Exception:  # a model we cannot rebuild from its config: no prediction, no refusal
+        return
+    per_sample = (at_batch - at_one) / (batch_size - 1) if batch_size > 1 else at_batch
+    fits = [b for b in range(1, batch_size) if at_one + (b - 1) * per_sample <= free]
+    what = f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
+    advice = (f"use --batch-size {max(fits)}" if fits else
+              "even --batch-size 1 does not fit: use " + ("--no-grad or " if grad else "") + "a shorter --seq-len")
+    raise LayerprobeError(f"{what} needs ~{at_batch / GIB:.1f} GiB over the weights on {anatomy.input_device}, "
+                          f"which has {free / GIB:.1f} GiB free: {advice}")
 
 
 def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -287,6 +328,7 @@ def analyze(
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
+    check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
     capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
                              lens_chunk=lens_chunk)

@@ -128,7 +128,9 @@ def fake_copy(model: torch.nn.Module) -> torch.nn.Module:
     dtype = next(model.parameters()).dtype
     with _default_dtype(dtype):
         copy = type(model)(model.config)
-    return copy.to(dtype).eval()
+    if any(p.dtype != dtype for p in copy.parameters() if p.dtype.is_floating_point):
+        copy = copy.to(dtype)
+    return copy.eval()
 
 
 @contextlib.contextmanager

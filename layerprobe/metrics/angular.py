@@ -36,11 +36,11 @@ def angular_distance_matrix(units: torch.Tensor) -> torch.Tensor:
 GRAM_CHUNK_ELEMENTS = 1 << 25
 
 
-def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int = GRAM_CHUNK_ELEMENTS) -> torch.Tensor:
+def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int | None = None) -> torch.Tensor:
     """`angular_distance_matrix` of the L+1 streams [N, H] (any dtype, any devices), formed in chunks
     of tokens on the first stream's device: float64 copies of one chunk at a time, never of all N."""
     device, n, width = streams[0].device, streams[0].shape[0], streams[0].shape[-1]
-    step = max(1, chunk_elements // (len(streams) * width))
+    step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // (len(streams) * width))
     total = torch.zeros(len(streams), len(streams), dtype=torch.float64, device=device)
     for start in range(0, n, step):
         u = torch.stack([s[start:start + step].to(device=device, dtype=torch.float64) for s in streams])

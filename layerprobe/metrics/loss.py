@@ -64,7 +64,7 @@ def _head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tenso
 
 
 def chunked_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                     vocab: int, chunk_elements: int = CE_CHUNK_ELEMENTS) -> torch.Tensor:
+                     vocab: int, chunk_elements: int | None = None) -> torch.Tensor:
     """Σ cross_entropy_rows(head(hidden), targets) over rows of `hidden` [..., H], a chunk at a time.
 
     Under autograd each chunk is checkpointed: the backward runs the chunk's head again instead of
@@ -72,7 +72,7 @@ def chunked_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch
     sync: rows whose target is IGNORE are computed and add 0.
     """
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
-    rows = max(1, chunk_elements // vocab)
+    rows = max(1, (chunk_elements or CE_CHUNK_ELEMENTS) // vocab)
     total = None
     for start in range(0, h.shape[0], rows):
         args = (head, h[start:start + rows], t[start:start + rows])
