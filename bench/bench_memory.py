@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -134,8 +135,11 @@ def run_mode(model, mode: str, batch: int, seq_len: int) -> dict:
     tokens = "all" if mode.endswith("-all") else "last"
     blocks = torch.zeros(2 * batch, seq_len, dtype=torch.long)  # two batches: what one holds for the next counts
     opening = opening_for(model, blocks)
-    return tracked(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad, progress=False),
-                   model, [blocks])
+    # On a GPU analyze checkpoints every layer (checkpoint_layers defaults to "not on the CPU"); the
+    # fake model sits on the CPU device, so ask for it. Code from before the option has no checkpointing.
+    extra = {"checkpoint_layers": True} if "checkpoint_layers" in inspect.signature(analysis._measure).parameters else {}
+    return tracked(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad, progress=False,
+                                             **extra), model, [blocks])
 
 
 def run_train(preset: str) -> dict:
@@ -219,7 +223,7 @@ def validate_one(which: str, size: str = "full") -> None:
     tracker.register_module(model)
     tracker.register([blocks])
     with no_inference_mode(), tracker:
-        analysis._measure(opening, batch_size=batch, tokens="last", grad=grad, progress=False)
+        analysis._measure(opening, batch_size=batch, tokens="last", grad=grad, progress=False, checkpoint_layers=True)
     measured = (_rss_kib("VmHWM") - base) / 1024
     print(json.dumps({"tracked_mib": max(tracker.peak.values()) / (1 << 20), "measured_mib": measured}))
 

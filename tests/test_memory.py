@@ -64,7 +64,7 @@ def test_prediction_on_a_fake_copy_equals_tracking_the_real_run(llama):
         tracker.register_module(real)
         tracker.register([blocks])
         with tracker:
-            analysis._measure(opening, batch_size=2, tokens="all", grad=grad, progress=False)
+            analysis._measure(opening, batch_size=2, tokens="all", grad=grad, progress=False, checkpoint_layers=True)
         real.zero_grad(set_to_none=True)
         predicted = analysis.predict_memory(real, batch_size=2, seq_len=24, tokens="all", grad=grad)
         assert predicted.weights == sum(weight_bytes(real).values())
@@ -121,6 +121,8 @@ def test_chunked_and_checkpointed_analyze_equals_plain_loops(arch, tmp_path, mon
     monkeypatch.setattr(loss, "CE_CHUNK_ELEMENTS", 256 * 7)  # 7 rows per head chunk (vocabulary 256)
     monkeypatch.setattr(angular, "GRAM_CHUNK_ELEMENTS", 4 * 32 * 5)  # 5 tokens per Gram chunk
     monkeypatch.setattr(capture, "LENS_CHUNK_ELEMENTS", 256 * 3 * 3)  # 3 tokens per lens chunk
+    measure = analysis._measure  # on a GPU by default; on the CPU only when asked
+    monkeypatch.setattr(analysis, "_measure", lambda *a, **k: measure(*a, **k, checkpoint_layers=True))
     calls = []
     real_checkpoint = analysis.checkpoint
     monkeypatch.setattr(analysis, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
