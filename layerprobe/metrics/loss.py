@@ -60,7 +60,8 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
 
 def _head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                targets: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_rows(head(hidden), targets).sum()
+    logits = head(hidden)
+    return cross_entropy_rows(logits, targets.to(logits.device)).sum()  # the head may sit on another device
 
 
 def chunked_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
