@@ -213,6 +213,11 @@ def device_free_bytes(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
+def _hidden_size(net) -> int:
+    config = getattr(net.config, "text_config", None) or net.config
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+
+
 def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) -> None:
     """On a GPU, before the run: refuse a batch whose predicted peak (predict_memory, x CUDA_FACTOR)
     exceeds the device's free memory, naming the largest batch size that fits. The peak over the
@@ -225,8 +230,15 @@ def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) ->
     seq_len = opening.blocks.shape[1]
 
     def need(b: int) -> float:
-        return CUDA_FACTOR * predict_memory(net, batch_size=b, seq_len=seq_len, tokens=tokens, grad=grad,
-                                            layers_path=anatomy.layers_path).tracked
+        # Predicted at --tokens last: tracking the lens over every token takes minutes at 8B. With
+        # gradients --tokens all adds nothing at the peak (its streams are the layer inputs the backward
+        # keeps); without, it holds the streams: (L+1) x tokens x hidden in the model's dtype.
+        extra = 0
+        if tokens == "all" and not grad:
+            p = next(net.parameters())
+            extra = (anatomy.num_layers + 1) * b * seq_len * _hidden_size(net) * p.element_size()
+        return CUDA_FACTOR * (predict_memory(net, batch_size=b, seq_len=seq_len, tokens="last", grad=grad,
+                                             layers_path=anatomy.layers_path).tracked + extra)
 
     try:
         at_batch = need(batch_size)
