@@ -85,6 +85,7 @@ def test_tracker_against_real_allocations(which):
     assert abs(r["tracked_mib"] / r["measured_mib"] - 1) <= 0.15, r
 
 
+@pytest.mark.slow
 def test_fit_check_names_a_batch_that_fits(llama, monkeypatch):
     loaded, npy = llama
     extra = {b: analysis.CUDA_FACTOR * analysis.predict_memory(loaded.model, batch_size=b, seq_len=24).tracked
