@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pandas as pd
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .anatomy import Anatomy
+from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
+from .errors import LayerprobeError
 from .defaults import check_measure_options
 from .loading import LoadedModel
-from .metrics import angular_long_table, lock_in_layer, grad_norms_by_group, next_token_loss_sum, perplexity, predicted_tokens
+from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
+from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
+                      next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, open_model
 from .progress import make_progress
 from .results import AnalysisResult
@@ -72,46 +78,187 @@ def _add_sublayer_updates(sublayers: pd.DataFrame, capture: LayerCapture, dtype:
     return sublayers.assign(relative_update=rel, update_cosine=cos)
 
 
-def _forward_pass(net, ids: torch.Tensor, grad: bool, n_pred: int) -> float:
+class _Head:
+    """The model split at its head: the base model's last hidden state, then the head and loss a chunk
+    of rows at a time (metrics/loss.py chunked_loss_sum), so the [B·T, V] logits never exist at once.
+    Used only where, on a few tokens, it gives the model's own logits (else `vocab` is None and the
+    pass calls the whole model)."""
+
+    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor):
+        self.net, self.anatomy, self.vocab = net, anatomy, None
+        base = getattr(net, "base_model", None)
+        if anatomy.head is None or not isinstance(base, torch.nn.Module) or base is net:
+            return
+        self.base = base
+        probe = ids[:1, : min(ids.shape[1], 8)]
+        try:
+            with torch.inference_mode():
+                want = net(input_ids=probe, use_cache=False).logits
+                got = anatomy.head_logits(self.hidden(probe))
+        except Exception:  # a base model we cannot call this way: the whole model it is
+            return
+        if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+            self.vocab = want.shape[-1]
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base(input_ids=ids, use_cache=False).last_hidden_state
+
+    def loss_sum(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return next_token_loss_sum(self.net(input_ids=ids, use_cache=False).logits, ids)
+        hidden = self.hidden(ids)
+        return chunked_loss_sum(self.anatomy.head_logits, hidden, next_token_labels(ids), self.vocab)
+
+
+@contextmanager
+def _checkpointed(layers):
+    """Each layer's forward under non-reentrant activation checkpointing: the backward keeps only the
+    layers' inputs and runs one layer again at a time. The layer's own hooks stay outside the
+    checkpoint; the hooks on its children return at once during the recompute (capture.py)."""
+    saved = []
+    for layer in layers:
+        own = layer.__dict__.get("forward")  # accelerate's hooks replace forward on the instance
+        saved.append(own)
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, own in zip(layers, saved):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int, checkpoint_layers: bool = True) -> float:
     """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss)."""
     if grad:
-        with torch.enable_grad():
-            logits = net(input_ids=ids, use_cache=False).logits
-            loss_sum = next_token_loss_sum(logits, ids)
+        with torch.enable_grad(), (_checkpointed(head.anatomy.layers) if checkpoint_layers else nullcontext()):
+            loss_sum = head.loss_sum(ids)
             # d(mean loss over all analysed tokens): each batch adds its share.
             (loss_sum / n_pred).backward()
     else:
         with torch.inference_mode():
-            logits = net(input_ids=ids, use_cache=False).logits
-            loss_sum = next_token_loss_sum(logits, ids)
-    del logits
+            loss_sum = head.loss_sum(ids)
     return float(loss_sum.detach())
 
 
+@contextmanager
+def _gradients_on_layers(net, anatomy: Anatomy):
+    """requires_grad on the layers' parameters only (what the gradient tables read): no embedding or
+    head gradients, no backward through the embedding. The flags are restored afterwards."""
+    # Weights accelerate offloads are `meta` here and rebuilt on every forward (no gradient lands on them;
+    # after an inference pass they refuse requires_grad): left alone. Offloaded layers are refused earlier.
+    params = [p for p in net.parameters() if not p.is_meta]
+    before = {p: p.requires_grad for p in params}
+    for p in params:
+        p.requires_grad_(False)
+    for p in anatomy.layers.parameters():
+        if not p.is_meta:
+            p.requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for p, flag in before.items():
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
-             lens_chunk: int | None = None) -> tuple[LayerCapture, float]:
-    """The hooked pass over every batch: the filled capture and the mean next-token loss."""
+             lens_chunk: int | None = None, checkpoint_layers: bool | None = None) -> tuple[LayerCapture, float]:
+    """The hooked pass over every batch: the filled capture and the mean next-token loss.
+
+    `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
+    where memory is what runs out; on the CPU it would cost one more forward (~+30%) for nothing.
+    """
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
+    if checkpoint_layers is None:
+        checkpoint_layers = anatomy.input_device.type != "cpu"
     n_pred = predicted_tokens(blocks)
-    if grad:
-        for p in net.parameters():
-            # Weights accelerate offloads are `meta` here and rebuilt on every forward (no gradient lands on
-            # them; after an inference pass they refuse requires_grad). Offloaded layers are refused earlier.
-            if not p.is_meta:
-                p.requires_grad_(True)
-        net.zero_grad(set_to_none=True)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
+    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
-    with capture, make_progress(progress) as bar:
+    with (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
-            loss_total += _forward_pass(net, ids, grad, n_pred)
+            loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers)
             capture.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
     return capture, loss_total / n_pred
+
+
+def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
+                   layers_path: str | None = None, build: bool = True) -> Prediction:
+    """Peak memory of `analyze` on `net`'s shapes, allocating nothing: `_measure` itself, on two
+    batches (gradients are held from one to the next), run on a full-size copy of `net` under
+    FakeTensorMode with a storage tracker (memory.py). `build=False`: `net` is already fake."""
+    with fake_mode(None if build else net), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FakeTensor's data_ptr warning (norm placement reads identities)
+        model = fake_copy(net) if build else net
+        anatomy = find_anatomy(model, layers_path=layers_path)
+        blocks = torch.zeros((2 if grad else 1) * batch_size, seq_len, dtype=torch.long)
+        opening = type("FakeOpening", (), {"model": model, "anatomy": anatomy, "blocks": blocks})()
+        return track(lambda: _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=False,
+                                      checkpoint_layers=True), model, [blocks])
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (None elsewhere: the fit check is for GPUs)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _hidden_size(net) -> int:
+    config = getattr(net.config, "text_config", None) or net.config
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+
+
+def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) -> None:
+    """On a GPU, before the run: refuse a batch whose predicted peak (predict_memory, x CUDA_FACTOR)
+    exceeds the device's free memory, naming the largest batch size that fits. The peak over the
+    weights is linear in the batch size (checked on the tracker), so two predictions give the line."""
+    net, anatomy = opening.model, opening.anatomy
+    devices = {p.device for p in net.parameters()}
+    free = device_free_bytes(anatomy.input_device) if len(devices) == 1 else None
+    if free is None:
+        return
+    seq_len = opening.blocks.shape[1]
+
+    def need(b: int) -> float:
+        # Predicted at --tokens last: tracking the lens over every token takes minutes at 8B. With
+        # gradients --tokens all adds nothing at the peak (its streams are the layer inputs the backward
+        # keeps); without, it holds the streams: (L+1) x tokens x hidden in the model's dtype.
+        extra = 0
+        if tokens == "all" and not grad:
+            p = next(net.parameters())
+            extra = (anatomy.num_layers + 1) * b * seq_len * _hidden_size(net) * p.element_size()
+        return CUDA_FACTOR * (predict_memory(net, batch_size=b, seq_len=seq_len, tokens="last", grad=grad,
+                                             layers_path=anatomy.layers_path).tracked + extra)
+
+    try:
+        at_batch = need(batch_size)
+        if at_batch <= free:
+            return
+        at_one = need(1) if batch_size > 1 else at_batch
+    except Exception:  # a model we cannot rebuild from its config: no prediction, no refusal
+        return
+    per_sample = (at_batch - at_one) / (batch_size - 1) if batch_size > 1 else at_batch
+    fits = [b for b in range(1, batch_size) if at_one + (b - 1) * per_sample <= free]
+    what = f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
+    advice = (f"use --batch-size {max(fits)}" if fits else
+              "even --batch-size 1 does not fit: use " + ("--no-grad or " if grad else "") + "a shorter --seq-len")
+    raise LayerprobeError(f"{what} needs ~{at_batch / GIB:.1f} GiB over the weights on {anatomy.input_device}, "
+                          f"which has {free / GIB:.1f} GiB free: {advice}")
 
 
 def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -183,7 +330,7 @@ def analyze(
     and update cosine per layer and per attention/MLP sublayer, massive activations, gradient norms
     per layer and sublayer, loss and perplexity: all from one hooked pass (+ one backward).
 
-    `lens_chunk`: tokens per logit-lens chunk (default: 2^24 logits' worth) — memory only.
+    `lens_chunk`: tokens per logit-lens chunk (default: 2^26 logits' worth, ~1 GiB) — memory only.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and
@@ -198,6 +345,7 @@ def analyze(
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
+    check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
     capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
                              lens_chunk=lens_chunk)

@@ -164,6 +164,13 @@ class Anatomy:
         project_out = getattr(self.layers_parent[0], "project_out", None)
         if isinstance(project_out, nn.Module):
             h = project_out(h)
+        return self.head_logits(h)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head and the final logit transform of `readout`, for vectors already through
+        the final norm: what the CausalLM does with its base model's last hidden state."""
+        if self.head is None:
+            raise LayerprobeError("this model has no output head (get_output_embeddings() is None): no logit lens")
         logits = self.head(h)
         config = getattr(self.model, "config", None)
         config = getattr(config, "text_config", None) or config

@@ -4,9 +4,14 @@ The residual stream is read at the layers (input of layer l, output of the last 
 `output_hidden_states`, whose last entry comes after the final norm. Nothing is kept across
 batches but running sums, so memory does not grow with the number of samples.
 
-The logit lens needs the final distribution, known only once the model returns: a forward hook on
-the model itself reads its logits and applies the model's readout to the layer outputs already
-held for the angular distance (the same tokens), in chunks of tokens, under no_grad.
+The logit lens and the angular distance are formed in `end_batch` from the layer outputs held for
+the batch (the same tokens), in the model's dtype: a bf16 value converts to float64 exactly, so a
+float64 copy would add bytes and no precision. The lens reads the model's own readout of the last
+layer's output as the final distribution (`Anatomy.readout`: what the CausalLM does after its last
+layer), so it does not need the model's full logits, which `analyze` never forms (see analysis).
+Both run in chunks of tokens sized by a memory budget, every layer at once, on the layers' device.
+Under activation checkpointing the layers run again inside the backward: every hook returns at
+once there (`_recomputing`), so nothing is counted twice and no recomputed graph is kept.
 Sublayer updates come from forward hooks on each layer's attention and MLP children; they are
 kept only for layers whose output is exactly input + attention + MLP (checked on the data), the
 Pre-LN residual form, where those outputs are the updates (see `sublayer_updates`).
@@ -18,18 +23,24 @@ import torch
 
 from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
-from .metrics import (RunningMoments, activation_extremes, angular_distance_matrix, block_influence,
-                      cosine_and_norms, final_distribution, lens_sums, unit_vectors, update_sums)
+from .metrics import (RunningMoments, activation_extremes, angular_distance_sums, block_influence,
+                      cosine_and_norms, final_distribution, lens_sums, update_sums)
 
 TOKENS = ("last", "all")
-# Logits per lens chunk (layers x tokens x vocabulary): 2^24 float32 = 64 MiB, whatever the batch size.
-LENS_CHUNK_ELEMENTS = 1 << 24
+# Logits per lens chunk (layers x tokens x vocabulary), whatever the batch size: 2^26, i.e. about
+# 1 GiB with the model-dtype logits, their float32 log-softmax and the KL terms (~16 bytes each).
+LENS_CHUNK_ELEMENTS = 1 << 26
 # y = x + attention + MLP holds to rounding: |y - x - a - m| <= this many eps of the dtype x (|x|+|a|+|m|).
 DECOMPOSITION_EPS = 16
 
 
 def _ratio_sums() -> list:
     return [0.0, 0.0, 0]  # Σ ‖d‖/‖x‖, Σ cos(d, x), tokens
+
+
+def _recomputing() -> bool:
+    """Inside a backward pass: a checkpointed layer running again, whose statistics were already taken."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -81,6 +92,7 @@ class LayerCapture:
         self.lens_count = 0
         self._readout = None  # anatomy.readout, or the model's own path where that differs (see _choose_readout)
         self._output_len: int | None = None
+        self._vocab_size: int | None = None
         # Residual updates (metrics/update.py) and activation extremes (metrics/activation.py), all tokens.
         self.update_ratio_sum = [0.0] * L
         self.update_cos_sum = [0.0] * L
@@ -105,13 +117,20 @@ class LayerCapture:
 
     # -- hooks -----------------------------------------------------------------------------
     def _store_unit(self, depth: int, h: torch.Tensor) -> None:
+        """Keep the stream at `depth` for end_batch, in the model's dtype, on the layer's device.
+
+        With gradients the layer's input is kept for the backward anyway: a view costs nothing (and
+        a model that changed it in place would fail its own backward). Otherwise a copy, so that
+        nothing the model does to the tensor afterwards changes what was measured.
+        """
         vecs = h[:, -1, :] if self.tokens == "last" else h.reshape(-1, h.shape[-1])
-        # float64 on the CPU: arccos is steep near cos = 1, where neighbouring layers sit.
-        # Kept on the layer's device until the batch ends: no host sync inside the forward.
-        self._units[depth] = vecs.detach().to(torch.float64)
+        vecs = vecs.detach()
+        self._units[depth] = vecs if h.requires_grad and self.tokens == "all" else vecs.clone()
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
+            if _recomputing():
+                return
             h = one_stream(layer_input(args, kwargs))
             self._inputs[index] = h
             with torch.no_grad():
@@ -121,6 +140,8 @@ class LayerCapture:
 
     def _post_hook(self, index: int):
         def hook(module, args, kwargs, output):
+            if _recomputing():
+                return
             y = residual_tensor(output)
             x = self._inputs.pop(index)
             if index == self.num_layers - 1:
@@ -190,6 +211,8 @@ class LayerCapture:
 
     def _child_hook(self, index: int, which: str):
         def hook(module, args, output):
+            if _recomputing():
+                return
             try:
                 self._sub_out[(index, which)] = residual_tensor(output)
             except LayerprobeError:  # an output we cannot read: this layer gets no sublayer rows
@@ -197,57 +220,61 @@ class LayerCapture:
 
         return hook
 
-    def _model_hook(self, module, args, output):
-        """After the model returns: the logit lens for every layer, from its own logits."""
-        logits = getattr(output, "logits", None)
-        if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            logits = output[0]
-        if not self.lens or not isinstance(logits, torch.Tensor) or any(u is None for u in self._units[1:]):
-            return
-        with torch.no_grad():
-            self._lens(logits.detach())
-
-    def _lens(self, logits: torch.Tensor) -> None:
-        """Every layer's lens for a chunk of tokens in one readout: one pass over the head's weights
-        (vocabulary x hidden) per chunk, not one per layer; with a handful of tokens the matmul is
-        bound by reading those weights (30x slower per layer on SmolLM2 with 4 tokens)."""
-        L, vocab = self.num_layers, logits.shape[-1]
-        final = logits[:, -1, :] if self.tokens == "last" else logits.reshape(-1, vocab)
+    def _lens(self) -> None:
+        """Every layer's lens for the batch's tokens, chunk by chunk, all layers in one readout: one
+        pass over the head's weights (vocabulary x hidden) per chunk, and one log-softmax, KL and
+        argmax over [layers, tokens, vocabulary]. The final distribution is the readout of the last
+        layer's output, the model's own logits for those tokens (the readout is checked to be the model's
+        own path on the first batch: `_choose_readout`)."""
+        L = self.num_layers
         if self._readout is None:
-            self._readout = self._choose_readout(final)
+            self._readout = self._choose_readout()
             if self._readout is None:
-                self.lens = False  # neither path gives the model's logits: no lens (NaN) rather than a wrong one
+                self.lens = False  # no path gives the model's logits: no lens (NaN) rather than a wrong one
                 return
-        # Tokens per chunk: never more than LENS_CHUNK_ELEMENTS logits for all layers together.
-        step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (vocab * L))
-        for start in range(0, final.shape[0], step):
-            f = final_distribution(final[start:start + step])
-            device = f.log_p.device
+        n_tokens = self._units[L].shape[0]
+        step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (self._vocab() * L))
+        kl_sum = agree_sum = None
+        for start in range(0, n_tokens, step):
+            device = self._units[L].device
             # y_layer = the input of the next layer, already held for the angular distance
             h = torch.cat([self._units[layer + 1][start:start + step].to(device) for layer in range(L)])
-            lens_logits = self._readout(h).to(device).reshape(L, -1, vocab)
-            for layer in range(L):
-                kl, agree = lens_sums(f, lens_logits[layer])
-                self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl
-                self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree
-        self.lens_count += final.shape[0]
+            lens_logits = self._readout(h).to(device).reshape(L, h.shape[0] // L, -1)
+            kl, agree = lens_sums(final_distribution(lens_logits[-1]), lens_logits)
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+            agree_sum = agree if agree_sum is None else agree_sum + agree
+        for layer in range(L):
+            self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl_sum[layer]
+            self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree_sum[layer]
+        self.lens_count += n_tokens
 
-    def _choose_readout(self, final: torch.Tensor):
-        """The rebuilt readout if the last layer's output read out gives the model's logits, else the
-        model's own path (anatomy.own_path_logits) if that does, else None."""
-        last = self._units[self.num_layers][: min(8, final.shape[0])]
-        want = final[: last.shape[0]].float()
-        tol = 1e-4 if final.dtype == torch.float32 else 3e-2  # as the sweep's check (pruning/prefix.py)
-        readouts = (self.anatomy.readout, lambda h: own_path_logits(self.anatomy, h, self._output_len))
-        for readout in readouts:
-            try:
-                got = readout(last).float().to(want.device)
-            except Exception:  # a path this model cannot run; the next one, or no lens
-                continue
-            scale = float(want.abs().max().clamp_min(1e-6))
-            if got.shape == want.shape and float((got - want).abs().max()) <= tol * scale:
-                return readout
-        return None
+    def _vocab(self) -> int:
+        if self._vocab_size is None:
+            with torch.no_grad():
+                self._vocab_size = self._readout(self._units[-1][:1]).shape[-1]
+        return self._vocab_size
+
+    def _choose_readout(self):
+        """The rebuilt readout (final norm, head, logit transform) if, on the first batch's last-layer outputs,
+        it gives what the model's own path gives (anatomy.own_path_logits: the model's forward with every layer
+        standing in for the given stream); else that own path; None when the own path cannot run."""
+        last = self._units[self.num_layers][:8]
+
+        def own(h):
+            return own_path_logits(self.anatomy, h, self._output_len)
+
+        try:
+            want = own(last).float()
+        except Exception:  # a path this model cannot run with stand-in layers: no lens rather than a guess
+            return None
+        tol = 1e-4 if last.dtype == torch.float32 else 3e-2  # as the sweep's check (pruning/prefix.py)
+        try:
+            got = self.anatomy.readout(last).float().to(want.device)
+            if got.shape == want.shape and float((got - want).abs().max()) <= tol * float(want.abs().max().clamp_min(1e-6)):
+                return self.anatomy.readout
+        except Exception:  # the rebuilt readout does not run on this model: its own path does
+            pass
+        return own
 
     def _norm_after_sublayer(self, index: int) -> bool:
         """A norm of this layer read an attention/MLP output and fed no attention/MLP: a sandwich's outer norm."""
@@ -275,7 +302,7 @@ class LayerCapture:
         # Placement is read from tensor identity, not values: a Pre-LN norm is handed the very
         # tensor the layer received, and a Post-LN layer returns the very tensor its norm made.
         def hook(module, args, kwargs, output):
-            if not isinstance(output, torch.Tensor):
+            if _recomputing() or not isinstance(output, torch.Tensor):
                 return
             try:
                 inp = layer_input(args, kwargs)
@@ -302,8 +329,6 @@ class LayerCapture:
                     if kind in ("norm", "attention", "mlp"):
                         hook = self._norm_hook(i) if kind == "norm" else self._sub_io_hook(i)
                         self._placement_handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        if self.lens:
-            self._handles.append(self.anatomy.model.register_forward_hook(self._model_hook))
         return self
 
     def __exit__(self, *exc):
@@ -318,9 +343,12 @@ class LayerCapture:
     def end_batch(self) -> None:
         if any(u is None for u in self._units):
             raise LayerprobeError("not every layer ran in the model's forward pass; name the layer list with --layers-path")
-        units = torch.stack([u.cpu() for u in self._units])  # [L+1, N, H]
-        self.angular_sum += angular_distance_matrix(unit_vectors(units))
-        self.angular_count += units.shape[1]
+        with torch.no_grad():
+            if self.lens:
+                self._lens()
+            sums = angular_distance_sums(self._units)  # on the first layer's device: no host copy
+        self.angular_sum = self.angular_sum.to(sums.device) + sums
+        self.angular_count += self._units[0].shape[0]
         self._units = [None] * (self.num_layers + 1)
         self._sub_out.clear()
         self._checking_decomposition = False
@@ -354,7 +382,7 @@ class LayerCapture:
         }
 
     def angular_mean(self) -> torch.Tensor:
-        return self.angular_sum / max(self.angular_count, 1)
+        return self.angular_sum.cpu() / max(self.angular_count, 1)
 
     def block_influence(self) -> list[float]:
         return [block_influence(s, c) for s, c in zip(self.cos_sum, self.cos_count)]

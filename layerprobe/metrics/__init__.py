@@ -4,11 +4,11 @@ Pure functions on tensors: `capture.py` and the pruning sweep feed them batch by
 """
 
 from .activation import MASSIVE_RATIO, activation_extremes, massive_onset
-from .angular import angular_distance_matrix, angular_long_table, unit_vectors
+from .angular import angular_distance_matrix, angular_distance_sums, angular_long_table, unit_vectors
 from .gradients import grad_norms_by_group
 from .influence import block_influence, cosine_and_norms, cosine_per_token
 from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lock_in_layer
-from .loss import cross_entropy_rows, next_token_loss_sum, perplexity, predicted_tokens
+from .loss import chunked_loss_sum, cross_entropy_rows, next_token_labels, next_token_loss_sum, perplexity, predicted_tokens
 from .update import second_half_ratio, update_sums
 from .variance import RunningMoments
 from .weights import weight_change_sums, weight_update_ratio
@@ -24,12 +24,15 @@ __all__ = [
     "second_half_ratio",
     "update_sums",
     "angular_distance_matrix",
+    "angular_distance_sums",
     "angular_long_table",
     "unit_vectors",
     "block_influence",
     "cosine_and_norms",
     "cosine_per_token",
+    "chunked_loss_sum",
     "cross_entropy_rows",
+    "next_token_labels",
     "grad_norms_by_group",
     "next_token_loss_sum",
     "perplexity",

@@ -32,6 +32,22 @@ def angular_distance_matrix(units: torch.Tensor) -> torch.Tensor:
     return (torch.arccos(cos) / math.pi).sum(0)
 
 
+# Float64 elements per chunk of `angular_distance_sums` (layers x tokens x hidden): 256 MiB.
+GRAM_CHUNK_ELEMENTS = 1 << 25
+
+
+def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int | None = None) -> torch.Tensor:
+    """`angular_distance_matrix` of the L+1 streams [N, H] (any dtype, any devices), formed in chunks
+    of tokens on the first stream's device: float64 copies of one chunk at a time, never of all N."""
+    device, n, width = streams[0].device, streams[0].shape[0], streams[0].shape[-1]
+    step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // (len(streams) * width))
+    total = torch.zeros(len(streams), len(streams), dtype=torch.float64, device=device)
+    for start in range(0, n, step):
+        u = torch.stack([s[start:start + step].to(device=device, dtype=torch.float64) for s in streams])
+        total += angular_distance_matrix(unit_vectors(u))
+    return total
+
+
 def angular_long_table(mean_matrix: torch.Tensor) -> pd.DataFrame:
     """The (L+1)x(L+1) mean matrix as rows (layer l, block size n, distance) for l + n <= L."""
     size = mean_matrix.shape[0]

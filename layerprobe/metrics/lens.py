@@ -37,15 +37,16 @@ def final_distribution(final_logits: torch.Tensor) -> FinalDistribution:
 
 
 def lens_sums(final: FinalDistribution, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ KL(p_final ‖ p_ℓ), number of tokens whose top-1 agrees) over rows of [N, V] logits.
+    """(Σ KL(p_final ‖ p_ℓ), number of tokens whose top-1 agrees) over the rows of [..., N, V] logits:
+    one value per leading index (e.g. [L, N, V] for every layer at once, giving [L]).
 
     Softmax and the KL are taken in float32 (bf16 logits are upcast), the sum in float64; both
-    stay on the logits' device (no host sync). A token with p_final(v) = 0 contributes 0 for v.
+    stay on the logits' device (no host sync).
     """
     log_layer = F.log_softmax(layer_logits.float(), dim=-1)
-    kl = F.kl_div(log_layer, final.log_p, log_target=True, reduction="none").sum(-1)
-    agree = (layer_logits.argmax(-1) == final.top).sum()
-    return kl.sum(dtype=torch.float64), agree
+    kl = F.kl_div(log_layer, final.log_p.expand_as(log_layer), log_target=True, reduction="none").sum(-1)
+    agree = (layer_logits.argmax(-1) == final.top).sum(-1)
+    return kl.sum(-1, dtype=torch.float64), agree
 
 
 def lock_in_layer(top1: list[float], threshold: float = LOCK_IN_TOP1) -> int | None:

@@ -1,0 +1,285 @@
+"""Predicted GPU memory of layerprobe's own code paths at full model size, on a CPU, allocating nothing.
+
+    python bench/bench_memory.py [--models llama3-8b,gemma2-9b] [--batch-size 4] [--seq-len 2048]
+                                 [--modes analyze,analyze-all,no-grad,no-grad-all,prune-layer,train]
+                                 [--dtype bfloat16] [--json out.json]
+    python bench/bench_memory.py --validate      # the tracker against real allocations (CPU, fp32)
+
+Each model is built from its config (written below: no hub) under FakeTensorMode, and layerprobe's
+own calls run on it inside `layerprobe.memory.StorageTracker`, which follows every storage an aten op
+makes until it dies:
+  analyze / analyze-all    `analysis._measure` with gradients, --tokens last / all, two batches
+  no-grad / no-grad-all    the same without gradients
+  prune-layer              `pruning.sweep._measure` in layer mode, one batch
+  train                    one train-reference step of the reference model (71m / 130m presets at their
+                           default batch 512 x 256 and default micro-batch), bf16 autocast, AdamW
+Printed per run: the weights, the tracked peak over them, and the predicted CUDA peak
+(weights + 1.1 x tracked + 0.7 GiB: allocator, kernel workspaces, context; see docs/design.md).
+Under inference_mode composite ops hide their internals from dispatch modes, so the no-grad runs are
+tracked under no_grad (the same memory).
+
+--validate runs analyze with gradients and without on a real fp32 Llama of ~150 MB in a subprocess with
+malloc's mmap threshold fixed (so freed tensors leave the resident set) and compares the tracked peak
+with the peak resident set over the loaded model (VmHWM, reset after loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from layerprobe.memory import GIB, StorageTracker, cuda_estimate, fake_mode, weight_bytes
+
+MODELS = {
+    # name: (config class, kwargs) as in each model's config.json on the hub
+    "llama3-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                                      max_position_embeddings=8192, tie_word_embeddings=False)),
+    "qwen2.5-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
+                                       max_position_embeddings=32768, tie_word_embeddings=False)),
+    "mistral-7b": ("MistralConfig", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                         num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0,
+                                         sliding_window=None, max_position_embeddings=32768, tie_word_embeddings=False)),
+    "gemma2-9b": ("Gemma2Config", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                       query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                                       attn_logit_softcapping=50.0, max_position_embeddings=8192)),
+    "llama2-13b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+                                       tie_word_embeddings=False)),
+    "llama3-70b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                       num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
+                                       max_position_embeddings=8192, tie_word_embeddings=False)),
+}
+MODES = ("analyze", "analyze-all", "no-grad", "no-grad-all", "prune-layer")
+TRAIN_PRESETS = ("71m", "130m")
+
+
+def build(name: str, dtype: torch.dtype):
+    """The CausalLM for `name` at full size, under the current fake mode, in `dtype`."""
+    import transformers
+
+    cls_name, kwargs = MODELS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return model_cls(config).eval()
+    finally:
+        torch.set_default_dtype(before)
+
+
+@contextlib.contextmanager
+def no_inference_mode():
+    """inference_mode -> no_grad while tracking: composite ops then show their internals."""
+    saved = torch.inference_mode
+    torch.inference_mode = lambda *a, **k: torch.no_grad()
+    try:
+        yield
+    finally:
+        torch.inference_mode = saved
+
+
+def tracked(run, model, inputs=(), scalar: float = 0) -> dict:
+    tracker = StorageTracker(fake_scalars=True, scalar=scalar)
+    tracker.register_module(model)
+    tracker.register(inputs)
+    started = time.perf_counter()
+    with no_inference_mode(), tracker:
+        run()
+    weights = sum(weight_bytes(model).values())
+    peak = max(tracker.peak.values(), default=0)
+    return {"weights_gib": weights / GIB, "tracked_gib": peak / GIB, "cuda_gib": cuda_estimate(weights, peak) / GIB,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def opening_for(model, blocks):
+    from layerprobe.anatomy import find_anatomy
+
+    anatomy = find_anatomy(model)
+    loaded = type("Loaded", (), {"dtype": next(model.parameters()).dtype})()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return type("Opening", (), {"model": model, "anatomy": anatomy, "blocks": blocks, "loaded": loaded,
+                                "vocab_size": vocab})()
+
+
+def run_mode(model, mode: str, batch: int, seq_len: int) -> dict:
+    from layerprobe import analysis
+
+    if mode == "prune-layer":
+        from layerprobe.pruning.candidates import build_candidates
+        from layerprobe.pruning.measures import chunk_rows_for
+        from layerprobe.pruning.options import SweepOptions
+        from layerprobe.pruning.sweep import _measure as sweep_measure
+
+        blocks = torch.zeros(batch, seq_len, dtype=torch.long)
+        opening = opening_for(model, blocks)
+        opts = SweepOptions.parse(mode="layer", block_size=None, steps=None, by=None, remove=None, batch_size=batch,
+                                  lm_eval_tasks=None)
+        opts.for_depth(opening.anatomy.num_layers)
+        candidates = build_candidates(opts, opening.anatomy.num_layers, {})
+        return tracked(lambda: sweep_measure(opening, opts, candidates, batch_size=batch,
+                                             chunk_rows=chunk_rows_for(opening.vocab_size), progress=False),
+                       model, [blocks])
+    grad = mode.startswith("analyze")
+    tokens = "all" if mode.endswith("-all") else "last"
+    blocks = torch.zeros(2 * batch, seq_len, dtype=torch.long)  # two batches: what one holds for the next counts
+    opening = opening_for(model, blocks)
+    # On a GPU analyze checkpoints every layer (checkpoint_layers defaults to "not on the CPU"); the
+    # fake model sits on the CPU device, so ask for it. Code from before the option has no checkpointing.
+    extra = {"checkpoint_layers": True} if "checkpoint_layers" in inspect.signature(analysis._measure).parameters else {}
+    return tracked(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad, progress=False,
+                                             **extra), model, [blocks])
+
+
+def run_train(preset: str) -> dict:
+    """One optimizer step of train-reference at the preset's defaults on one GPU: the trainer's own
+    micro-batch loop (model(ids, labels=ids).loss under bf16 autocast, backward), then AdamW."""
+    from layerprobe.reference.presets import get_preset, reference_config
+    from layerprobe.training import settings as training_settings
+    from layerprobe.training.model import autocast
+
+    p = get_preset(preset)
+    per_rank = p.batch_size
+    choose = getattr(training_settings, "default_micro_batch", None)
+    micro = choose(per_rank, p.seq_len) if choose else per_rank  # before: the whole per-rank batch
+    from layerprobe.reference import LayerprobeForCausalLM
+
+    model = LayerprobeForCausalLM(reference_config(p))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rows = torch.zeros(per_rank, p.seq_len, dtype=torch.long)
+
+    def step():
+        for m in range(per_rank // micro):
+            ids = rows[m * micro:(m + 1) * micro]
+            with autocast(torch.bfloat16, torch.device("cpu")):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / (per_rank // micro)).backward()
+        opt.step()
+
+    out = tracked(step, model, [rows], scalar=1)  # Adam divides by 1 - beta^step
+    out["micro_batch"] = micro
+    return out
+
+
+def validate() -> int:
+    """The tracker against real allocations: one subprocess per run (see the module docstring)."""
+    print("tracker vs real allocations: fp32 Llama, 4 layers, hidden 512, vocab 32000, 2 batches of 2 x 1024 "
+          "tokens, CPU")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for grad in (True, False):
+        out = subprocess.run([sys.executable, __file__, "--validate-one", "grad" if grad else "nograd"],
+                             env=env, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:])
+            return 1
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {'with gradients' if grad else 'no gradients  '}: tracked {r['tracked_mib']:.0f} MiB, "
+              f"measured {r['measured_mib']:.0f} MiB (peak RSS over the loaded model), "
+              f"tracked/measured {r['tracked_mib'] / r['measured_mib']:.3f}")
+    return 0
+
+
+# (vocabulary, hidden, layers, batch, tokens): --validate's model, and the test's smaller one
+VALIDATION_SIZES = {"full": (32000, 512, 4, 2, 1024), "small": (16000, 256, 2, 2, 512)}
+
+
+def validation_model(vocab: int, hidden: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def validate_one(which: str, size: str = "full") -> None:
+    from layerprobe import analysis
+
+    torch.set_num_threads(1)
+    grad = which == "grad"
+    vocab, hidden, layers, batch, seq = VALIDATION_SIZES[size]
+    blocks = torch.randint(0, vocab, (2 * batch, seq))
+    model = validation_model(vocab, hidden, layers)
+    opening = opening_for(model, blocks)
+    # Warm-up on a few tokens: first-use imports and allocator set-up are not the pass's memory.
+    analysis._measure(opening_for(model, blocks[:2, :16]), batch_size=1, tokens="last", grad=grad, progress=False)
+    model.zero_grad(set_to_none=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _rss_kib("VmRSS")
+    tracker = StorageTracker()
+    tracker.register_module(model)
+    tracker.register([blocks])
+    with no_inference_mode(), tracker:
+        analysis._measure(opening, batch_size=batch, tokens="last", grad=grad, progress=False, checkpoint_layers=True)
+    measured = (_rss_kib("VmHWM") - base) / 1024
+    print(json.dumps({"tracked_mib": max(tracker.peak.values()) / (1 << 20), "measured_mib": measured}))
+
+
+def _rss_kib(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(key)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--modes", default=",".join(MODES + ("train",)))
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--validate", action="store_true")
+    ap.add_argument("--validate-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--validate-size", default="full", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.validate_one:
+        validate_one(args.validate_one, args.validate_size)
+        return 0
+    if args.validate:
+        return validate()
+    modes = args.modes.split(",")
+    dtype = getattr(torch, args.dtype)
+    results = []
+    print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}; GiB: weights, tracked peak over them, "
+          f"predicted CUDA peak")
+    for name in args.models.split(","):
+        with fake_mode():
+            model = build(name, dtype)
+            attn = model.config._attn_implementation
+            for mode in (m for m in modes if m in MODES):
+                r = run_mode(model, mode, args.batch_size, args.seq_len)
+                r.update(model=name, mode=mode, attention=attn)
+                results.append(r)
+                print(f"{name:12s} {mode:12s} weights {r['weights_gib']:6.1f}  tracked {r['tracked_gib']:6.1f}  "
+                      f"CUDA {r['cuda_gib']:6.1f}   ({attn} attention, {r['seconds']} s)", flush=True)
+    if "train" in modes:
+        for preset in TRAIN_PRESETS:
+            with fake_mode():
+                r = run_train(preset)
+            r.update(model=f"reference-{preset}", mode="train")
+            results.append(r)
+            print(f"{'ref ' + preset:12s} {'train':12s} weights {r['weights_gib']:6.1f}  tracked {r['tracked_gib']:6.1f}  "
+                  f"CUDA {r['cuda_gib']:6.1f}   (micro-batch {r['micro_batch']} x 256, {r['seconds']} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

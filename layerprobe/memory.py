@@ -1,0 +1,164 @@
+"""Peak memory of layerprobe's own calls, measured without allocating: the model is built at full
+size under `FakeTensorMode` (every op runs its shape logic, nothing is allocated) and a dispatch
+mode follows every storage an aten op makes until it dies.
+
+`StorageTracker` adds a new storage's bytes the first time an op returns it and subtracts them
+when the storage is freed (`weakref.finalize`); storages that existed before (weights, buffers,
+inputs) are registered first, so views of them count nothing. Its running maximum per device is
+the peak over what existed before. Kernel-internal buffers are not seen, so a CUDA peak is larger:
+`cuda_estimate` adds the allowance measured against real allocations (docs/design.md).
+
+The same prediction serves `analyze` before a long run on a GPU (`analysis.check_fits`): a batch that
+will not fit says so, with the batch size that would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 1 << 30
+# Allowance from tracked bytes to a CUDA peak: allocator rounding and kernel workspaces (x1.1 of
+# what the run adds over the weights); the CUDA context itself is outside torch's free memory.
+CUDA_FACTOR = 1.1
+CUDA_CONTEXT_BYTES = int(0.7 * GIB)
+
+
+# Ops that return a Python value read from the data, and what a faked run answers.
+_SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+_VALUE_READS = {torch.ops.aten.allclose.default: True, torch.ops.aten.equal.default: True,
+                torch.ops.aten.is_nonzero.default: True}
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live and peak bytes of the storages aten ops create, per device.
+
+    `fake_scalars`: answer every read of a tensor's value (`.item()`, `float(t)`: `scalar`; `allclose`:
+    True) instead of failing, so code that syncs on a value runs under FakeTensorMode (the values are
+    meaningless, the shapes and therefore the bytes are not).
+    """
+
+    def __init__(self, fake_scalars: bool = False, scalar: float = 0):
+        super().__init__()
+        self.fake_scalars, self.scalar = fake_scalars, scalar
+        self.live: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self._seen: set[int] = set()
+        self.scalar_reads = 0
+
+    def register(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Storages that exist already (weights, buffers, inputs): never counted."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._seen.add(t.untyped_storage()._cdata)
+
+    def register_module(self, module: torch.nn.Module) -> None:
+        self.register(list(module.parameters()) + list(module.buffers()))
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+            return
+        key = storage._cdata
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        device, size = str(t.device), storage.nbytes()
+        self.live[device] += size
+        self.peak[device] = max(self.peak[device], self.live[device])
+        weakref.finalize(storage, self._free, key, device, size)
+
+    def _free(self, key: int, device: str, size: int) -> None:
+        self._seen.discard(key)
+        self.live[device] -= size
+
+    def reset_peak(self) -> None:
+        for device, live in self.live.items():
+            self.peak[device] = live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake_scalars and (func in _SCALAR_READS or func in _VALUE_READS):
+            self.scalar_reads += 1
+            return self.scalar if func in _SCALAR_READS else _VALUE_READS[func]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def weight_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the parameters and buffers per device, each storage once (tied weights count once)."""
+    seen, out = set(), defaultdict(int)
+    for t in list(module.parameters()) + list(module.buffers()):
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            out[str(t.device)] += storage.nbytes()
+    return dict(out)
+
+
+def cuda_estimate(weights: int, tracked_peak: int) -> int:
+    """A CUDA device's peak from a tracked run: the weights, what the run added x CUDA_FACTOR, the context."""
+    return weights + int(CUDA_FACTOR * tracked_peak) + CUDA_CONTEXT_BYTES
+
+
+@contextlib.contextmanager
+def fake_mode(like: torch.nn.Module | None = None):
+    """FakeTensorMode in which a model can be built at full size and run (nothing allocated);
+    `like`: a model built under an earlier fake mode, whose mode is entered again."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = getattr(next(like.parameters()), "fake_mode", None) if like is not None else None
+    with (mode or FakeTensorMode()) as active:
+        yield active
+
+
+def fake_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A full-size, unallocated copy of a transformers model, built from its config under the
+    current fake mode, in the model's dtype. (Call inside `fake_mode()`.)"""
+    dtype = next(model.parameters()).dtype
+    with _default_dtype(dtype):
+        copy = type(model)(model.config)
+    if any(p.dtype != dtype for p in copy.parameters() if p.dtype.is_floating_point):
+        copy = copy.to(dtype)
+    return copy.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@dataclass
+class Prediction:
+    weights: int  # bytes of parameters and buffers
+    tracked: int  # tracked peak over the weights (bytes)
+
+    @property
+    def cuda(self) -> int:
+        return cuda_estimate(self.weights, self.tracked)
+
+
+def track(run: Callable[[], object], module: torch.nn.Module, inputs: Iterable[torch.Tensor] = ()) -> Prediction:
+    """Run `run()` under a StorageTracker (values faked) and return the peak over `module`'s weights."""
+    tracker = StorageTracker(fake_scalars=True)
+    tracker.register_module(module)
+    tracker.register(inputs)
+    with tracker:
+        run()
+    return Prediction(sum(weight_bytes(module).values()), max(tracker.peak.values(), default=0))
