@@ -20,6 +20,7 @@ Pre-LN residual form, where those outputs are the updates (see `sublayer_updates
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
@@ -44,9 +45,11 @@ def _recomputing() -> bool:
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same memory seen the same way (a detached or re-wrapped view of one tensor counts)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
+    """The same memory seen the same way (a detached or re-wrapped view of one tensor counts). Compared by
+    storage object and offset rather than data_ptr: a fake tensor (memory.py's faked runs) has no address."""
+    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage()._cdata == b.untyped_storage()._cdata)
 
 
 class LayerCapture:
@@ -259,6 +262,8 @@ class LayerCapture:
         it gives what the model's own path gives (anatomy.own_path_logits: the model's forward with every layer
         standing in for the given stream); else that own path; None when the own path cannot run."""
         last = self._units[self.num_layers][:8]
+        if is_fake(last):  # memory.py sizes a faked run: values mean nothing there; size the common path
+            return self.anatomy.readout
 
         def own(h):
             return own_path_logits(self.anatomy, h, self._output_len)
@@ -270,7 +275,7 @@ class LayerCapture:
         tol = 1e-4 if last.dtype == torch.float32 else 3e-2  # as the sweep's check (pruning/prefix.py)
         try:
             got = self.anatomy.readout(last).float().to(want.device)
-            if got.shape == want.shape and float((got - want).abs().max()) <= tol * float(want.abs().max().clamp_min(1e-6)):
+            if got.shape == want.shape and bool((got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6)):
                 return self.anatomy.readout
         except Exception:  # the rebuilt readout does not run on this model: its own path does
             pass
@@ -286,6 +291,8 @@ class LayerCapture:
 
     def _sub_io_hook(self, index: int):
         def hook(module, args, kwargs, output):
+            if _recomputing():  # a checkpointed layer again in the backward: it would hold its tensors
+                return
             try:
                 inp = layer_input(args, kwargs)
             except LayerprobeError:
