@@ -18,7 +18,7 @@ from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
-from .opening import Opening, open_model
+from .opening import Opening, eval_mode, open_model
 from .progress import make_progress
 from .results import AnalysisResult
 
@@ -185,7 +185,8 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     loss_total, seen = 0.0, 0
     head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
-    with (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, make_progress(progress) as bar:
+    with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
+            make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)

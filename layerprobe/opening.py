@@ -7,6 +7,7 @@ what they accept and record.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -152,3 +153,16 @@ def open_model(model: str | os.PathLike | LoadedModel | nn.Module, *, revision: 
     given = {k: str(v) for k, v in device_map.items()} if isinstance(device_map, dict) else device_map
     return Opening(loaded=loaded, anatomy=find_anatomy(loaded.model, layers_path), device_map=given,
                    started=started)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside (dropout off: the statistics of the model, not of a random mask), and each module's own
+    training flag as it was afterwards: a model handed over mid-training goes back to training."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -287,3 +287,19 @@ def test_computation_imports_no_report_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_model_in_training_mode_is_measured_in_eval_mode_and_given_back_training(tmp_path):
+    """GPT-2 has dropout: handed over in training mode (from someone's loop), analyze measures the model without
+    a random mask (the numbers of the model in eval mode) and gives it back in training mode, module by module."""
+    lm = load_model(str(make_tiny("gpt2", tmp_path / "gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)),
+                    device="cpu", dtype="float32")
+    ids = torch.randint(0, lm.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    want = layerprobe.analyze(lm, data=str(tmp_path / "ids.npy"), batch_size=2, progress=False).layers
+    lm.model.train()
+    lm.model.transformer.h[1].eval()  # a mixed state is given back as it was
+    got = layerprobe.analyze(lm, data=str(tmp_path / "ids.npy"), batch_size=2, progress=False).layers
+    cols = ["angular_distance", "block_influence", "output_variance", "grad_norm"]
+    np.testing.assert_allclose(got[cols].to_numpy(), want[cols].to_numpy(), rtol=1e-6)
+    assert lm.model.training and lm.model.transformer.h[0].training and not lm.model.transformer.h[1].training

@@ -17,6 +17,7 @@ from ..anatomy import Anatomy
 from ..capture import LayerCapture
 from ..errors import LayerprobeError
 from ..metrics import next_token_loss_sum, predicted_tokens
+from ..opening import eval_mode
 
 
 def check_probe(probe, vocab_size: int | None, context: int | None) -> torch.Tensor:
@@ -42,16 +43,12 @@ def check_probe(probe, vocab_size: int | None, context: int | None) -> torch.Ten
 @contextlib.contextmanager
 def untouched(model: torch.nn.Module):
     """Eval mode and no_grad inside; each module's own training flag and the random states restored after."""
-    modes = [(m, m.training) for m in model.modules()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             yield
     finally:
-        for m, training in modes:
-            m.training = training
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
