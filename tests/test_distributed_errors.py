@@ -87,7 +87,7 @@ PREP_SLEEP_S = 8  # longer than SHORT_TIMEOUT_S: a rank waiting in a collective 
 SHORT_TIMEOUT_S = 3
 
 
-def _prep_worker(rank: int, world: int, port: int, text: str, cache: str, results) -> None:
+def _prep_worker(rank: int, world: int, port: int, text: str, cache: str, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAYERPROBE_CACHE=cache)
     import layerprobe.corpus.prepare as prep
     from layerprobe.training.data import _prepare
@@ -108,9 +108,10 @@ def _prep_worker(rank: int, world: int, port: int, text: str, cache: str, result
         store = _prepare(text, "bpe:300", text_column=None, env=DistEnv(rank=rank, world_size=world),
                          progress=False, say=None)
         agreed = any_process(DistEnv(rank=rank, world_size=world), True)  # a collective after the preparation
-        results[rank] = ("ok", str(store.path), int(store.n_tokens), agreed, time.monotonic() - start)
+        outcome = ("ok", str(store.path), int(store.n_tokens), agreed, time.monotonic() - start)
     except Exception as e:
-        results[rank] = (type(e).__name__, str(e)[:200])
+        outcome = (type(e).__name__, str(e)[:200])
+    Path(results, f"prep{rank}.json").write_text(json.dumps(outcome))
     dist.destroy_process_group()
 
 
@@ -122,9 +123,9 @@ def test_a_preparation_longer_than_the_group_timeout_does_not_stop_the_other_ran
     words = ["alpha", "beta", "gamma", "delta", "depth", "layer", "norm", "token", "model", "sweep"]
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(200)) for _ in range(40)), encoding="utf-8")
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_prep_worker, args=(2, _free_port(), str(text), str(tmp_path / "cache"), results), nprocs=2, join=True)
+    mp.spawn(_prep_worker, args=(2, _free_port(), str(text), str(tmp_path / "cache"), str(tmp_path)), nprocs=2,
+             join=True)  # results come back as files (see _run)
+    results = {rank: json.loads((tmp_path / f"prep{rank}.json").read_text()) for rank in range(2)}
     assert results[0][0] == results[1][0] == "ok", dict(results)
     assert results[0][1] == results[1][1] and results[0][2] == results[1][2] > 0  # one prepared folder, shared
     assert min(results[0][4], results[1][4]) >= PREP_SLEEP_S > SHORT_TIMEOUT_S  # someone waited past the timeout
