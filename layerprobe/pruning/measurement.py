@@ -32,8 +32,10 @@ def group_size_for(runner: PrefixRunner, blocks: torch.Tensor, batch_size: int, 
 class Scorer:
     """Evaluates sets of removed layers on one batch from a base model's layer inputs."""
 
-    def __init__(self, runner: PrefixRunner, chunk_rows: int, group_size: int, on_done=None):
+    def __init__(self, runner: PrefixRunner, chunk_rows: int, group_size: int, on_done=None,
+                 rows_per_sample: int | None = None):
         self.runner = runner
+        self.rows_per_sample = rows_per_sample  # the sums are also kept per sample (intervals)
         self.chunk_rows = chunk_rows
         self.group_size = max(1, group_size)
         self.on_done = on_done
@@ -53,10 +55,10 @@ class Scorer:
                 if self.on_done:
                     self.on_done()
             out.extend(score(runner.logits, full_rows, rows, targets, self.chunk_rows,
-                             full_sums if g == 0 else None))
+                             full_sums if g == 0 else None, self.rows_per_sample))
             del rows
         if not sets and full_sums is not None:
-            score(runner.logits, full_rows, [], targets, self.chunk_rows, full_sums)
+            score(runner.logits, full_rows, [], targets, self.chunk_rows, full_sums, self.rows_per_sample)
         return out
 
 

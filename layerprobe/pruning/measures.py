@@ -13,7 +13,9 @@ by 5e-4 relative in float32, this form by 1e-7.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 
@@ -34,12 +36,23 @@ class Sums:
     kl: float = 0.0
     top1: int = 0
     tokens: int = 0
+    # The same sums per sample, in data order: [samples, 4] blocks of (ce, kl, top1, tokens), one per
+    # batch (what the intervals resample, metrics/intervals.py). Empty when `score` was not told the rows per sample.
+    samples: list = field(default_factory=list)
 
     def add(self, other: "Sums") -> None:
         self.ce += other.ce
         self.kl += other.kl
         self.top1 += other.top1
         self.tokens += other.tokens
+        self.samples.extend(other.samples)
+
+    def per_sample(self) -> dict[str, np.ndarray]:
+        """name -> [samples] float64: ce, kl, top1, tokens per sample."""
+        if not self.samples:
+            return {}
+        block = np.concatenate(self.samples)
+        return {name: block[:, i] for i, name in enumerate(("ce", "kl", "top1", "tokens"))}
 
     @property
     def loss(self) -> float:
@@ -74,14 +87,21 @@ def score(
     targets: torch.Tensor,
     chunk_rows: int,
     full_sums: Sums | None = None,
+    rows_per_sample: int | None = None,
 ) -> list[Sums]:
     """Sums of CE, KL(full ‖ candidate) and top-1 agreement for each candidate's final hidden rows.
 
     `logits_fn` maps [rows, H] final hidden states (after the final norm) to logits;
     `full_rows` are the full model's. `full_sums`, when given, receives the full model's CE.
+    `rows_per_sample`: the rows are samples of this many consecutive rows; the sums are then also
+    kept per sample (`Sums.samples`), on the device until the end of the batch.
     """
     out = [Sums() for _ in candidate_rows]
     n = targets.shape[0]
+    per = None
+    if rows_per_sample:
+        B = n // rows_per_sample
+        per = [torch.zeros(B, 4, dtype=torch.float64, device=full_rows.device) for _ in range(len(candidate_rows) + 1)]
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         logits = logits_fn(full_rows[s:e]).float()
@@ -90,11 +110,14 @@ def score(
         tgt = targets[s:e].to(logits.device)
         lse_f = torch.logsumexp(logits, dim=-1)
         top_f = logits.argmax(dim=-1)
+        ids = torch.arange(s, e, device=logits.device) // rows_per_sample if per else None
         if full_sums is not None:
             ce = cross_entropy_rows(logits, tgt, lse_f)
             full_sums.ce += float(ce.sum(dtype=torch.float64))
             full_sums.tokens += e - s
             full_sums.top1 += e - s
+            if per:
+                _per_sample_add(per[-1], ids, ce, torch.zeros_like(ce), torch.ones_like(ce))
         logp_f = logits.sub_(lse_f[:, None])  # in place: the full logits are not needed any more
         p_f = logp_f.exp()
         del logits
@@ -113,5 +136,18 @@ def score(
             acc.kl += float(kl.sum(dtype=torch.float64))
             acc.top1 += int(agree.sum())
             acc.tokens += e - s
+            if per:
+                _per_sample_add(per[c], ids, ce, kl, agree)
             del z
+    if per:
+        for acc, block in zip(out, per):
+            acc.samples.append(block.cpu().numpy())
+        if full_sums is not None:
+            full_sums.samples.append(per[-1].cpu().numpy())
     return out
+
+
+def _per_sample_add(block: torch.Tensor, ids: torch.Tensor, ce, kl, agree) -> None:
+    """Fold a chunk's rows into [B, 4] per-sample (ce, kl, top1, tokens) sums."""
+    rows = torch.stack([ce.double(), kl.double(), agree.double(), torch.ones_like(ce, dtype=torch.float64)], dim=1)
+    block.index_add_(0, ids.to(block.device), rows.to(block.device))

@@ -14,7 +14,9 @@ from typing import Iterable
 import torch
 
 from ..defaults import check_measure_options
+from ..analysis import interval_manifest
 from ..loading import LoadedModel
+from ..metrics.intervals import RESAMPLES, resample_counts
 from ..opening import Opening, open_model
 from ..progress import make_progress
 from ..results import SWEEP_SECTION, SweepResult
@@ -44,15 +46,17 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
     with make_progress(progress) as bar:
         task = bar.add_task("removing layers", total=len(batches) * max(1, len(unique_sets)), info="")
         scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype),
-                        on_done=lambda: bar.update(task, advance=1))
+                        on_done=lambda: bar.update(task, advance=1), rows_per_sample=int(blocks.shape[1]) - 1)
         measured = measure_sets(scorer, batches, unique_sets, keep_for_greedy=opts.greedy, bar=bar, task=task)
-        full_loss = measured.full.loss
-        rows = [full_row(measured.full)]
-        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss) for c in candidates]
+        full, full_loss = measured.full, measured.full.loss
+        # One set of resamples for every candidate: their intervals come from the same draws of samples.
+        counts = resample_counts(len(blocks), RESAMPLES, opening.seed) if len(blocks) >= 2 else None
+        rows = [full_row(full, counts)]
+        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss, full, counts) for c in candidates]
         if opts.greedy:
             for t, (removed, added, sums) in enumerate(greedy(scorer, measured, opts.n_steps, bar), 1):
                 c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
-                rows.append(candidate_row(c, sums, full_loss))
+                rows.append(candidate_row(c, sums, full_loss, full, counts))
     return rows, scorer, measured.full.tokens, time.perf_counter() - started
 
 
@@ -110,7 +114,7 @@ def prune_sweep(
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
     # Rankings first: analyze (if it has to run) shows its own progress.
-    ranked, ranking_source = ranked_sets(opts, opening, analysis, samples=samples, batch_size=batch_size,
+    ranked, ranking_source, stability = ranked_sets(opts, opening, analysis, samples=samples, batch_size=batch_size,
                                          progress=progress)
     candidates = build_candidates(opts, anatomy.num_layers, ranked)
     chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements)
@@ -121,12 +125,15 @@ def prune_sweep(
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
                                     batch_size, layers_path, progress)
     runner, L = scorer.runner, anatomy.num_layers
-    summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens)
+    summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens, samples=len(opening.blocks))
+    if stability:
+        summary["ranking_stability"] = stability
     summary.update({"layer_calls": runner.layer_calls + runner.capture_passes * L,
                     "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3)})
     manifest = opening.manifest(
         batch_size=batch_size, **opts.manifest(), ranking_source=ranking_source,
         remove=list(opts.removal) if opts.removal else None, chunk_rows=chunk_rows,
         lm_eval_tasks=opts.tasks or None, lm_eval_limit=lm_eval_limit if opts.tasks else None,
-        layers_path=anatomy.layers_path)
+        layers_path=anatomy.layers_path, tokens_scored=n_tokens,
+        intervals=interval_manifest(len(opening.blocks), opening.seed or 0))
     return SweepResult(table=table, summary=summary, manifest=manifest)
