@@ -30,7 +30,7 @@ import numpy as np
 
 LEVEL = 0.95
 RESAMPLES = 1000
-METHOD = "percentile bootstrap over samples"
+METHOD = "percentile bootstrap"
 
 Sums = Mapping[str, np.ndarray]  # name -> [S, ...] per-sample partial sums
 
