@@ -32,6 +32,7 @@ from .metrics.depth import (
     grad_ratio,
     normalised_depth,
     removable_layers,
+    removal_verdicts,
     removable_layers_relative,
     variance_growth,
     variance_growth_factor,
@@ -50,6 +51,8 @@ HEADLINE_DEFINITIONS = {
                           "model's own largest single-layer Δloss: comparable across model scales.",
     "removable_layers": "number of layers whose removal alone raises the loss by less than the threshold "
                         "(from `prune-sweep --mode layer`); depends on the model's scale.",
+    "removable_sure": "of the removable layers (absolute threshold), those whose whole 95% Δloss interval over "
+                      "samples is under the threshold; removable_undecided: those whose interval straddles it.",
     "variance_growth": "least-squares slope of ln(output variance) against normalised depth ℓ/(L−1): "
                        "0 = flat, 1 ≈ ×2.7 from the first layer to the last.",
     "variance_growth_factor": "exp(variance growth): the fitted factor by which the residual stream's variance "
@@ -67,6 +70,15 @@ def _removable(removal: pd.DataFrame | None, threshold: float, relative: bool = 
     pick = removable_layers_relative if relative else removable_layers
     layers = pick(removal["layer"], removal["delta_loss"], threshold)
     return len(layers), layers
+
+
+def _removable_confidence(removal: pd.DataFrame | None, threshold: float) -> tuple[int | None, int | None]:
+    """(removable for sure, undecided) at `threshold` from the sweep's Δloss intervals (None without them)."""
+    if removal is None or removal.empty or "delta_loss_hi" not in removal:
+        return None, None
+    v = removal_verdicts(removal["layer"], removal["delta_loss"], removal["delta_loss_lo"], removal["delta_loss_hi"],
+                         threshold, 0)
+    return len(v["sure"]), len(v["undecided"])
 
 
 def _deep_half_share(removal: pd.DataFrame | None, num_layers: int) -> float:
@@ -120,6 +132,7 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         n_rem, which = _removable(removal, threshold)
         row["removable_layers"] = n_rem
         row["removable_which"] = " ".join(map(str, which))
+        row["removable_sure"], row["removable_undecided"] = _removable_confidence(removal, threshold)
         a = m.analysis
         if a is not None:
             g = variance_growth(a.layers["output_variance"], L)
@@ -130,7 +143,8 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("layers", "trained_steps", "removable_relative", "removable_layers"):  # counts print as 10, not 10.0
+    for col in ("layers", "trained_steps", "removable_relative", "removable_layers", "removable_sure",
+                "removable_undecided"):  # counts print as 10, not 10.0
         df[col] = df[col].astype("Int64")
     return df
 

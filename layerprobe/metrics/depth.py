@@ -108,7 +108,7 @@ def removal_verdicts(layers, delta_loss, lo, hi, threshold: float, samples: int)
             half = (b - d) if d < threshold else (d - a)
             margin = abs(d - threshold)
             if math.isfinite(half) and margin > 0:
-                need.append(math.ceil(samples * (half / margin) ** 2))
+                need.append(math.ceil(samples * (half / margin) ** 2 - 1e-9))  # 16.000000000000004 is 16
     return {"sure": sure, "undecided": undecided, "kept": kept,
             "samples_to_decide": max(need) if len(need) == len(undecided) and need else float("nan")}
 
