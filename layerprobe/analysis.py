@@ -363,7 +363,7 @@ def analyze(
     and update cosine per layer and per attention/MLP sublayer, massive activations, gradient norms
     per layer and sublayer, loss and perplexity: all from one hooked pass (+ one backward).
 
-    `lens_chunk`: tokens per logit-lens chunk (default: 2^24 logits' worth) — memory only.
+    `lens_chunk`: tokens per logit-lens chunk (default: 2^26 logits' worth, ~1 GiB) — memory only.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and

@@ -85,11 +85,12 @@ def test_tracker_against_real_allocations(which):
     assert abs(r["tracked_mib"] / r["measured_mib"] - 1) <= 0.15, r
 
 
+@pytest.mark.slow
 def test_fit_check_names_a_batch_that_fits(llama, monkeypatch):
     loaded, npy = llama
     extra = {b: analysis.CUDA_FACTOR * analysis.predict_memory(loaded.model, batch_size=b, seq_len=24).tracked
-             for b in (1, 2, 3, 6)}
-    assert extra[1] < extra[2] < extra[3] < extra[6]
+             for b in (1, 2, 3)}
+    assert extra[1] < extra[2] < extra[3]
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int((extra[2] + extra[3]) / 2))
     with pytest.raises(LayerprobeError) as e:
         layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False)
@@ -98,7 +99,7 @@ def test_fit_check_names_a_batch_that_fits(llama, monkeypatch):
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int(extra[1] / 2))
     with pytest.raises(LayerprobeError, match="even --batch-size 1 does not fit: use --no-grad"):
         layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False)
-    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int(extra[6] * 1.01))
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: 1 << 40)
     assert layerprobe.analyze(loaded, data=str(npy), batch_size=6, progress=False).layers["grad_norm"].notna().all()
 
 
@@ -149,3 +150,38 @@ def test_chunked_and_checkpointed_analyze_equals_plain_loops(arch, tmp_path, mon
         rows = result.sublayers[result.sublayers["layer"] == l].set_index("module")["grad_norm"]
         for child, norm in children.items():
             assert rows[child] == pytest.approx(norm, rel=1e-6), (arch, l, child)
+
+
+def test_chunked_loss_sum_against_a_plain_loop():
+    from layerprobe.metrics import chunked_loss_sum
+    from layerprobe.metrics.loss import IGNORE
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    targets[:, -1] = IGNORE
+    total = chunked_loss_sum(head, hidden, targets, vocab=11, chunk_elements=11 * 4)  # 4 rows per chunk
+    want = 0.0
+    for b in range(3):
+        for t in range(4):
+            z = head(hidden[b, t]).detach().double()
+            want += float(torch.logsumexp(z, 0) - z[targets[b, t]])
+    assert float(total) == pytest.approx(want, rel=1e-6)
+    total.backward()  # through the checkpointed chunks: the gradient of the plain sum
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    plain = sum(torch.nn.functional.cross_entropy(head(hidden[b, :4]), targets[b, :4], reduction="sum") for b in range(3))
+    plain.backward()
+    torch.testing.assert_close(grad, hidden.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_default_micro_batch_holds_at_most_the_token_budget():
+    from layerprobe.training.settings import MICRO_BATCH_TOKENS, default_micro_batch
+
+    assert MICRO_BATCH_TOKENS == 32768
+    assert default_micro_batch(512, 256) == 128  # the 71m/130m recipes: 4 accumulation steps
+    assert default_micro_batch(64, 256) == 64  # fits whole
+    assert default_micro_batch(6, 10000) == 3  # the largest divisor within the budget
+    assert default_micro_batch(7, 10000) == 1
+    assert default_micro_batch(4, 100000) == 1  # one sequence over the budget still runs
