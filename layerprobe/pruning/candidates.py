@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import analyze
-from ..metrics.intervals import ANGULAR_MAP, LAYER_STATISTICS, chosen_agreement, split_half_tau
+from ..metrics.intervals import ANGULAR_MAP, LAYER_STATISTICS, chosen_agreement, derived_sums, split_half_tau
 from ..errors import LayerprobeError
 from ..opening import Opening
 from ..results import ANALYZE_SECTION, AnalysisResult, read_manifest
@@ -138,6 +138,7 @@ def ranking_stability(bys, per_sample: dict, steps: int, seed: int = 0) -> dict[
     of the samples, and across bootstrap resamples how often it picks the very k = `steps` layers it picks
     on all samples (share identical, mean Jaccard overlap). {} without per-sample sums."""
     out = {}
+    per_sample = derived_sums(per_sample)
     for by in bys:
         if by == "last" or not per_sample:
             continue
