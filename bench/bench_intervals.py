@@ -9,6 +9,13 @@ subprocess: load the model, one warm-up call of each command on one sample, then
 analyze(grad=False), analyze(grad=True) and prune_sweep(mode="layer") once each on the same tokens.
 The report is the median over rounds of each time and of the with/without ratio of each round
 (pairing the two sides of a round spreads background load over both).
+
+    python bench/bench_intervals.py --profile [--model smollm2] [--samples 8] [--seq-len 128]
+
+On a shared machine the paired ratios scatter by ±10%, far more than the intervals cost; `--profile`
+measures that cost directly instead: this checkout's prune_sweep(mode="layer") and analyze(grad=False)
+under cProfile, and the cumulative seconds inside the functions that exist only for the intervals
+(per-sample sums, the bootstrap) against the call's total.
 """
 
 from __future__ import annotations
@@ -47,6 +54,41 @@ print(json.dumps(out))
 """
 
 
+# The functions that exist only for the intervals (their cumulative time is the intervals' cost).
+INTERVAL_FUNCTIONS = ("_per_sample_add", "intervals", "ranking_stability", "layer_intervals",  # not nested in each other
+                      "per_sample_sums", "_keep_sample_sums", "_sample_sums")
+
+
+def profile(args) -> None:
+    import cProfile
+    import pstats
+
+    import torch
+
+    from layerprobe.analysis import analyze
+    from layerprobe.loading import load_model
+    from layerprobe.pruning import prune_sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype, device="cpu")
+    kw = dict(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, progress=False)
+    analyze(loaded, samples=1, grad=False, **kw)  # warm-up: imports and first-call costs
+    out = {}
+    for name, call in (("prune_layer", lambda: prune_sweep(loaded, mode="layer", samples=args.samples, **kw)),
+                       ("analyze_nograd", lambda: analyze(loaded, samples=args.samples, grad=False, **kw))):
+        pr = cProfile.Profile()
+        pr.enable()
+        call()
+        pr.disable()
+        stats = pstats.Stats(pr)
+        spent = {k[2]: v[3] for k, v in stats.stats.items() if k[2] in INTERVAL_FUNCTIONS}
+        out[name] = {"total_s": round(stats.total_tt, 3), "intervals_s": round(sum(spent.values()), 4),
+                     "share": round(sum(spent.values()) / stats.total_tt, 5),
+                     "by_function_s": {k: round(v, 4) for k, v in spent.items()}}
+    print(json.dumps({"args": vars(args), "profile": out}, indent=1))
+
+
 def export(rev: str, into: Path) -> Path:
     """The package at `rev`, unpacked under `into` (git archive: no checkout, no worktree)."""
     tar = into / "base.tar"
@@ -66,7 +108,8 @@ def run_side(path: Path, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--base", required=True, help="git revision without the intervals")
+    p.add_argument("--base", help="git revision without the intervals (paired timing)")
+    p.add_argument("--profile", action="store_true", help="profile this checkout instead of paired timing")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data", default="builtin")
     p.add_argument("--samples", type=int, default=8)
@@ -77,6 +120,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     args = p.parse_args()
+    if args.profile:
+        return profile(args)
+    if not args.base:
+        p.error("give --base REV (paired timing) or --profile")
     with tempfile.TemporaryDirectory() as tmp:
         base = export(args.base, Path(tmp))
         sides = {"without": base, "with": ROOT}
