@@ -271,3 +271,18 @@ def test_per_sample_sums_round_trip_and_rankings_read_them(llama, tmp_path):
     assert set(st) == {"influence", "angular"}
     for s in st.values():
         assert -1 <= s["split_half_tau"] <= 1 and 0 <= s["chosen_identical"] <= 1 and 0 <= s["chosen_jaccard"] <= 1
+
+
+def test_per_sample_sums_add_up_to_every_column_with_all_tokens(llama):
+    """--tokens all: each sample's T tokens are grouped to it (lens chunks and angular chunks cut across
+    samples); the per-sample sums total to the reported values."""
+    loaded, ids, npy = llama
+    a = layerprobe.analyze(loaded, data=npy, batch_size=5, tokens="all", grad=False, lens_chunk=7, progress=False)
+    ps, T = a.per_sample, ids.shape[1]
+    assert (ps["angular_tokens"] == T).all() and (ps["lens_tokens"] == T).all()
+    L = len(a.layers)
+    total = ps["angular"].sum(0) / ps["angular_tokens"].sum()
+    np.testing.assert_allclose(a.layers["angular_distance"], [total[l, l + 1] for l in range(L)], rtol=1e-12)
+    np.testing.assert_allclose(a.layers["lens_kl"], ps["lens_kl"].sum(0) / ps["lens_tokens"].sum(), rtol=1e-6)
+    np.testing.assert_allclose(a.layers["lens_top1"], ps["lens_top1"].sum(0) / ps["lens_tokens"].sum(), rtol=1e-12)
+    np.testing.assert_allclose(a.layers["relative_update"], ps["upd_ratio"].sum(0) / ps["upd_count"].sum(0), rtol=1e-12)
