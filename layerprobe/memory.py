@@ -8,7 +8,7 @@ inputs) are registered first, so views of them count nothing. Its running maximu
 the peak over what existed before. Kernel-internal buffers are not seen, so a CUDA peak is larger:
 `cuda_estimate` adds the allowance measured against real allocations (docs/design.md).
 
-The same prediction serves `analyze` before a long run on a GPU (`analyze_fit`): a batch that
+The same prediction serves `analyze` before a long run on a GPU (`analysis.check_fits`): a batch that
 will not fit says so, with the batch size that would.
 """
 
