@@ -180,7 +180,9 @@ def write_sweep_figures(result, folder: Path) -> list[dict]:
     if drawn:
         plot_curves(result, folder / "prune_curves.png")
         out.append({"file": "prune_curves.png", "caption":  # says what is drawn, nothing more
-                    "Perplexity as more layers are removed (bands: 95% intervals over samples), "
+                    "Perplexity as more layers are removed (bands: 95% intervals of each perplexity over samples, which "
+                    "include the spread of the samples' own difficulty; the paired Δloss intervals of the table are "
+                    "narrower), "
                     + ("curves: " if len(drawn) > 1 else "curve: ") + "; ".join(drawn) + "."})
     return out
 
