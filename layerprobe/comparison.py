@@ -37,6 +37,7 @@ from .metrics.depth import (
     variance_growth,
     variance_growth_factor,
 )
+from .metrics.intervals import variance_growth_interval
 from .progress import status
 from .model_results import ModelResults, collect, load_results
 from .results import package_versions, prepare_result_folder, update_manifest
@@ -54,7 +55,8 @@ HEADLINE_DEFINITIONS = {
     "removable_sure": "of the removable layers (absolute threshold), those whose whole 95% Δloss interval over "
                       "samples is under the threshold; removable_undecided: those whose interval straddles it.",
     "variance_growth": "least-squares slope of ln(output variance) against normalised depth ℓ/(L−1): "
-                       "0 = flat, 1 ≈ ×2.7 from the first layer to the last.",
+                       "0 = flat, 1 ≈ ×2.7 from the first layer to the last; variance_growth_lo/_hi: its 95% "
+                       "bootstrap interval over the analysis's samples.",
     "variance_growth_factor": "exp(variance growth): the fitted factor by which the residual stream's variance "
                               "grows from the first layer's output to the last's.",
     "grad_ratio": "mean gradient norm of the last ⌈L/4⌉ layers divided by that of the first ⌈L/4⌉ layers: "
@@ -137,10 +139,14 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         if a is not None:
             g = variance_growth(a.layers["output_variance"], L)
             row["variance_growth"] = g
+            # Over the analysis's samples (samples.npz); NaN for results saved without them.
+            row["variance_growth_lo"], row["variance_growth_hi"] = variance_growth_interval(
+                a.per_sample, L, seed=int(a.manifest.get("seed") or 0))
             row["variance_growth_factor"] = variance_growth_factor(g)
             row["grad_ratio"] = grad_ratio(a.layers["grad_norm"]) if "grad_norm" in a.layers else float("nan")
         else:
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
+            row["variance_growth_lo"] = row["variance_growth_hi"] = float("nan")
         rows.append(row)
     df = pd.DataFrame(rows)
     for col in ("layers", "trained_steps", "removable_relative", "removable_layers", "removable_sure",

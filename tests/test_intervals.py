@@ -286,3 +286,22 @@ def test_per_sample_sums_add_up_to_every_column_with_all_tokens(llama):
     np.testing.assert_allclose(a.layers["lens_kl"], ps["lens_kl"].sum(0) / ps["lens_tokens"].sum(), rtol=1e-6)
     np.testing.assert_allclose(a.layers["lens_top1"], ps["lens_top1"].sum(0) / ps["lens_tokens"].sum(), rtol=1e-12)
     np.testing.assert_allclose(a.layers["relative_update"], ps["upd_ratio"].sum(0) / ps["upd_count"].sum(0), rtol=1e-12)
+
+
+def test_variance_growth_interval_equals_a_plain_loop(llama):
+    from layerprobe.metrics.depth import variance_growth
+    from layerprobe.metrics.intervals import variance_growth_interval
+
+    loaded, ids, npy = llama
+    a = layerprobe.analyze(loaded, data=npy, batch_size=6, grad=False, progress=False)
+    ps, L = a.per_sample, len(a.layers)
+
+    def growth(pick):
+        n = ps["out_n"][pick].sum()
+        m = ps["out_s1"][pick].sum(0) / n
+        return variance_growth(ps["out_s2"][pick].sum(0) / n - m * m, L)
+
+    lo, hi = variance_growth_interval(ps, L)
+    plo, phi = plain_bootstrap(growth, len(ids))
+    assert lo == pytest.approx(plo, rel=1e-9) and hi == pytest.approx(phi, rel=1e-9)
+    assert lo <= variance_growth(a.layers["output_variance"], L) <= hi

@@ -146,6 +146,28 @@ LAYER_STATISTICS = {
 }
 
 
+def variance_growth_interval(per_sample: Sums, num_layers: int, *, level: float = LEVEL,
+                             resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """(lo, hi) of the variance growth (metrics/depth.py: least-squares slope of ln output variance against
+    ℓ/(L−1)) over samples; NaN without the output sums or when a resample leaves a variance ≤ 0."""
+    from .depth import normalised_depth
+
+    needs = ("out_s1", "out_s2", "out_n")
+    if not all(n in per_sample for n in needs) or num_layers < 2:
+        return float("nan"), float("nan")
+    d = normalised_depth(np.arange(num_layers), num_layers)
+    dc = d - d.mean()
+    var = _variance(*needs)
+
+    def slope(t):
+        with np.errstate(all="ignore"):
+            y = np.log(np.where(var(t) > 0, var(t), np.nan))
+        return ((y - y.mean(-1, keepdims=True)) * dc).sum(-1) / (dc * dc).sum()
+
+    lo, hi = bootstrap_interval({n: per_sample[n] for n in needs}, slope, level=level, resamples=resamples, seed=seed)
+    return float(lo), float(hi)
+
+
 def layer_intervals(per_sample: Sums, *, level: float = LEVEL, resamples: int = RESAMPLES,
                     seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """column -> (lo, hi) per layer, for every statistic whose sums `per_sample` holds; "angular_map":
@@ -235,6 +257,6 @@ def chosen_agreement(sums: Sums, statistic, choose: Callable[[np.ndarray], froze
     return same / reps.shape[0], jac / reps.shape[0]
 
 
-__all__ = ["LAYER_STATISTICS", "derived_sums", "LEVEL", "layer_intervals", "METHOD", "RESAMPLES", "bootstrap_interval", "chosen_agreement", "half_split",
+__all__ = ["LAYER_STATISTICS", "derived_sums", "variance_growth_interval", "LEVEL", "layer_intervals", "METHOD", "RESAMPLES", "bootstrap_interval", "chosen_agreement", "half_split",
            "interval_width_samples", "kendall_tau", "quantile_interval", "ratio", "resample_counts",
            "resampled_totals", "split_half_tau"]
