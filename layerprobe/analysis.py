@@ -16,6 +16,7 @@ from .errors import LayerprobeError
 from .defaults import check_measure_options
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
+from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, eval_mode, open_model
@@ -23,6 +24,9 @@ from .progress import make_progress
 from .results import AnalysisResult
 
 GRAD_COLUMNS = ("grad_norm", "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm")
+# Columns without an interval: a per-sample gradient would take one backward per sample; the extremes
+# are a max, not a ratio of per-sample sums; the sublayer rows are not kept per sample.
+NO_INTERVAL = GRAD_COLUMNS + ("max_activation", "mean_abs_activation", "sublayers.csv")
 SUBLAYER_COLUMNS = ["layer", "module", "kind", "params", "grad_norm", "relative_update", "update_cosine"]
 
 
@@ -262,8 +266,26 @@ def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) ->
                           f"which has {free / GIB:.1f} GiB free: {advice}")
 
 
-def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(layers, angular, sublayers) from a filled capture and, with `grad`, the accumulated gradients."""
+def _with_intervals(table: pd.DataFrame, bounds: dict) -> pd.DataFrame:
+    """`table` with COLUMN_lo, COLUMN_hi right after each COLUMN that `bounds` has an interval for."""
+    out = {}
+    for col in table.columns:
+        out[col] = table[col]
+        if col in bounds:
+            out[f"{col}_lo"], out[f"{col}_hi"] = (pd.Series(b, index=table.index) for b in bounds[col])
+    return pd.DataFrame(out)
+
+
+def interval_manifest(samples: int, seed: int, level: float = LEVEL, resamples: int = RESAMPLES) -> dict:
+    """What the manifest says about the _lo/_hi columns."""
+    return {"method": METHOD, "level": level, "resamples": resamples, "seed": seed, "over": "samples (sequences)",
+            "samples": samples}
+
+
+def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool,
+            seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(layers, angular, sublayers) from a filled capture and, with `grad`, the accumulated gradients;
+    every ratio-of-sums column with its interval over samples (metrics/intervals.py)."""
     L = anatomy.num_layers
     angular_mean = capture.angular_mean()
     layers = pd.DataFrame({"layer": range(L), **capture.per_layer()})
@@ -274,7 +296,14 @@ def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool) -> tuple[pd.Dat
     dtype = next(anatomy.model.parameters()).dtype
     sublayers = _add_sublayer_updates(sublayers, capture, dtype)
     layers["norm_placement"] = capture.placement or ["?"] * L
-    return layers, angular_long_table(angular_mean), sublayers
+    bounds = layer_intervals(capture.per_sample_sums(), seed=seed)
+    angular = angular_long_table(angular_mean)
+    if "angular_map" in bounds:
+        lo, hi = bounds.pop("angular_map")
+        angular = _with_intervals(angular, {"angular_distance": (
+            angular_long_table(torch.from_numpy(lo))["angular_distance"].to_numpy(),
+            angular_long_table(torch.from_numpy(hi))["angular_distance"].to_numpy())})
+    return _with_intervals(layers, bounds), angular, sublayers
 
 
 def _summary(opening: Opening, capture: LayerCapture, loss: float) -> dict[str, Any]:
@@ -350,7 +379,10 @@ def analyze(
     torch.manual_seed(seed)
     capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
                              lens_chunk=lens_chunk)
-    layers, angular, sublayers = _tables(capture, opening.anatomy, grad)
-    manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad)
+    layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed)
+    manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
+                                intervals=dict(interval_manifest(len(opening.blocks), seed),
+                                               without=list(NO_INTERVAL)))
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,
-                          summary=_summary(opening, capture, loss), manifest=manifest)
+                          summary=_summary(opening, capture, loss), manifest=manifest,
+                          per_sample=capture.per_sample_sums())

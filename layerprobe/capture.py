@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .errors import LayerprobeError
 from .metrics import (RunningMoments, activation_extremes, angular_distance_sums, block_influence,
-                      cosine_and_norms, final_distribution, lens_sums, update_sums)
+                      cosine_and_norms, final_distribution, lens_terms, update_sums, update_terms)
 
 TOKENS = ("last", "all")
 # Logits per lens chunk (layers x tokens x vocabulary), whatever the batch size: 2^26, i.e. about
@@ -109,6 +109,13 @@ class LayerCapture:
         self.sub_sums = {(i, w): _ratio_sums() for i in range(L) for w in ("attention", "mlp")}
         self.decomposition_error: list[torch.Tensor | float] = [0.0] * L
         self._checking_decomposition = True
+        # Per-sample partial sums for the intervals (metrics/intervals.py): per batch, name -> [B, ...]
+        # on the device; per layer, filled by the hooks, stacked in end_batch. O(samples x layers).
+        self._sample_batches: list[dict[str, torch.Tensor]] = []
+        self._per_layer: dict[str, list] = {}
+        self._batch_samples = 0
+        self._sample_size = (0, 0)
+        self._lens_batch = None
 
     def _sublayer_pair(self, index: int) -> tuple[str | None, str | None]:
         """(attention child, MLP child) of a layer: the one child of kind attention, and the last
@@ -136,6 +143,7 @@ class LayerCapture:
                 return
             h = one_stream(layer_input(args, kwargs))
             self._inputs[index] = h
+            self._batch_samples = h.shape[0]
             with torch.no_grad():
                 self._store_unit(index, h)
 
@@ -155,21 +163,24 @@ class LayerCapture:
                     x, y = x.float(), y.float()
                 # The output's sum of squares comes from the norms Block Influence already needs.
                 cos, x_norm, y_norm = cosine_and_norms(x, y)
-                self.cos_sum[index] = self.cos_sum[index] + cos.sum(dtype=torch.float64)
+                # Every sum is taken per sample first (the intervals resample samples), then totalled.
+                ps = self._sample_sums(index, cos=cos.double(), out_s1=y.sum(-1, dtype=torch.float64),
+                                       out_s2=y_norm.double().square())
+                self.cos_sum[index] = self.cos_sum[index] + ps["cos"].sum()
                 self.cos_count[index] += cos.numel()
-                self.output_moments[index].add_sums(
-                    y.numel(), y.sum(dtype=torch.float64), y_norm.double().square().sum()
-                )
+                self._sample_size = (cos.numel() // cos.shape[0], y.numel() // y.shape[0])  # tokens, elements
+                self.output_moments[index].add_sums(y.numel(), ps["out_s1"].sum(), ps["out_s2"].sum())
                 # The update is small next to the stream in deep layers: form it, rather than
                 # expanding |y - x|^2, which would cancel catastrophically.
                 d = y - x
                 d_norm = torch.linalg.vector_norm(d, dim=-1)  # per token: the variance's and the ratio's
-                self.update_moments[index].add_sums(d.numel(), d.sum(dtype=torch.float64),
-                                                    d_norm.double().square().sum())
-                ratio, ucos, n = update_sums(x, d, x_norm, d_norm)
-                self.update_ratio_sum[index] = self.update_ratio_sum[index] + ratio
-                self.update_cos_sum[index] = self.update_cos_sum[index] + ucos
-                self.update_count[index] = self.update_count[index] + n
+                ratio, ucos, seen = update_terms(x, d, x_norm, d_norm)
+                ps = self._sample_sums(index, upd_s1=d.sum(-1, dtype=torch.float64), upd_s2=d_norm.double().square(),
+                                       upd_ratio=ratio.double(), upd_cos=ucos.double(), upd_count=seen.double())
+                self.update_moments[index].add_sums(d.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
+                self.update_ratio_sum[index] = self.update_ratio_sum[index] + ps["upd_ratio"].sum()
+                self.update_cos_sum[index] = self.update_cos_sum[index] + ps["upd_cos"].sum()
+                self.update_count[index] = self.update_count[index] + seen.sum()
                 peak, abs_sum = activation_extremes(y)
                 prev = self.act_max[index]
                 self.act_max[index] = peak if isinstance(prev, float) else torch.maximum(prev, peak)
@@ -183,6 +194,14 @@ class LayerCapture:
                     self._norm_outputs[index], self._norm_io[index], self._sub_io[index] = [], [], []
 
         return hook
+
+    def _sample_sums(self, index: int, **per_token: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each [B, T] per-token tensor summed over its sample's tokens, [B] float64, kept for layer `index`."""
+        out = {}
+        for name, values in per_token.items():
+            out[name] = values.reshape(values.shape[0], -1).sum(-1)
+            self._per_layer.setdefault(name, [None] * self.num_layers)[index] = out[name]
+        return out
 
     def _sublayer_updates(self, index: int, x, y, x_norm) -> None:
         """Attention and MLP updates of layer `index`, if both children's outputs were seen.
@@ -238,18 +257,27 @@ class LayerCapture:
         n_tokens = self._units[L].shape[0]
         step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (self._vocab() * L))
         kl_sum = agree_sum = None
+        device = self._units[L].device
+        B = self._batch_samples
+        per_sample = n_tokens // B  # tokens of one sample: 1 (last) or T (all), in sample order
+        kl_ps = torch.zeros(L, B, dtype=torch.float64, device=device)
+        agree_ps = torch.zeros(L, B, dtype=torch.float64, device=device)
         for start in range(0, n_tokens, step):
-            device = self._units[L].device
             # y_layer = the input of the next layer, already held for the angular distance
             h = torch.cat([self._units[layer + 1][start:start + step].to(device) for layer in range(L)])
             lens_logits = self._readout(h).to(device).reshape(L, h.shape[0] // L, -1)
-            kl, agree = lens_sums(final_distribution(lens_logits[-1]), lens_logits)
+            kl_t, agree_t = lens_terms(final_distribution(lens_logits[-1]), lens_logits)
+            kl, agree = kl_t.sum(-1, dtype=torch.float64), agree_t.sum(-1)
+            ids = torch.arange(start, start + kl_t.shape[-1], device=kl_t.device) // per_sample
+            kl_ps.index_add_(1, ids.to(device), kl_t.double().to(device))
+            agree_ps.index_add_(1, ids.to(device), agree_t.double().to(device))
             kl_sum = kl if kl_sum is None else kl_sum + kl
             agree_sum = agree if agree_sum is None else agree_sum + agree
         for layer in range(L):
             self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl_sum[layer]
             self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree_sum[layer]
         self.lens_count += n_tokens
+        self._lens_batch = (kl_ps.T, agree_ps.T, per_sample)
 
     def _vocab(self) -> int:
         if self._vocab_size is None:
@@ -350,12 +378,16 @@ class LayerCapture:
     def end_batch(self) -> None:
         if any(u is None for u in self._units):
             raise LayerprobeError("not every layer ran in the model's forward pass; name the layer list with --layers-path")
+        B = self._batch_samples
         with torch.no_grad():
             if self.lens:
                 self._lens()
-            sums = angular_distance_sums(self._units)  # on the first layer's device: no host copy
+            # on the first layer's device: no host copy
+            per_sample = angular_distance_sums(self._units, groups=B)
+            sums = per_sample.sum(0)
         self.angular_sum = self.angular_sum.to(sums.device) + sums
         self.angular_count += self._units[0].shape[0]
+        self._keep_sample_sums(per_sample)
         self._units = [None] * (self.num_layers + 1)
         self._sub_out.clear()
         self._checking_decomposition = False
@@ -369,6 +401,34 @@ class LayerCapture:
             for h in self._placement_handles:
                 h.remove()
             self._placement_handles = []
+
+    def _keep_sample_sums(self, angular: torch.Tensor) -> None:
+        """The batch's per-sample sums, [B, ...] each, kept on the device (no host sync per batch)."""
+        B, dev = angular.shape[0], angular.device
+        tokens = self._units[0].shape[0] // B
+        batch = {"angular": angular, "angular_tokens": torch.full((B,), float(tokens), dtype=torch.float64)}
+        for name, per_layer in self._per_layer.items():
+            if all(v is not None for v in per_layer):
+                batch[name] = torch.stack([v.to(dev) for v in per_layer], dim=1)
+        if "cos" in batch:
+            seq, elements = self._sample_size
+            batch["tokens"] = torch.full((B,), float(seq), dtype=torch.float64)
+            batch["out_n"] = torch.full((B,), float(elements), dtype=torch.float64)
+        if self._lens_batch is not None:
+            kl, agree, per_sample = self._lens_batch
+            batch.update(lens_kl=kl.to(dev), lens_top1=agree.to(dev),
+                         lens_tokens=torch.full((B,), float(per_sample), dtype=torch.float64))
+            self._lens_batch = None
+        self._sample_batches.append(batch)
+        self._per_layer = {}
+
+    def per_sample_sums(self) -> dict:
+        """name -> [samples, ...] numpy float64: the partial sums each statistic is a ratio of, per
+        sample in data order (see layer_intervals in metrics/intervals.py for which is which)."""
+        if not self._sample_batches:
+            return {}
+        names = set.intersection(*(set(b) for b in self._sample_batches))
+        return {n: torch.cat([b[n].cpu() for b in self._sample_batches]).numpy() for n in sorted(names)}
 
     # -- results ---------------------------------------------------------------------------
     def per_layer(self) -> dict[str, list[float]]:

@@ -40,10 +40,12 @@ from .metrics.depth import (
     grad_ratio,
     normalised_depth,
     removable_layers,
+    removal_verdicts,
     removable_layers_relative,
     variance_growth,
     variance_growth_factor,
 )
+from .metrics.intervals import variance_growth_interval
 from .progress import status
 from .model_results import ModelResults, collect, load_results
 from .results import package_versions, prepare_result_folder, update_manifest
@@ -60,8 +62,11 @@ HEADLINE_DEFINITIONS = {
                           "model's own largest single-layer Δloss: comparable across model scales.",
     "removable_layers": "number of layers whose removal alone raises the loss by less than the threshold "
                         "(from `prune-sweep --mode layer`); depends on the model's scale.",
+    "removable_sure": "of the removable layers (absolute threshold), those whose whole 95% Δloss interval over "
+                      "samples is under the threshold; removable_undecided: those whose interval straddles it.",
     "variance_growth": "least-squares slope of ln(output variance) against normalised depth ℓ/(L−1): "
-                       "0 = flat, 1 ≈ ×2.7 from the first layer to the last.",
+                       "0 = flat, 1 ≈ ×2.7 from the first layer to the last; variance_growth_lo/_hi: its 95% "
+                       "bootstrap interval over the analysis's samples.",
     "variance_growth_factor": "exp(variance growth): the fitted factor by which the residual stream's variance "
                               "grows from the first layer's output to the last's.",
     "grad_ratio": "mean gradient norm of the last ⌈L/4⌉ layers divided by that of the first ⌈L/4⌉ layers: "
@@ -77,6 +82,15 @@ def _removable(removal: pd.DataFrame | None, threshold: float, relative: bool = 
     pick = removable_layers_relative if relative else removable_layers
     layers = pick(removal["layer"], removal["delta_loss"], threshold)
     return len(layers), layers
+
+
+def _removable_confidence(removal: pd.DataFrame | None, threshold: float) -> tuple[int | None, int | None]:
+    """(removable for sure, undecided) at `threshold` from the sweep's Δloss intervals (None without them)."""
+    if removal is None or removal.empty or "delta_loss_hi" not in removal:
+        return None, None
+    v = removal_verdicts(removal["layer"], removal["delta_loss"], removal["delta_loss_lo"], removal["delta_loss_hi"],
+                         threshold, 0)
+    return len(v["sure"]), len(v["undecided"])
 
 
 def _deep_half_share(removal: pd.DataFrame | None, num_layers: int) -> float:
@@ -130,18 +144,24 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         n_rem, which = _removable(removal, threshold)
         row["removable_layers"] = n_rem
         row["removable_which"] = " ".join(map(str, which))
+        row["removable_sure"], row["removable_undecided"] = _removable_confidence(removal, threshold)
         a = m.analysis
         if a is not None:
             g = variance_growth(a.layers["output_variance"], L)
             row["variance_growth"] = g
+            # Over the analysis's samples (samples.npz); NaN for results saved without them.
+            row["variance_growth_lo"], row["variance_growth_hi"] = variance_growth_interval(
+                a.per_sample, L, seed=int(a.manifest.get("seed") or 0))
             row["variance_growth_factor"] = variance_growth_factor(g)
             row["grad_ratio"] = grad_ratio(a.layers["grad_norm"]) if "grad_norm" in a.layers else float("nan")
         else:
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
+            row["variance_growth_lo"] = row["variance_growth_hi"] = float("nan")
         row["seed"], row["seed_group"] = m.seed, m.seed_group or m.label
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("layers", "trained_steps", "removable_relative", "removable_layers", "seed"):  # counts print as 10, not 10.0
+    for col in ("layers", "trained_steps", "removable_relative", "removable_layers", "removable_sure",
+                "removable_undecided", "seed"):  # counts print as 10, not 10.0
         df[col] = df[col].astype("Int64")
     return df
 

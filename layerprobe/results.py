@@ -22,10 +22,11 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import LayerprobeError
-from .io import ensure_writable_dir, remove_stale_temps, write_csv, write_json
+from .io import atomic_path, ensure_writable_dir, remove_stale_temps, write_csv, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SAMPLE_SUMS = "samples.npz"  # analyze's per-sample partial sums: what the intervals and rankings resample
 
 
 ANALYZE_SECTION = "analyze"
@@ -135,6 +136,7 @@ class AnalysisResult:
     sublayers: pd.DataFrame  # layer, module, kind, params, grad_norm
     summary: dict  # loss, perplexity, norm scheme, ...
     manifest: dict = field(default_factory=dict)  # how it was made
+    per_sample: dict = field(default_factory=dict)  # name -> [samples, ...] partial sums (capture.per_sample_sums)
 
     def angular_matrix(self):
         """The angular distances as a [layer, n] pivot table (NaN where l + n > L)."""
@@ -149,6 +151,11 @@ class AnalysisResult:
         write_csv(folder / "layers.csv", self.layers)
         write_csv(folder / "angular.csv", self.angular)
         write_csv(folder / "sublayers.csv", self.sublayers)
+        if self.per_sample:
+            import numpy as np
+
+            with atomic_path(folder / SAMPLE_SUMS) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **self.per_sample)
         update_manifest(folder, ANALYZE_SECTION, dict(self.manifest, summary=self.summary))
         return folder
 
@@ -163,7 +170,22 @@ class AnalysisResult:
             sublayers=read_table(folder, "sublayers.csv") if sub.is_file() else pd.DataFrame(),
             summary=summary,
             manifest=section,
+            per_sample=_read_sample_sums(folder),
         )
+
+
+def _read_sample_sums(folder: Path) -> dict:
+    """samples.npz as a dict, or {} when absent or unreadable (the rankings' stability is then not shown)."""
+    path = folder / SAMPLE_SUMS
+    if not path.is_file():
+        return {}
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass

@@ -118,7 +118,8 @@ def test_text_data_file_end_to_end(tmp_path, text_llama_dir):
     assert list(layers["layer"]) == [0, 1, 2]
     assert {"layer", "angular_distance", "block_influence", "output_variance", "grad_norm"} <= set(layers.columns)
     ang = pd.read_csv(tmp_path / "o" / "angular.csv")
-    assert list(ang.columns) == ["layer", "n", "angular_distance"] and len(ang) == 6
+    assert list(ang.columns) == ["layer", "n", "angular_distance", "angular_distance_lo", "angular_distance_hi"]
+    assert len(ang) == 6
 
 
 @pytest.mark.slow

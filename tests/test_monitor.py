@@ -68,7 +68,7 @@ def test_probe_statistics_equal_analyze(tiny_dir, tmp_path, arch, tokens):
     _close(row["probe_loss"], result.summary["loss"])
     # The l x n map: every (layer, n) entry of angular.csv.
     matrix = row["angular_matrix"]
-    for layer, n, distance in result.angular.itertuples(index=False):
+    for layer, n, distance in result.angular[["layer", "n", "angular_distance"]].itertuples(index=False):
         _close(matrix[layer][layer + n], distance)
     assert _rows(tmp_path / "run") == [json.loads(json.dumps(row))]
 

@@ -27,25 +27,41 @@ def angular_distance_matrix(units: torch.Tensor) -> torch.Tensor:
     float64: entry (i, j) is the sum over the N tokens of arccos(<u_i, u_j>) / pi.
     The cosines are formed in float64: arccos is steep near 1, where neighbouring layers sit.
     """
+    return angular_distance_per_vector(units).sum(0)
+
+
+def angular_distance_per_vector(units: torch.Tensor) -> torch.Tensor:
+    """[N, L+1, L+1]: `angular_distance_matrix` of each of the N vectors, before the sum over them."""
     u = units.double()
     cos = torch.einsum("inh,jnh->nij", u, u).clamp_(-1.0, 1.0)
-    return (torch.arccos(cos) / math.pi).sum(0)
+    return torch.arccos(cos) / math.pi
 
 
 # Float64 elements per chunk of `angular_distance_sums` (layers x tokens x hidden): 256 MiB.
 GRAM_CHUNK_ELEMENTS = 1 << 25
 
 
-def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int | None = None) -> torch.Tensor:
+def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int | None = None,
+                          groups: int | None = None) -> torch.Tensor:
     """`angular_distance_matrix` of the L+1 streams [N, H] (any dtype, any devices), formed in chunks
-    of tokens on the first stream's device: float64 copies of one chunk at a time, never of all N."""
+    of tokens on the first stream's device: float64 copies of one chunk at a time, never of all N.
+
+    `groups` = G: the N tokens are G samples of N/G consecutive tokens each; the sums come back per
+    sample, [G, L+1, L+1] (what the intervals resample: metrics/intervals.py)."""
     device, n, width = streams[0].device, streams[0].shape[0], streams[0].shape[-1]
     step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // (len(streams) * width))
-    total = torch.zeros(len(streams), len(streams), dtype=torch.float64, device=device)
+    size = (groups or 1, len(streams), len(streams))
+    total = torch.zeros(size, dtype=torch.float64, device=device)
+    per_group = n // groups if groups else n
     for start in range(0, n, step):
         u = torch.stack([s[start:start + step].to(device=device, dtype=torch.float64) for s in streams])
-        total += angular_distance_matrix(unit_vectors(u))
-    return total
+        per_vector = angular_distance_per_vector(unit_vectors(u))
+        if groups:
+            ids = torch.arange(start, start + per_vector.shape[0], device=device) // per_group
+            total.index_add_(0, ids, per_vector)
+        else:
+            total[0] += per_vector.sum(0)
+    return total if groups else total[0]
 
 
 def angular_long_table(mean_matrix: torch.Tensor) -> pd.DataFrame:

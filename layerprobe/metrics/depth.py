@@ -84,6 +84,35 @@ def removable_layers(layers, delta_loss, threshold: float) -> list[int]:
     return [int(layer) for layer, delta in zip(layers, delta_loss) if float(delta) < threshold]
 
 
+def removal_verdicts(layers, delta_loss, lo, hi, threshold: float, samples: int) -> dict:
+    """Removability with its confidence, from each layer's Δloss interval [lo, hi] over samples:
+
+    - sure:      hi < threshold (the whole interval under it)
+    - undecided: lo < threshold ≤ hi
+    - kept:      lo ≥ threshold
+    - samples_to_decide: for the undecided layers, the samples at which the interval's half-width on the
+      threshold's side, w = hi − Δ (or Δ − lo), shrinks to |Δ − threshold| under the 1/√n scaling of a
+      mean: n · (w / |Δ − threshold|)²; the largest over them (what decides all), NaN if none is undecided.
+    Layers with a missing bound count as undecided (no interval: nothing is sure)."""
+    sure, undecided, kept, need = [], [], [], []
+    for layer, d, a, b in zip(layers, delta_loss, lo, hi):
+        d, a, b = float(d), float(a), float(b)
+        if not math.isfinite(d):
+            continue
+        if math.isfinite(b) and b < threshold:
+            sure.append(int(layer))
+        elif math.isfinite(a) and a >= threshold:
+            kept.append(int(layer))
+        else:
+            undecided.append(int(layer))
+            half = (b - d) if d < threshold else (d - a)
+            margin = abs(d - threshold)
+            if math.isfinite(half) and margin > 0:
+                need.append(math.ceil(samples * (half / margin) ** 2 - 1e-9))  # 16.000000000000004 is 16
+    return {"sure": sure, "undecided": undecided, "kept": kept,
+            "samples_to_decide": max(need) if len(need) == len(undecided) and need else float("nan")}
+
+
 def relative_threshold(delta_loss, fraction: float) -> float:
     """`fraction` of the largest single-layer Δloss (NaN when no removal costs anything)."""
     d = np.asarray(delta_loss, dtype=float)
@@ -114,5 +143,5 @@ def deep_half_share(delta_loss) -> float:
     return float(cost[L - L // 2:].sum() / total) if total > 0 else float("nan")
 
 
-__all__ = ["deep_half_share", "grad_ratio", "normalised_depth", "quarter", "relative_threshold",
+__all__ = ["removal_verdicts", "deep_half_share", "grad_ratio", "normalised_depth", "quarter", "relative_threshold",
            "removable_layers", "removable_layers_relative", "variance_growth", "variance_growth_factor"]

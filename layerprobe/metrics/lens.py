@@ -43,10 +43,16 @@ def lens_sums(final: FinalDistribution, layer_logits: torch.Tensor) -> tuple[tor
     Softmax and the KL are taken in float32 (bf16 logits are upcast), the sum in float64; both
     stay on the logits' device (no host sync).
     """
+    kl, agree = lens_terms(final, layer_logits)
+    return kl.sum(-1, dtype=torch.float64), agree.sum(-1)
+
+
+def lens_terms(final: FinalDistribution, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: (KL(p_final ‖ p_ℓ) in float32, whether the top-1 agrees), [..., N] each; `lens_sums`
+    sums them, the per-sample sums of the intervals (metrics/intervals.py) group them by sample."""
     log_layer = F.log_softmax(layer_logits.float(), dim=-1)
     kl = F.kl_div(log_layer, final.log_p.expand_as(log_layer), log_target=True, reduction="none").sum(-1)
-    agree = (layer_logits.argmax(-1) == final.top).sum(-1)
-    return kl.sum(-1, dtype=torch.float64), agree
+    return kl, layer_logits.argmax(-1) == final.top
 
 
 def lock_in_layer(top1: list[float], threshold: float = LOCK_IN_TOP1) -> int | None:

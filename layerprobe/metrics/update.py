@@ -28,6 +28,13 @@ def update_sums(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = 
 
     `x_norm`, `d_norm` ([...], optional) save a pass each when the caller already has them per token.
     """
+    ratio, cos, seen = update_terms(x, d, x_norm, d_norm)
+    return ratio.sum(dtype=torch.float64), cos.sum(dtype=torch.float64), seen.sum()
+
+
+def update_terms(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = None,
+                 d_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token [...]: (‖d‖/‖x‖, cos(d, x), x not all zero), 0 where x is all zero; `update_sums` sums them."""
     if x_norm is None:
         x_norm = torch.linalg.vector_norm(x, dim=-1)
     if d_norm is None:
@@ -35,7 +42,7 @@ def update_sums(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = 
     seen = x_norm > 0
     ratio = torch.where(seen, d_norm / x_norm.clamp_min(_EPS), 0.0)
     cos = torch.where(seen, torch.linalg.vecdot(d, x) / (d_norm * x_norm).clamp_min(_EPS), 0.0)
-    return ratio.sum(dtype=torch.float64), cos.sum(dtype=torch.float64), seen.sum()
+    return ratio, cos, seen
 
 
 def second_half_ratio(values) -> float:

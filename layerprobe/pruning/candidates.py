@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..analysis import analyze
+from ..metrics.intervals import ANGULAR_MAP, LAYER_STATISTICS, chosen_agreement, derived_sums, split_half_tau
 from ..errors import LayerprobeError
 from ..opening import Opening
 from ..results import ANALYZE_SECTION, AnalysisResult, read_manifest
@@ -113,9 +115,10 @@ def get_analysis(analysis, opening: Opening, *, samples, batch_size: int, progre
 
 
 def ranked_sets(opts: SweepOptions, opening: Opening, analysis, *, samples, batch_size: int,
-                progress: bool) -> tuple[dict[str, list[tuple[int, ...]]], str | None, dict[int, list[int]] | None]:
+                progress: bool) -> tuple[dict[str, list[tuple[int, ...]]], str | None, dict[int, list[int]] | None, dict]:
     """Per ranking in `opts.bys`, the sets S_1..S_steps; where the analyze results came from; with
-    `opts.block_top`, the first layers of the blocks block mode measures, per size."""
+    `opts.block_top`, the first layers of the blocks block mode measures, per size; how stable each ranking
+    is over the samples (`ranking_stability`)."""
     L = opening.anatomy.num_layers
     result, source = None, None
     if any(b != "last" for b in opts.bys) or opts.block_top is not None:
@@ -124,7 +127,45 @@ def ranked_sets(opts: SweepOptions, opening: Opening, analysis, *, samples, batc
                             result.angular if result is not None else None) for b in opts.bys}
     top = (angular_top_blocks(result.angular, opts.block_sizes, opts.block_top)
            if opts.block_top is not None else None)
-    return sets, source, top
+    stability = ranking_stability(opts.bys, result.per_sample if result is not None else {}, opts.n_steps,
+                                  seed=opening.seed or 0)
+    return sets, source, top, stability
+
+
+def _ranking_score(by: str, k: int):
+    """(statistic over the per-sample sums, the sums it needs, choose: scores -> the k layers removed)
+    for ranking `by`: the same order `ranking_sets` takes, on resampled sums."""
+    if by in ("influence", "angular-layer"):
+        stat, needs = LAYER_STATISTICS["block_influence" if by == "influence" else "angular_distance"]
+        return stat, needs, lambda v: frozenset(int(i) for i in np.lexsort((np.arange(len(v)), v))[:k])
+
+    def block_starts(t):  # d(x^ℓ, x^(ℓ+k)) for every start ℓ
+        return np.diagonal(ANGULAR_MAP(t), offset=k, axis1=-2, axis2=-1)
+
+    def choose(v):
+        first = int(np.lexsort((np.arange(len(v)), v))[0])
+        return frozenset(range(first, first + k))
+
+    return block_starts, ("angular", "angular_tokens"), choose
+
+
+def ranking_stability(bys, per_sample: dict, steps: int, seed: int = 0) -> dict[str, dict]:
+    """Per ranking (not "last", which reads no data): Kendall τ between its scores on two disjoint halves
+    of the samples, and across bootstrap resamples how often it picks the very k = `steps` layers it picks
+    on all samples (share identical, mean Jaccard overlap). {} without per-sample sums."""
+    out = {}
+    per_sample = derived_sums(per_sample)
+    for by in bys:
+        if by == "last" or not per_sample:
+            continue
+        stat, needs, choose = _ranking_score(by, steps)
+        if not all(n in per_sample for n in needs):
+            continue
+        sums = {n: per_sample[n] for n in needs}
+        same, jaccard = chosen_agreement(sums, stat, choose, seed=seed)
+        out[by] = {"k": steps, "split_half_tau": split_half_tau(sums, stat, seed=seed),
+                   "chosen_identical": same, "chosen_jaccard": jaccard}
+    return out
 
 
 def build_candidates(opts: SweepOptions, num_layers: int, ranked: dict[str, list[tuple[int, ...]]],

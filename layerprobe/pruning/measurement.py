@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .measures import Sums, next_token_targets, predicted_rows, score
+from .measures import Sums, next_token_targets, predicted_rows, read_sums, score
 from .prefix import PrefixRunner
 from .surgery import format_removed
 
@@ -50,8 +50,10 @@ def group_size_for(runner: PrefixRunner, blocks: torch.Tensor, batch_size: int, 
 class Scorer:
     """Evaluates sets of removed layers on one batch from a base model's layer inputs."""
 
-    def __init__(self, runner: PrefixRunner, chunk_rows: int, group_size: int, on_done=None):
+    def __init__(self, runner: PrefixRunner, chunk_rows: int, group_size: int, on_done=None,
+                 rows_per_sample: int | None = None):
         self.runner = runner
+        self.rows_per_sample = rows_per_sample  # the sums are also kept per sample (intervals)
         self.chunk_rows = chunk_rows
         self.group_size = max(1, group_size)
         self.on_done = on_done
@@ -59,7 +61,8 @@ class Scorer:
 
     def evaluate(self, base_inputs, base_removed: frozenset, calls, sets: list[frozenset], full_rows, targets,
                  with_full: bool = False) -> torch.Tensor:
-        """[len(sets) (+1 first, the full model's, `with_full`), 3] sums on the device, not read."""
+        """[len(sets) (+1 first, the full model's, `with_full`), 3] sums on the device, not read; per sample
+        ([sets (+1), samples, 3]) when the scorer has `rows_per_sample`."""
         runner = self.runner
         parts: list[torch.Tensor] = []
         for g in range(0, len(sets), self.group_size):
@@ -71,10 +74,12 @@ class Scorer:
                 rows.append(runner.final_hidden(predicted_rows(y)))
                 if self.on_done:
                     self.on_done()
-            parts.append(score(runner.logits, full_rows, rows, targets, self.chunk_rows, with_full and g == 0))
+            parts.append(score(runner.logits, full_rows, rows, targets, self.chunk_rows, with_full and g == 0,
+                               self.rows_per_sample))
             del rows
         if not sets:
-            parts.append(score(runner.logits, full_rows, [], targets, self.chunk_rows, with_full))
+            parts.append(score(runner.logits, full_rows, [], targets, self.chunk_rows, with_full,
+                               self.rows_per_sample))
         return torch.cat([p.to(parts[0].device) for p in parts])
 
 
@@ -103,11 +108,10 @@ def measure_sets(scorer: Scorer, batches: list[torch.Tensor], sets: list[frozens
             full_rows = runner.final_hidden(predicted_rows(cap.output))
             sums = scorer.evaluate(cap.inputs, frozenset(), cap.calls, sets, full_rows, targets, with_full=True)
         del cap
-        values = sums.tolist()  # the batch's one host sync
-        tokens = int(targets.shape[0])
-        out.full.add(Sums.from_row(values[0], tokens))
-        for s, row in zip(sets, values[1:]):
-            out.by_set[s].add(Sums.from_row(row, tokens))
+        read = read_sums(sums, int(targets.shape[0]), scorer.rows_per_sample)  # the batch's one host sync
+        out.full.add(read[0])
+        for s, one in zip(sets, read[1:]):
+            out.by_set[s].add(one)
         if not sets:
             bar.update(task, advance=1)
         bar.update(task, info=f"full loss {out.full.loss:.3f}")
@@ -136,11 +140,14 @@ def _greedy_step_sums(scorer: Scorer, batches: list[torch.Tensor], removed: froz
             inputs: dict[int, torch.Tensor] = dict(enumerate(cap.inputs[:first]))
             runner.run(cap.inputs[first], first, removed, cap.calls, record=inputs)
             part = scorer.evaluate(inputs, removed, cap.calls, sets, full_rows, targets)
-            total = part if total is None else total.add_(part)
+            if part.dim() == 3:  # per sample: the batches' samples side by side
+                total = part if total is None else torch.cat([total, part.to(total.device)], dim=1)
+            else:
+                total = part if total is None else total.add_(part)
         tokens += int(targets.shape[0])
         del cap, inputs
-    values = total.tolist()  # one host sync per step
-    return {s: Sums.from_row(row, tokens) for s, row in zip(sets, values)}
+    read = read_sums(total, tokens, scorer.rows_per_sample)  # one host sync per step
+    return dict(zip(sets, read))
 
 
 def singles(num_layers: int) -> list[frozenset]:

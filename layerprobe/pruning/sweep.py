@@ -14,7 +14,9 @@ from typing import Iterable
 import torch
 
 from ..defaults import check_measure_options
+from ..analysis import interval_manifest
 from ..loading import LoadedModel
+from ..metrics.intervals import RESAMPLES, resample_counts
 from ..opening import Opening, open_model
 from ..progress import make_progress, note
 from ..results import SWEEP_SECTION, SweepResult
@@ -51,7 +53,8 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
             f"{_duration(plan.estimated_s)}")
 
     with make_progress(progress) as bar:
-        scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype))
+        scorer = Scorer(runner, chunk_rows, group_size_for(runner, blocks, batch_size, opening.loaded.dtype),
+                        rows_per_sample=int(blocks.shape[1]) - 1)  # per-sample sums: the intervals
         found = []
         if search_apart:  # greedy searches on the first samples; the sets it finds join the sweep's pass
             search = list(torch.split(blocks[:opts.search_samples], batch_size))
@@ -66,15 +69,17 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
         scorer.on_done = lambda: bar.update(task, advance=1)
         measured = measure_sets(scorer, batches, unique_sets, bar=bar, task=task,
                                 on_first_batch=None if search_apart else estimate)
-        full_loss = measured.full.loss
-        rows = [full_row(measured.full)]
-        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss) for c in candidates]
+        full, full_loss = measured.full, measured.full.loss
+        # One set of resamples for every candidate: their intervals come from the same draws of samples.
+        counts = resample_counts(len(blocks), RESAMPLES, opening.seed) if len(blocks) >= 2 else None
+        rows = [full_row(full, counts)]
+        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss, full, counts) for c in candidates]
         if opts.greedy and not search_apart:
             found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar)
         for t, (removed, added, sums) in enumerate(found, 1):
             c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
             # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
-            rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss))
+            rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss, full, counts))
     return rows, scorer, measured.full.tokens, time.perf_counter() - started
 
 
@@ -166,8 +171,8 @@ def prune_sweep(
     # The bound from the options, before analyze runs for the rankings.
     Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size).check(yes=yes, max_layer_calls=max_layer_calls)
     # Rankings first: analyze (if it has to run) shows its own progress.
-    ranked, ranking_source, top_blocks = ranked_sets(opts, opening, analysis, samples=samples,
-                                                     batch_size=batch_size, progress=progress)
+    ranked, ranking_source, top_blocks, stability = ranked_sets(opts, opening, analysis, samples=samples,
+                                                                batch_size=batch_size, progress=progress)
     candidates = build_candidates(opts, anatomy.num_layers, ranked, top_blocks)
     plan = Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size, candidates=candidates)
     note(plan.describe(), progress)
@@ -179,7 +184,9 @@ def prune_sweep(
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
                                     batch_size, layers_path, progress)
     runner, L = scorer.runner, anatomy.num_layers
-    summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens)
+    summary = summarize(table, opening.loaded.name, anatomy.model_type, L, n_tokens, samples=len(opening.blocks))
+    if stability:
+        summary["ranking_stability"] = stability
     summary.update({"layer_calls": runner.layer_calls + runner.capture_passes * L, "planned_layer_calls": plan.total,
                     "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3),
                     "estimated_time_s": None if plan.estimated_s is None else round(plan.estimated_s, 3)})
@@ -187,5 +194,6 @@ def prune_sweep(
         batch_size=batch_size, **opts.manifest(), ranking_source=ranking_source,
         remove=list(opts.removal) if opts.removal else None, chunk_rows=chunk_rows,
         lm_eval_tasks=opts.tasks or None, lm_eval_limit=lm_eval_limit if opts.tasks else None,
-        layers_path=anatomy.layers_path)
+        layers_path=anatomy.layers_path, tokens_scored=n_tokens,
+        intervals=interval_manifest(len(opening.blocks), opening.seed or 0))
     return SweepResult(table=table, summary=summary, manifest=manifest)

@@ -11,7 +11,16 @@ from matplotlib.ticker import MaxNLocator
 from rich import box
 from rich.table import Table
 
+from .confidence import interval_note, plus_minus
 from .style import LAYER_AXIS, METRIC_COLORS, integer_ticks, new_figure, save_figure
+
+
+def _band(ax, df, col: str, color: str) -> None:
+    """The column's interval over samples (_lo/_hi) as a shaded band, when the table has one."""
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if lo in df and df[lo].astype(float).notna().any():
+        ax.fill_between(df["layer"].astype(float), df[lo].astype(float), df[hi].astype(float), color=color,
+                        alpha=0.18, linewidth=0)
 
 
 def _title(result, what: str) -> str:
@@ -52,6 +61,8 @@ def plot_layer_importance(result, path: Path) -> None:
             label="angular distance, input → output (n = 1)")
     ax.plot(df["layer"], df["block_influence"], "s-", color=METRIC_COLORS["block_influence"], markersize=3.5,
             label="Block Influence = 1 − mean cos(input, output)")
+    for col in ("angular_distance", "block_influence"):
+        _band(ax, df, col, METRIC_COLORS[col])
     ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("how much the layer changes its input (0 = identity)")
     ax.set_ylim(bottom=0)
@@ -68,6 +79,8 @@ def plot_output_variance(result, path: Path) -> None:
                 label="variance of the layer's output (residual stream)")
     ax.semilogy(df["layer"], df["update_variance"], "s--", color=METRIC_COLORS["update_variance"], markersize=3.5,
                 label="variance of the update the layer adds (output − input)")
+    for col in ("output_variance", "update_variance"):
+        _band(ax, df, col, METRIC_COLORS[col])
     ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("variance over tokens and units (log scale)")
     ax.set_title(_title(result, "output variance against depth"))
@@ -108,11 +121,15 @@ def plot_logit_lens(result, path: Path) -> None:
     # The last layer's KL is 0 up to rounding (its lens is the model's own output): off the log axis.
     ax.semilogy(df["layer"], kl.where(kl > 1e-6), "o-", color="#0072B2", markersize=3.5,
                 label="KL(p_final ‖ p_ℓ), nats (left; 0 at the last layer)")
+    if "lens_kl_lo" in df:
+        ax.fill_between(df["layer"].astype(float), df["lens_kl_lo"].astype(float).where(kl > 1e-6),
+                        df["lens_kl_hi"].astype(float).where(kl > 1e-6), color="#0072B2", alpha=0.18, linewidth=0)
     ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("KL to the final next-token distribution (nats, log scale)")
     ax2 = ax.twinx()
     ax2.plot(df["layer"], df["lens_top1"], "s--", color="#D55E00", markersize=3.5,
              label="top-1 agrees with the final prediction (right)")
+    _band(ax2, df, "lens_top1", "#D55E00")
     ax2.set_ylim(-0.03, 1.03)
     ax2.spines["right"].set_visible(True)
     ax2.set_ylabel("fraction of tokens, top-1 = final top-1")
@@ -139,6 +156,8 @@ def plot_residual_updates(result, path: Path) -> None:
         ax.grid(True, alpha=0.3, linewidth=0.6)
     ax1.plot(df["layer"], df["relative_update"], "o-", color="#000000", markersize=3.5, label="whole layer")
     ax2.plot(df["layer"], df["update_cosine"], "o-", color="#000000", markersize=3.5, label="whole layer")
+    _band(ax1, df, "relative_update", "#000000")
+    _band(ax2, df, "update_cosine", "#000000")
     if _has(sub, "relative_update"):
         for kind, style, color, label in (("attention", "^--", "#0072B2", "attention"), ("mlp", "s--", "#D55E00", "MLP")):
             rows = sub[sub["kind"] == kind].dropna(subset=["relative_update"]).sort_values("layer")
@@ -180,10 +199,11 @@ def write_analysis_figures(result, folder: Path) -> list[dict]:
          "Angular distance between the input of layer ℓ and of layer ℓ+n, averaged over samples. Dark cells: "
          "blocks that barely change the residual stream, the candidates for removal (Gromov et al.)."),
         ("layer_importance.png", plot_layer_importance,
-         "Per-layer angular distance (n = 1) and Block Influence (ShortGPT). Low values: the layer is close to "
-         "the identity."),
+         "Per-layer angular distance (n = 1) and Block Influence (ShortGPT), bands: 95% intervals over samples. "
+         "Low values: the layer is close to the identity."),
         ("output_variance.png", plot_output_variance,
-         "Variance of the residual stream after each layer. Under Pre-LN it grows with depth (Curse of Depth)."),
+         "Variance of the residual stream after each layer (bands: 95% intervals over samples). Under Pre-LN it "
+         "grows with depth (Curse of Depth)."),
     ]
     if _has(result.layers, "lens_kl"):
         figures.append(("logit_lens.png", plot_logit_lens,
@@ -219,6 +239,24 @@ def _fmt(v, spec: str = ".3f") -> str:
     return str(v)
 
 
+HEADLINE_COLUMNS = ("angular_distance", "block_influence")  # what the table marks layers by
+
+
+def wide_interval_lines(df) -> list[str]:
+    """For the headline columns: how many layers' intervals are wider than their value."""
+    out = []
+    for col in HEADLINE_COLUMNS:
+        if f"{col}_lo" not in df:
+            continue
+        v, lo, hi = (df[c].astype(float).to_numpy() for c in (col, f"{col}_lo", f"{col}_hi"))
+        wide = np.isfinite(lo) & np.isfinite(hi) & (hi - lo > np.abs(v))
+        if wide.any():
+            out.append(f"{col}: the interval over samples is wider than the value on {int(wide.sum())} of {len(v)} "
+                       f"layers (layers {', '.join(str(int(l)) for l in df['layer'][wide])}); more samples would "
+                       "pin them down")
+    return out
+
+
 def summary_table(result) -> Table:
     s = result.summary
     source = str(s.get("norm_scheme_source") or "").replace(" (", ": ").rstrip(")")  # no nested parentheses
@@ -236,10 +274,18 @@ def summary_table(result) -> Table:
     for _, row in df.iterrows():
         cells = [_fmt(row[c].item() if hasattr(row[c], "item") else row[c], spec) if c in row else "—"
                  for c, _, spec in cols]
+        for i, (c, _, spec) in enumerate(cols):  # ± where the column has an interval and the value is there
+            if f"{c}_lo" in row and cells[i] != "—" and spec in (".3f",):
+                cells[i] = plus_minus(float(row[c]), row[f"{c}_lo"], row[f"{c}_hi"], spec)
         marked = int(row["layer"]) in lowest
         if marked:  # a symbol, so the mark shows without colour too
             cells[0] = f"• {cells[0]}"
         t.add_row(*cells, style="bold cyan" if marked else None)
     t.caption = (f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens; "
                  "•: the quarter of layers with the lowest angular distance")
+    note = interval_note(result.manifest)
+    if note:
+        t.caption += f"\n{note}; none on the gradient norms (see docs/design.md)"
+    for line in wide_interval_lines(df):
+        t.caption += f"\nwarning: {line}"
     return t

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..io import write_text
 from ..results import read_manifest
+from .confidence import STABILITY_CAPTION, STABILITY_HEADERS, interval_note, stability_rows, verdict_lines
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
@@ -96,8 +97,25 @@ def _analyze_summary(section: dict) -> str:
         "angular distance on": f"{section.get('tokens')} token(s)",
         "dtype / device": f"{section.get('dtype')} / {section.get('device')}",
         "wall time (s)": section.get("wall_time_s"),
+        "intervals": interval_note(section),
     }
     return key_value_table(items)
+
+
+def _sweep_summary(section: dict) -> str:
+    """The summary's numbers, then the removal verdict and warnings, then the rankings' stability."""
+    s = section.get("summary", {})
+    shown = {k: v for k, v in s.items() if k not in ("ranking_stability", "warnings")}
+    if interval_note(section):
+        shown["intervals"] = interval_note(section)
+    out = [key_value_table(shown)]
+    out += [f'<p class="note">{esc(line)}</p>' for line in verdict_lines(s)]
+    rows = stability_rows(s)
+    if rows:
+        out.append("<h3>How stable the rankings are over the samples</h3>"
+                   + table_html(pd.DataFrame(rows, columns=list(STABILITY_HEADERS)))
+                   + f'<p class="note">{esc(STABILITY_CAPTION)}</p>')
+    return "".join(out)
 
 
 TOKEN_KEYS = ("data", "text_column", "seq_len", "samples", "seed")  # what decides which tokens a command read
@@ -129,6 +147,8 @@ def write_model_index(folder: str | Path) -> Path:
         body = [f"<h2>{esc(SECTION_TITLES.get(key, key))}</h2>"]
         if key == "analyze":
             body.append(_analyze_summary(section))
+        elif key == "prune-sweep" and section.get("summary"):
+            body.append(_sweep_summary(section))
         elif section.get("summary"):
             body.append(key_value_table(section["summary"]))
         body.append('<div class="grid">' + "".join(figure_html(folder, f) for f in section["figures"]) + "</div>")

@@ -13,6 +13,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from .confidence import STABILITY_CAPTION, STABILITY_HEADERS, plus_minus, stability_rows, verdict_lines
 from .style import LAYER_AXIS, OKABE_ITO, integer_ticks, new_figure, save_figure
 
 RANKING_LABELS = {
@@ -47,10 +48,17 @@ def plot_layer_damage(result, path: Path) -> None:
     df = result.rows("layer")
     fig, ax = new_figure()
     scale = _y_scale(ax, list(df["delta_loss"]) + list(df["kl"]))
-    ax.bar(df["first_layer"].astype(int), df["delta_loss"], color=OKABE_ITO[0], alpha=0.85, width=0.75,
+    x = df["first_layer"].astype(int)
+    ax.bar(x, df["delta_loss"], color=OKABE_ITO[0], alpha=0.85, width=0.75,
            label="Δloss = loss without the layer − full model's loss")
-    ax.plot(df["first_layer"].astype(int), df["kl"], "o", color=OKABE_ITO[1], markersize=4,
+    if _has_interval(df, "delta_loss"):
+        ax.errorbar(x, df["delta_loss"], yerr=_yerr(df, "delta_loss"), fmt="none", ecolor="#222222", elinewidth=1,
+                    capsize=2, label="95% interval over samples")
+    ax.plot(x, df["kl"], "o", color=OKABE_ITO[1], markersize=4,
             label="KL(full ‖ pruned) of the next-token distributions")
+    if "removable_threshold" in result.summary:
+        ax.axhline(result.summary["removable_threshold"], color="#777777", linestyle="--", linewidth=1,
+                   label=f"removable below {result.summary['removable_threshold']:g} nats (whole interval)")
     ax.set_xlabel(f"removed {LAYER_AXIS}")
     ax.set_ylabel(f"nats per token ({scale})")
     full = result.summary
@@ -59,6 +67,16 @@ def plot_layer_damage(result, path: Path) -> None:
     ax.legend(fontsize=8)
     integer_ticks(ax, len(df))
     save_figure(fig, path)
+
+
+def _has_interval(df: pd.DataFrame, col: str) -> bool:
+    return f"{col}_lo" in df and df[f"{col}_lo"].astype(float).notna().any()
+
+
+def _yerr(df: pd.DataFrame, col: str) -> np.ndarray:
+    """[2, n] distances from the value down to _lo and up to _hi (matplotlib's asymmetric yerr)."""
+    v = df[col].astype(float).to_numpy()
+    return np.abs(np.stack([v - df[f"{col}_lo"].astype(float).to_numpy(), df[f"{col}_hi"].astype(float).to_numpy() - v]))
 
 
 def plot_block_heatmap(result, path: Path) -> None:
@@ -101,21 +119,22 @@ def plot_block_heatmap(result, path: Path) -> None:
 def curves(result) -> list[tuple[str, str, pd.DataFrame]]:
     """(label, colour, rows with n_removed and perplexity) for greedy, each ranking and the best block."""
     t = result.table
-    full = t[t["mode"] == "full"][["n_removed", "perplexity"]]
+    keep = ["n_removed", "perplexity"] + [c for c in ("loss_lo", "loss_hi") if c in t]
+    full = t[t["mode"] == "full"][keep]
     out = []
     greedy = t[t["mode"] == "greedy"]
     if len(greedy):
         out.append(("greedy, re-measured after each removal (SLEB-style)", OKABE_ITO[7],
-                    pd.concat([full, greedy[["n_removed", "perplexity"]]])))
+                    pd.concat([full, greedy[keep]])))
     ranked = t[t["mode"] == "ranked"]
     for by, g in ranked.groupby("by", sort=False):
         out.append((f"ranked: {RANKING_LABELS.get(by, by)}", RANKING_COLORS.get(by, OKABE_ITO[3]),
-                    pd.concat([full, g[["n_removed", "perplexity"]]])))
+                    pd.concat([full, g[keep]])))
     block = t[t["mode"] == "block"]
     if out:  # beside greedy and the rankings, only as far as they go: the scale stays readable
         block = block[block["block_size"] <= max(int(df["n_removed"].max()) for _, _, df in out)]
     if len(block) and block["block_size"].nunique() > 1:
-        best = block.loc[block.groupby("block_size")["delta_loss"].idxmin()][["n_removed", "perplexity"]]
+        best = block.loc[block.groupby("block_size")["delta_loss"].idxmin()][keep]
         out.append(("best contiguous block, exhaustive (block mode)", OKABE_ITO[2], pd.concat([full, best])))
     return out
 
@@ -127,6 +146,9 @@ def plot_curves(result, path: Path) -> None:
         df = df.sort_values("n_removed")
         ax.plot(df["n_removed"], df["perplexity"], styles[i % len(styles)], color=color, markersize=3.5,
                 linewidth=1.6, label=label)
+        if _has_interval(df, "loss"):  # perplexity = exp(loss): the band is exp of the loss interval
+            ax.fill_between(df["n_removed"].astype(float), np.exp(df["loss_lo"].astype(float)),
+                            np.exp(df["loss_hi"].astype(float)), color=color, alpha=0.15, linewidth=0)
     full = result.summary["full_perplexity"]
     ax.axhline(full, color="#888888", linestyle=":", linewidth=1, label=f"full model ({full:.1f})")
     ax.set_yscale("log")
@@ -147,7 +169,8 @@ def write_sweep_figures(result, folder: Path) -> list[dict]:
         plot_layer_damage(result, folder / "prune_layers.png")
         out.append({"file": "prune_layers.png", "caption":
                     "Δloss and KL(full ‖ pruned) when one layer is removed, measured against the full model on "
-                    "the same tokens. Low bars: layers the model barely needs."})
+                    "the same tokens, with 95% intervals over samples. Low bars: layers the model barely needs; "
+                    "removable for sure when the whole interval is under the dashed threshold."})
     if "block" in modes:
         plot_block_heatmap(result, folder / "prune_blocks.png")
         out.append({"file": "prune_blocks.png", "caption":
@@ -157,8 +180,10 @@ def write_sweep_figures(result, folder: Path) -> list[dict]:
     if drawn:
         plot_curves(result, folder / "prune_curves.png")
         out.append({"file": "prune_curves.png", "caption":  # says what is drawn, nothing more
-                    "Perplexity as more layers are removed, " + ("curves: " if len(drawn) > 1 else "curve: ")
-                    + "; ".join(drawn) + "."})
+                    "Perplexity as more layers are removed (bands: 95% intervals of each perplexity over samples, which "
+                    "include the spread of the samples' own difficulty; the paired Δloss intervals of the table are "
+                    "narrower), "
+                    + ("curves: " if len(drawn) > 1 else "curve: ") + "; ".join(drawn) + "."})
     return out
 
 
@@ -179,7 +204,11 @@ def _table(title: str, first: tuple[str, str]) -> Table:
 
 
 def _cells(r) -> list[str]:
-    return [_f(r.delta_loss, "+.4f"), _f(r.perplexity, ".2f"), _f(r.kl, ".4f"), _f(r.top1_agreement, ".3f")]
+    r = r if isinstance(r, pd.Series) else pd.Series(r._asdict())
+    dl = _f(r["delta_loss"], "+.4f")
+    if dl != "—" and "delta_loss_lo" in r:
+        dl = plus_minus(r["delta_loss"], r["delta_loss_lo"], r["delta_loss_hi"], "+.4f")
+    return [dl, _f(r["perplexity"], ".2f"), _f(r["kl"], ".4f"), _f(r["top1_agreement"], ".3f")]
 
 
 def _layer_table(layer: pd.DataFrame) -> Table:
@@ -188,7 +217,8 @@ def _layer_table(layer: pd.DataFrame) -> Table:
     for r in layer.itertuples(index=False):
         marked = r.first_layer in low
         t.add_row(f"{'• ' if marked else ''}{r.first_layer}", r.removed, *_cells(r), style="bold cyan" if marked else None)
-    t.caption = "•: the quarter of layers whose removal hurts least"
+    t.caption = "•: the quarter of layers whose removal hurts least" + (
+        "; ±: half the 95% interval over samples" if "delta_loss_lo" in layer else "")
     t.caption_justify = "left"
     return t
 
@@ -240,4 +270,14 @@ def sweep_tables(result) -> list:
     lm_cols = [c for c in result.table.columns if str(c).startswith("lm_eval:")]
     if lm_cols:
         tables.append(_lm_eval_table(result.table, lm_cols))
+    rows = stability_rows(s)
+    if rows:
+        t = Table(title="how stable the rankings are over the samples", title_justify="left", box=box.SIMPLE_HEAD,
+                  collapse_padding=True, pad_edge=False, caption=STABILITY_CAPTION, caption_justify="left")
+        for h in STABILITY_HEADERS:
+            t.add_column(h, justify="right")
+        for row in rows:
+            t.add_row(*row)
+        tables.append(t)
+    tables += [Text(line) for line in verdict_lines(s)]
     return tables
