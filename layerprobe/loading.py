@@ -479,17 +479,8 @@ def plan_device_map(meta_model, device_map: str | dict, max_memory: dict | None)
         return dict(device_map)
     memory = dict(max_memory) if max_memory else None  # the planner writes into it
     with _Quiet():  # "We will use 90% of the memory on device 0": the plan is the message that matters
-        try:
-            from transformers.integrations.accelerate import _get_device_map
-        except ImportError:  # transformers 4.x keeps it elsewhere; accelerate's public planner says the same
-            from accelerate import infer_auto_device_map
-            from accelerate.utils import get_balanced_memory
+        from transformers.integrations.accelerate import _get_device_map  # every transformers pyproject admits
 
-            split = meta_model._no_split_modules or []
-            if device_map != "sequential":
-                memory = get_balanced_memory(meta_model, max_memory=memory, no_split_module_classes=split,
-                                             low_zero=device_map == "balanced_low_0")
-            return dict(infer_auto_device_map(meta_model, max_memory=memory, no_split_module_classes=split))
         return dict(_get_device_map(meta_model, device_map, memory, None))
 
 

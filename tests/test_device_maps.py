@@ -10,6 +10,7 @@ tail) and the gradients.
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pandas as pd
@@ -161,8 +162,13 @@ def test_save_pruned_of_an_offloaded_model_proves_the_reload_on_disk(model4, tmp
     monkeypatch.setattr(save, "load_model", spy)
     lm = load_model(str(model4), device="cpu", device_map=TAIL_ON_DISK, load_tokenizer=False)
     out = save_pruned(lm, [1], tmp_path / "pruned")
-    # The proof's reload: weights left on disk, computed on the CPU, not a second copy where the original is.
-    assert calls == [dict(dtype="float32", device="cpu", device_map={"": "disk"}, load_tokenizer=False)]
+    # The proof's reload: weights left on disk, computed on the CPU, not a second copy where the original is;
+    # where this accelerate cannot run the model from disk (seen with transformers 5.17 + accelerate 1.10), an
+    # ordinary reload into host memory follows, and the record says which proved it.
+    disk = dict(dtype="float32", device="cpu", device_map={"": "disk"}, load_tokenizer=False)
+    assert calls[0] == disk and calls[1:] in ([], [dict(disk, device_map=None)])
+    info = json.loads((out / "layerprobe_pruned.json").read_text())
+    assert ("from disk" in info["check"]["reloaded"]) == (len(calls) == 1)
     reloaded = load_model(str(out), device="cpu", load_tokenizer=False).model
     assert reloaded.config.num_hidden_layers == 3
     ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -246,21 +252,6 @@ def test_attn_implementation_the_model_does_not_support(arch, attn, tiny_dir, tm
     result, text = run_cli("analyze", tiny_dir(arch), "--device", "cpu", "--attn-implementation", attn,
                            "--out", tmp_path / "out", "-q")
     assert_one_line_error(result, text, f"--attn-implementation {attn} cannot be used")
-
-
-@pytest.mark.parametrize("strategy", ["sequential", "balanced"])
-def test_the_fallback_planner_plans_as_transformers_does(model4, strategy, monkeypatch):
-    """Older transformers lack `_get_device_map`; accelerate's public planner must give the same map."""
-    import transformers.integrations.accelerate as hf_accelerate
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model4)
-    meta = loading._meta_model(config, torch.float32, None, False, "the test model")
-    memory = {"cpu": 150_000}
-    planned = loading.plan_device_map(meta, strategy, memory)
-    monkeypatch.delattr(hf_accelerate, "_get_device_map")
-    assert loading.plan_device_map(meta, strategy, memory) == planned
-    assert "disk" in planned.values() and memory == {"cpu": 150_000}
 
 
 @pytest.fixture(scope="module")
