@@ -110,7 +110,7 @@ def opening_for(model, blocks):
     loaded = type("Loaded", (), {"dtype": next(model.parameters()).dtype})()
     vocab = model.get_output_embeddings().weight.shape[0]
     return type("Opening", (), {"model": model, "anatomy": anatomy, "blocks": blocks, "loaded": loaded,
-                                "vocab_size": vocab})()
+                                "vocab_size": vocab, "seed": 0})()
 
 
 def run_mode(model, mode: str, batch: int, seq_len: int) -> dict:
@@ -127,9 +127,14 @@ def run_mode(model, mode: str, batch: int, seq_len: int) -> dict:
         opts = SweepOptions.parse(mode="layer", block_size=None, steps=None, by=None, remove=None, batch_size=batch,
                                   lm_eval_tasks=None)
         opts.for_depth(opening.anatomy.num_layers)
-        candidates = build_candidates(opts, opening.anatomy.num_layers, {})
+        from layerprobe.pruning.plan import Plan
+
+        L = opening.anatomy.num_layers
+        candidates = build_candidates(opts, L, {})
+        plan = Plan.for_options(opts, L, batch, batch, candidates=candidates)
         return tracked(lambda: sweep_measure(opening, opts, candidates, batch_size=batch,
-                                             chunk_rows=chunk_rows_for(opening.vocab_size), progress=False),
+                                             chunk_rows=chunk_rows_for(opening.vocab_size), plan=plan,
+                                             say=lambda line: None, progress=False),
                        model, [blocks])
     grad = mode.startswith("analyze")
     tokens = "all" if mode.endswith("-all") else "last"
@@ -140,6 +145,26 @@ def run_mode(model, mode: str, batch: int, seq_len: int) -> dict:
     extra = {"checkpoint_layers": True} if "checkpoint_layers" in inspect.signature(analysis._measure).parameters else {}
     return tracked(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad, progress=False,
                                              **extra), model, [blocks])
+
+
+def predict_peak_bytes(config, *, batch: int, seq_len: int, mode: str, dtype: str) -> int:
+    """What bench_gpu.py compares with torch.cuda.max_memory_allocated: the allocator's peak during `mode`
+    ("analyze" with gradients, or "prune-layer") on a model of `config` already loaded in `dtype`, weights
+    included, no CUDA context: the weights plus CUDA_FACTOR x what the tracked run added."""
+    import transformers
+
+    from layerprobe.memory import CUDA_FACTOR
+
+    with fake_mode():
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        finally:
+            torch.set_default_dtype(before)
+        result = run_mode(model, mode, batch, seq_len)
+    weights = result["weights_gib"] * GIB
+    return int(weights + CUDA_FACTOR * result["tracked_gib"] * GIB)
 
 
 def run_train(preset: str) -> dict:
