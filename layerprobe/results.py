@@ -82,12 +82,16 @@ def prepare_result_folder(folder: str | Path) -> Path:
     return folder
 
 
+# The exact floats that were written: pandas before 3.0 parses CSV floats with a faster, inexact default;
+# 3.0 made round-trip parsing the default (and deprecates asking for it).
+_EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
 def read_table(folder: str | Path, name: str, **kwargs) -> pd.DataFrame:
     """`folder/name` as a DataFrame, or one line naming the folder and the file that cannot be read."""
     path = Path(folder) / name
     try:
-        # round_trip: the exact floats that were written (pandas before 3.0 parses with a faster, inexact default)
-        return pd.read_csv(path, float_precision="round_trip", **kwargs)
+        return pd.read_csv(path, **_EXACT_FLOATS, **kwargs)
     except FileNotFoundError:
         raise LayerprobeError(f"{folder} lacks {name}; re-run the command that wrote it") from None
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
