@@ -134,3 +134,28 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_csv(path: str | os.PathLike, df) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+class JsonLinesAppender:
+    """Appends one JSON line per record to `path`, flushed at once: a killed run leaves every completed line
+    readable (readers skip a last line cut short). `path` None: a no-op, for processes that do not write."""
+
+    def __init__(self, path: Path | None):
+        self._file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -41,7 +41,7 @@ from ..errors import LayerprobeError
 from ..io import check_output_dir, ensure_writable_dir, write_json
 from ..metrics import grad_norms_by_group, weight_change_sums, weight_update_ratio
 from .probe import check_probe, probe_statistics
-from .writers import JsonLinesWriter, check_writers, open_writers
+from .writers import check_writers, json_lines, open_writers
 
 LOG_FILE = "metrics.jsonl"  # the name train-reference uses: `layerprobe compare` reads either
 MANIFEST_FILE = "monitor.json"
@@ -147,7 +147,7 @@ class LayerMonitor:
             if self.out is not None:
                 ensure_writable_dir(self.out)
                 write_json(self.out / MANIFEST_FILE, self._manifest())
-                self._log = JsonLinesWriter(self.out / LOG_FILE)
+                self._log = json_lines(self.out / LOG_FILE)
             self._writers = open_writers(self.out, tensorboard=tensorboard, wandb=wandb)
         self._phase = "step"  # "step": waiting for after_backward; "backward": waiting for after_step
         self._grad_sq: torch.Tensor | None = None

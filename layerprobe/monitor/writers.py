@@ -4,31 +4,19 @@ Weights & Biases when asked for and installed, never required."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 
 from ..errors import LayerprobeError
+from ..io import JsonLinesAppender
 
 
-class JsonLinesWriter:
-    """Appends one JSON line per row, flushed at once: a killed run leaves every completed row readable
-    (a reader skips a last line cut short, as `training.checkpoint.read_metrics` does)."""
-
-    def __init__(self, path: Path):
-        try:
-            self._file = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise LayerprobeError(f"cannot append to {path}: {e.strerror or e}; choose another out=") from None
-
-    def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+def json_lines(path: Path) -> JsonLinesAppender:
+    """The monitor's metrics.jsonl (io.JsonLinesAppender), or one line saying the folder cannot take it."""
+    try:
+        return JsonLinesAppender(path)
+    except OSError as e:
+        raise LayerprobeError(f"cannot append to {path}: {e.strerror or e}; choose another out=") from None
 
 
 def scalars(row: dict) -> dict[str, float]:

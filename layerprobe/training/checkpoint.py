@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerprobeError, first_line
-from ..io import temp_sibling, write_json
+from ..io import JsonLinesAppender, temp_sibling, write_json
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -187,26 +187,9 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     write_text(run_dir / METRICS_FILE, text)
 
 
-class MetricsLog:
-    """Appends one JSON line per record to metrics.jsonl, flushed at once so a crash loses no logged step.
-    Only the main process writes (`enabled`); on the others it is a no-op."""
+class MetricsLog(JsonLinesAppender):
+    """metrics.jsonl of a run, one flushed JSON line per record so a crash loses no logged step. Only the main
+    process writes (`enabled`); on the others it is a no-op."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
-        self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+        super().__init__(run_dir / METRICS_FILE if enabled else None)
