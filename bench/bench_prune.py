@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from layerprobe.anatomy import find_anatomy
 from layerprobe.data import load_token_blocks
 from layerprobe.loading import load_model
+from layerprobe.memory import HostReadCounter
 from layerprobe.pruning import PrefixRunner, prune_sweep, pruned
 from layerprobe.pruning.measures import chunk_rows_for, next_token_targets, predicted_rows, score
 
@@ -169,48 +170,6 @@ def bench(name, loaded, blocks, args):
     }
 
 
-class _SyncCounter:
-    """Host reads of tensor values: aten._local_scalar_dense, and the Python methods that read a value (.item,
-    .tolist, .cpu, .numpy, float(), int(), bool(), indexing), which inference_mode hides from a dispatch mode.
-    Each read counted once."""
-
-    READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default and not counter.inside:
-                    counter.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.count, self.inside, self.mode, self.saved = 0, 0, Mode(), {}
-
-    def __enter__(self):
-        for name in self.READS:
-            original = self.saved[name] = getattr(torch.Tensor, name)
-
-            def wrapped(t, *a, _original=original, **k):
-                self.count += 1
-                self.inside += 1
-                try:
-                    return _original(t, *a, **k)
-                finally:
-                    self.inside -= 1
-
-            setattr(torch.Tensor, name, wrapped)
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
-
 def scoring_share(args) -> dict:
     """A layer sweep on a random Llama of `--vocab`: seconds in `measurement.score` over the sweep's seconds,
     and host syncs per batch."""
@@ -259,7 +218,7 @@ def scoring_share(args) -> dict:
         measurement.score = real
     counts = []
     for n in (2 * batch, 4 * batch):
-        with _SyncCounter() as counter:
+        with HostReadCounter() as counter:
             sweep(n)
         counts.append(counter.count)
     score_s, sweep_s = min(shares, key=lambda x: x[1])

@@ -9,7 +9,8 @@ the peak over what existed before. Kernel-internal buffers are not seen, so a CU
 `cuda_estimate` adds the allowance measured against real allocations (docs/design.md).
 
 The same prediction serves `analyze` before a long run on a GPU (`analysis.check_fits`): a batch that
-will not fit says so, with the batch size that would.
+will not fit says so, with the batch size that would. `HostReadCounter` counts the other cost that hides
+from a CPU run: the host syncs a GPU run would make (the sweep's tests and bench_prune.py).
 """
 
 from __future__ import annotations
@@ -162,3 +163,44 @@ def track(run: Callable[[], object], module: torch.nn.Module, inputs: Iterable[t
     with tracker:
         run()
     return Prediction(sum(weight_bytes(module).values()), max(tracker.peak.values(), default=0))
+
+
+class HostReadCounter:
+    """Context manager counting host reads of tensor values: aten._local_scalar_dense, and the Python methods that
+    read a value (.item, .tolist, .cpu, .numpy, float(), int(), bool(), indexing), which inference_mode (where the
+    sweep runs) or a CPU tensor hides from a dispatch mode. Each read is counted once."""
+
+    READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self):
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default and not counter.inside:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.inside, self.mode, self.saved = 0, 0, Mode(), {}
+
+    def __enter__(self):
+        for name in self.READS:
+            original = self.saved[name] = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _original=original, **k):
+                self.count += 1
+                self.inside += 1  # the method's own _local_scalar_dense is not counted again
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self.inside -= 1
+
+            setattr(torch.Tensor, name, wrapped)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+        self.saved = {}

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import VOCAB
-from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from layerprobe.cli import app
 from layerprobe.errors import LayerprobeError
 from layerprobe.loading import load_model
+from layerprobe.memory import HostReadCounter
 from layerprobe.pruning import measurement, parse_removed, prune_sweep
 from layerprobe.pruning import plan as cost
 from layerprobe.pruning.measures import GPU_CHUNK_ELEMENTS, chunk_rows_for
@@ -111,41 +111,9 @@ def test_greedy_layer_calls_follow_the_steps_it_took(lm, ids_file):
 
 
 # -- host syncs --------------------------------------------------------------------------------------
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts reads of tensor values by the host: aten._local_scalar_dense, and the Python methods that read
-    a value (.item, .tolist, .cpu, .numpy, float(), int(), bool(), indexing), which under inference_mode (where
-    the sweep runs) or on a CPU tensor dispatch nothing a mode sees. A read is counted once."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-        self.inside = 0  # within a counted Python method: its own _local_scalar_dense is not counted again
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not self.inside:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
-def counting(monkeypatch):
-    counter = SyncCounter()
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _original=original, **k):
-            counter.count += 1
-            counter.inside += 1
-            try:
-                return _original(self, *a, **k)
-            finally:
-                counter.inside -= 1
-
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    return counter
+def counting():
+    return HostReadCounter()
 
 
 def test_the_counter_sees_reads_inside_inference_mode(counting):
