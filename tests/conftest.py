@@ -57,6 +57,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): they run many
+    small ops, and on a busy 2-core machine torch's two OpenMP threads wait on each other, so a 36k-element op
+    can take 10 ms instead of 10 us."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory):
     """Prepared training data (train-reference, prepare-data) goes to a cache of the session, not ~/.cache."""

@@ -9,26 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-
 from cli_helpers import assert_one_line_error, run_cli  # noqa: F401  (re-exported for the training tests)
 
 REPO = Path(__file__).resolve().parents[1]
 # Seconds-long runs: 4 layers of width 32, 8 sequences of 32 tokens per step.
 MICRO = ["--preset", "micro", "--device", "cpu", "--quiet"]
-
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

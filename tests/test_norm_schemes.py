@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import layerprobe  # noqa: F401
-from fixtures_reference import MICRO, assert_one_line_error, one_thread, read_json, read_metrics, run_cli  # noqa: F401
+from fixtures_reference import MICRO, assert_one_line_error, read_json, read_metrics, run_cli  # noqa: F401
 from layerprobe.reference import NORM_SCHEMES, LayerprobeConfig, LayerprobeForCausalLM, canonical_scheme, dyt_alpha_init
 from test_reference_model import PAPER_SCHEMES, hand_mlp, hand_norm, hand_rope
 

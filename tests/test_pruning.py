@@ -41,14 +41,7 @@ ARCHS = {
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small ops; on a busy 2-core machine torch's two OpenMP threads wait on
-    each other and a 36k-element op can take 10 ms instead of 10 us. One thread is faster there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 
 import layerprobe  # noqa: F401
 from transformers.masking_utils import create_causal_mask
-from fixtures_reference import one_thread  # noqa: F401  (a fixture)
 from generation_checks import (
     assert_generate_matches_recompute,
     assert_left_padding_is_invisible,

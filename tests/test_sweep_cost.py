@@ -26,12 +26,7 @@ SAMPLES, BATCH = 5, 2  # 3 batches, the last of one sample
 BATCHES = math.ceil(SAMPLES / BATCH)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_reference import MICRO, assert_one_line_error, one_thread, read_json, read_metrics, run_cli  # noqa: F401
+from fixtures_reference import MICRO, assert_one_line_error, read_json, read_metrics, run_cli  # noqa: F401
 from layerprobe.corpus import TokenStore, prepare_data
 from layerprobe.errors import LayerprobeError
 from layerprobe.training.data import BlockBatches, TokenData, held_out_count, load_token_data, prepare_token_data

@@ -20,7 +20,6 @@ from fixtures_reference import (
     assert_one_line_error,
     comparable,
     env_single_thread,
-    one_thread,  # noqa: F401  (a fixture)
     read_json,
     read_metrics,
     run_cli,
