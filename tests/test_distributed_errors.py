@@ -129,3 +129,32 @@ def test_a_preparation_longer_than_the_group_timeout_does_not_stop_the_other_ran
     assert results[0][0] == results[1][0] == "ok", dict(results)
     assert results[0][1] == results[1][1] and results[0][2] == results[1][2] > 0  # one prepared folder, shared
     assert min(results[0][4], results[1][4]) >= PREP_SLEEP_S > SHORT_TIMEOUT_S  # someone waited past the timeout
+
+
+class _Exited(Exception):
+    def __init__(self, code):
+        self.code = code
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["train-reference", "--no-such-option"], 2),  # a usage error keeps its exit code
+])
+def test_under_torchrun_the_command_ends_the_process_with_its_exit_code(monkeypatch, capsys, argv, code):
+    # Under torchrun the CLI ends with os._exit: no interpreter finalization races gloo's worker threads.
+    import sys
+
+    from layerprobe import cli
+
+    def fake_exit(c):
+        raise _Exited(c)
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["layerprobe", *argv])
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited) as exited:
+        cli.main()
+    assert exited.value.code == code
+    if code:
+        assert "No such option: --no-such-option" in capsys.readouterr().err

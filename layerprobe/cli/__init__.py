@@ -48,4 +48,25 @@ from . import prepare  # noqa: E402,F401
 
 
 def main() -> None:
-    app()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    # Under torchrun the process ends here, without the interpreter's finalization. gloo's worker threads can
+    # still be freeing the last collectives' tensors when the command returns; that needs the GIL, which a
+    # finalizing Python 3.11 answers by ending the thread, and the C++ runtime then aborts the process
+    # ("terminate called without an active exception", exit -6) after a run that succeeded.
+    # `destroy_process_group` does not join those threads while DDP or FSDP still hold the group.
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
