@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,3 +67,24 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="R
 LayersPathOpt = Annotated[Optional[str], typer.Option(help="Dotted path of the layer list, e.g. transformer.h.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<model-name>/).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@contextlib.contextmanager
+def data_parallel(device: str, samples: int | None, device_map: str | None):
+    """Under `torchrun --nproc-per-node N`: the process checks (before any weight loads), then the process
+    group (before the model loads, so that on CUDA each process's model lands on its own GPU, LOCAL_RANK);
+    yields the DistEnv (world size 1 without torchrun) and ends the group after the command."""
+    from ..distributed import DistEnv, barrier, check_processes, init_distributed, requested_world_size, shutdown
+    from ..errors import LayerprobeError
+
+    world = requested_world_size()
+    check_processes(samples, world, device_map)
+    if world > 1 and device not in ("auto", "cpu", "cuda"):
+        raise LayerprobeError(f"--device {device} with {world} processes: data-parallel runs use cpu (gloo) or "
+                              "cuda (NCCL, one GPU per process)")
+    env = init_distributed(device) if world > 1 else DistEnv()
+    try:
+        yield env
+        barrier(env)  # rank 0 writes the outputs while the others wait: all arrive before the group ends
+    finally:
+        shutdown(env)
