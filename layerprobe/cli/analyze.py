@@ -11,7 +11,7 @@ from .common import (
     AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
     ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
     TrustRemoteCodeOpt,
-    console, data_parallel, err_console, user_errors,
+    check_processes_early, console, data_parallel, err_console, user_errors,
 )
 
 
@@ -48,6 +48,7 @@ def analyze_command(
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)
+    check_processes_early(samples, device_map)
     if out is not None:
         check_manifest(check_output_dir(out))
     from ..analysis import analyze

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -67,6 +68,15 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="R
 LayersPathOpt = Annotated[Optional[str], typer.Option(help="Dotted path of the layer list, e.g. transformer.h.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<model-name>/).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def check_processes_early(samples: int | None, device_map: str | None) -> None:
+    """Under torchrun (WORLD_SIZE > 1), the process checks of `distributed.check_processes`, with the model's
+    other option checks; alone, nothing is imported (torch included)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..distributed import check_processes
+
+        check_processes(samples, int(os.environ["WORLD_SIZE"]), device_map)
 
 
 @contextlib.contextmanager

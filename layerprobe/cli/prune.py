@@ -116,9 +116,11 @@ def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Pat
     from ..errors import LayerprobeError
     from ..io import check_output_dir
     from ..pruning import SweepOptions, check_target, parse_int_list
+    from .common import check_processes_early
     from ..results import check_manifest
 
     check_measure_options(batch_size=options["batch_size"], **measure)
+    check_processes_early(measure["samples"], measure["device_map"])
 
     removal = parse_int_list(remove, "--remove") if remove is not None else None
     if remove is not None and not removal:
