@@ -31,7 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"analyze": ("layers.csv", "angular.csv"), "prune-sweep": ("sweep.csv",)}
-SECTIONS = {"analyze": "analyze", "prune-sweep": "prune_sweep"}
+SECTIONS = {"analyze": "analyze", "prune-sweep": "prune-sweep"}
 
 
 def make_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:

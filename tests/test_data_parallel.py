@@ -92,10 +92,9 @@ def test_prune_sweep_two_processes_write_what_one_writes(llama, tmp_path, extra)
     assert_same_table(one, two, "sweep.csv")
     table = pd.read_csv(two / "sweep.csv")
     assert (table["mode"] == "greedy").sum() == 2  # the second step's choice came from the combined sums
-    m1, m2 = section(one, "prune_sweep"), section(two, "prune_sweep")
-    assert m2["world_size"] == 2 and m2["sample_shares"] == [[0, 3], [3, 5]]
-    s1, s2 = section(one, "prune_sweep"), section(two, "prune_sweep")
-    assert s1["samples"] == s2["samples"] == SAMPLES
+    m1, m2 = section(one, "prune-sweep"), section(two, "prune-sweep")
+    assert m1["world_size"] == 1 and m2["world_size"] == 2 and m2["sample_shares"] == [[0, 3], [3, 5]]
+    assert m1["samples"] == m2["samples"] == SAMPLES
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
