@@ -53,6 +53,7 @@ def analyze_command(
         check_manifest(check_output_dir(out))
     from ..analysis import analyze
     from ..opening import open_model
+    from ..distributed import main_first
     from ..progress import status
     from ..report import render_analysis, summary_table
 
@@ -69,10 +70,13 @@ def analyze_command(
         result = analyze(loaded, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                          tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
                          device_map=device_map, progress=not quiet)
-        if not env.is_main:
-            return  # the main process writes; every process holds the same result
-        with status("writing tables, figures and index.html", not quiet):
-            render_analysis(result, out)
-        console.print(summary_table(result))
-        err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
-                          highlight=False)
+
+        def write() -> None:
+            with status("writing tables, figures and index.html", not quiet):
+                render_analysis(result, out)
+            console.print(summary_table(result))
+            err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
+                              highlight=False)
+
+        # The main process writes; if that fails, the others say so rather than wait in a collective.
+        main_first(env, write)

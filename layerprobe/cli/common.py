@@ -84,7 +84,7 @@ def data_parallel(device: str, samples: int | None, device_map: str | None):
     """Under `torchrun --nproc-per-node N`: the process checks (before any weight loads), then the process
     group (before the model loads, so that on CUDA each process's model lands on its own GPU, LOCAL_RANK);
     yields the DistEnv (world size 1 without torchrun) and ends the group after the command."""
-    from ..distributed import DistEnv, barrier, check_processes, init_distributed, requested_world_size, shutdown
+    from ..distributed import DistEnv, check_processes, init_distributed, requested_world_size, shutdown
     from ..errors import LayerprobeError
 
     world = requested_world_size()
@@ -94,7 +94,6 @@ def data_parallel(device: str, samples: int | None, device_map: str | None):
                               "cuda (NCCL, one GPU per process)")
     env = init_distributed(device) if world > 1 else DistEnv()
     try:
-        yield env
-        barrier(env)  # rank 0 writes the outputs while the others wait: all arrive before the group ends
+        yield env  # the command ends with a collective (main_first around the writing)
     finally:
         shutdown(env)
