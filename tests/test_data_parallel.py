@@ -127,3 +127,78 @@ def test_cli_refuses_more_processes_than_samples_before_loading(monkeypatch, tmp
         result, text = run_cli(command, tmp_path / "no-such-model", "--samples", 3, "--out", tmp_path / "out")
         assert_one_line_error(result, text, "4 processes share 3 samples", "--nproc-per-node")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture()
+def two_fake_processes(monkeypatch):
+    """The packed collective without processes: each 'process' packs its vector (recorded; the stub hands it
+    back unchanged), then, once both are recorded, the stub returns their sum, as an all-reduce would."""
+    import layerprobe.distributed as distributed
+
+    recorded, phase = {}, {"sum": False}
+
+    def all_reduce_sum(env, values):
+        if phase["sum"]:
+            return sum(recorded.values())
+        recorded[env.rank] = values.clone()
+        return values
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    return [DistEnv(rank=r, world_size=2) for r in range(2)], phase
+
+
+def test_packed_collective_sums_maxes_and_places_rows_in_order(two_fake_processes):
+    from layerprobe.distributed import all_reduce_packed
+
+    envs, phase = two_fake_processes
+    rows = [np.arange(6.0).reshape(3, 2), -np.arange(4.0).reshape(2, 2)]
+    state = [dict(summed=[1.5, [2, 3]], maxed=[[-4.0, 7.0]], rows=[rows[0]], start=0, total=5),
+             dict(summed=[0.25, [10, 20]], maxed=[[-1.0, 5.0]], rows=[rows[1]], start=3, total=5)]
+    for env, s in zip(envs, state):
+        all_reduce_packed(env, **s)
+    phase["sum"] = True
+    summed, maxed, placed = all_reduce_packed(envs[1], **state[1])
+    assert summed[0].tolist() == [1.75] and summed[1].tolist() == [12, 23]
+    assert maxed[0].tolist() == [-1.0, 7.0]  # the largest per element, negative values too
+    np.testing.assert_array_equal(placed[0], np.concatenate(rows))
+
+
+def test_captures_of_two_shares_combine_to_the_capture_of_all_samples(two_fake_processes, llama):
+    import torch
+
+    from layerprobe.anatomy import find_anatomy
+    from layerprobe.capture import LayerCapture
+    from layerprobe.loading import load_model
+    from tiny_models import random_ids
+
+    envs, phase = two_fake_processes
+    model = load_model(str(llama), dtype="float32", device="cpu").model
+    anatomy = find_anatomy(model)
+    ids = random_ids(SAMPLES, 12, seed=3)
+
+    def measure(blocks):
+        capture = LayerCapture(anatomy, tokens="all")
+        with torch.inference_mode(), capture:
+            for batch in torch.split(blocks, 2):
+                model(input_ids=batch, use_cache=False)
+                capture.end_batch()
+        return capture
+
+    whole = measure(ids)
+    shares = sample_shares(SAMPLES, 2)
+    for env, (start, stop) in zip(envs, shares):
+        measure(ids[start:stop]).all_reduce(env, start, SAMPLES, extra=[float(env.rank + 1)])
+    phase["sum"] = True
+    start, stop = shares[1]
+    combined = measure(ids[start:stop])
+    assert combined.all_reduce(envs[1], start, SAMPLES, extra=[2.0]) == [3.0]
+    for column, values in whole.per_layer().items():
+        np.testing.assert_allclose(combined.per_layer()[column], values, rtol=1e-6, err_msg=column)
+    np.testing.assert_allclose(combined.angular_mean().numpy(), whole.angular_mean().numpy(), rtol=1e-6)
+    assert combined.sublayer_updates(torch.float32).keys() == whole.sublayer_updates(torch.float32).keys()
+    for key, value in whole.sublayer_updates(torch.float32).items():
+        np.testing.assert_allclose(combined.sublayer_updates(torch.float32)[key], value, rtol=1e-6)
+    a, b = whole.per_sample_sums(), combined.per_sample_sums()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-12, err_msg=key)
