@@ -14,6 +14,7 @@ from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
 from .errors import LayerprobeError
 from .defaults import check_measure_options
+from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
 from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
@@ -175,16 +176,18 @@ def _gradients_on_layers(net, anatomy: Anatomy):
 
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
-             lens_chunk: int | None = None, checkpoint_layers: bool | None = None) -> tuple[LayerCapture, float]:
+             lens_chunk: int | None = None, checkpoint_layers: bool | None = None,
+             n_pred: int | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss.
 
     `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
     where memory is what runs out; on the CPU it would cost one more forward (~+30%) for nothing.
+    `n_pred`: the predicted tokens the mean is over (default: `blocks`'; a data-parallel share is given all's).
     """
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
     if checkpoint_layers is None:
         checkpoint_layers = anatomy.input_device.type != "cpu"
-    n_pred = predicted_tokens(blocks)
+    n_pred = n_pred or predicted_tokens(blocks)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
     head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
@@ -199,6 +202,22 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
     return capture, loss_total / n_pred
+
+
+def _measure_share(opening: Opening, env: DistEnv, *, grad: bool, **kwargs) -> tuple[LayerCapture, float]:
+    """`_measure` on this process's share of the samples, then every process's sums (and, with `grad`, the
+    gradients) combined, so each process holds what one process measuring all the samples would."""
+    blocks = opening.blocks
+    start, stop = sample_shares(len(blocks), env.world_size)[env.rank]
+    opening.blocks = blocks[start:stop]
+    try:
+        capture, loss = _measure(opening, grad=grad, n_pred=predicted_tokens(blocks), **kwargs)
+    finally:
+        opening.blocks = blocks
+    [loss] = capture.all_reduce(env, start, len(blocks), extra=[loss])  # each share's loss is a part of the mean
+    if grad:
+        all_reduce_gradients(env, opening.anatomy.layers.parameters())
+    return capture, loss
 
 
 def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
@@ -361,6 +380,8 @@ def analyze(
     per layer and sublayer, loss and perplexity: all from one hooked pass (+ one backward).
 
     `lens_chunk`: tokens per logit-lens chunk (default: 2^26 logits' worth, ~1 GiB) — memory only.
+    Under torchrun with a started process group (`distributed.init_distributed`), each process measures a
+    contiguous share of the samples and the sums are combined: every process returns the one-process result.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and
@@ -369,18 +390,23 @@ def analyze(
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)  # before the model loads
+    env = current()
+    check_processes(samples, env.world_size, device_map)
+    progress = progress and env.is_main
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          max_memory=max_memory, attn_implementation=attn_implementation,
                          offload_folder=offload_folder, grad=grad,
                          trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
+    check_processes(len(opening.blocks), env.world_size)
     check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
-    capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
-                             lens_chunk=lens_chunk)
+    capture, loss = _measure_share(opening, env, batch_size=batch_size, tokens=tokens, grad=grad,
+                                   progress=progress, lens_chunk=lens_chunk)
     layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
+                                **split_manifest(env, len(opening.blocks)),
                                 intervals=dict(interval_manifest(len(opening.blocks), seed),
                                                without=list(NO_INTERVAL)))
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,

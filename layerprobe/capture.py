@@ -430,6 +430,45 @@ class LayerCapture:
         names = set.intersection(*(set(b) for b in self._sample_batches))
         return {n: torch.cat([b[n].cpu() for b in self._sample_batches]).numpy() for n in sorted(names)}
 
+    # How the processes of a data-parallel run combine this state (all_reduce below): per-layer lists and
+    # totals that add up, and extremes that take the largest. Placement is the architecture's: each has it.
+    SUMMED = ("angular_sum", "angular_count", "cos_sum", "cos_count", "lens_kl_sum", "lens_top1_sum", "lens_count",
+              "update_ratio_sum", "update_cos_sum", "update_count", "act_abs_sum")
+    MAXED = ("act_max", "decomposition_error")
+
+    def all_reduce(self, env, start: int, total: int, extra=()) -> list[float]:
+        """Fold every process's sums into this capture with one packed collective (distributed.py): this
+        process measured samples [start, start + own) of `total`; the per-sample sums come back in global
+        sample order. `extra`: more numbers to add over processes; returns their totals."""
+        from .distributed import all_reduce_packed
+
+        if not env.distributed:
+            return [float(v) for v in extra]
+        samples = self.per_sample_sums()
+        names = sorted(samples)
+        moments = self.output_moments + self.update_moments
+        subs = list(self.sub_sums.values())
+        summed, maxed, rows = all_reduce_packed(
+            env, summed=[getattr(self, n) for n in self.SUMMED] + [[(m.count, m.s1, m.s2) for m in moments], subs,
+                                                                    list(extra)],
+            maxed=[getattr(self, n) for n in self.MAXED], rows=[samples[n] for n in names], start=start, total=total)
+        for name, value in zip(self.SUMMED, summed):
+            old = getattr(self, name)
+            if isinstance(old, list):
+                setattr(self, name, value.tolist())
+            elif isinstance(old, torch.Tensor):
+                setattr(self, name, value.reshape(old.shape))
+            else:
+                setattr(self, name, int(value) if isinstance(old, int) else float(value))
+        for m, (count, s1, s2) in zip(moments, summed[len(self.SUMMED)].reshape(-1, 3).tolist()):
+            m.count, m.s1, m.s2 = int(count), s1, s2
+        for sums, new in zip(subs, summed[len(self.SUMMED) + 1].reshape(-1, 3).tolist()):
+            sums[:] = new
+        for name, value in zip(self.MAXED, maxed):
+            setattr(self, name, value.tolist())
+        self._sample_batches = [{n: torch.from_numpy(r) for n, r in zip(names, rows)}] if names else []
+        return summed[-1].tolist()
+
     # -- results ---------------------------------------------------------------------------
     def per_layer(self) -> dict[str, list[float]]:
         """Every per-layer statistic of the pass, column name -> one value per layer: the columns of

@@ -11,7 +11,7 @@ from .common import (
     AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
     ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
     TrustRemoteCodeOpt,
-    console, err_console, user_errors,
+    check_processes_early, console, data_parallel, err_console, user_errors,
 )
 
 
@@ -48,26 +48,35 @@ def analyze_command(
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)
+    check_processes_early(samples, device_map)
     if out is not None:
         check_manifest(check_output_dir(out))
     from ..analysis import analyze
     from ..opening import open_model
+    from ..distributed import main_first
     from ..progress import status
     from ..report import render_analysis, summary_table
 
-    # With gradients, a device map that offloads a layer is refused before any weight is read.
-    loaded = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                        max_memory=max_memory, attn_implementation=attn_implementation, offload_folder=offload_folder,
-                        trust_remote_code=trust_remote_code, layers_path=layers_path, grad=grad,
-                        progress=not quiet).loaded
-    if out is None:
-        out = Path("reports") / loaded.name
-        check_manifest(check_output_dir(out))
-    result = analyze(loaded, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
-                     tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
-                     device_map=device_map, progress=not quiet)
-    with status("writing tables, figures and index.html", not quiet):
-        render_analysis(result, out)
-    console.print(summary_table(result))
-    err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
-                      highlight=False)
+    with data_parallel(device, samples, device_map) as env:
+        quiet = quiet or not env.is_main  # one progress display: the main process's
+        # With gradients, a device map that offloads a layer is refused before any weight is read.
+        loaded = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                            max_memory=max_memory, attn_implementation=attn_implementation,
+                            offload_folder=offload_folder, trust_remote_code=trust_remote_code,
+                            layers_path=layers_path, grad=grad, progress=not quiet).loaded
+        if out is None:
+            out = Path("reports") / loaded.name
+            check_manifest(check_output_dir(out))
+        result = analyze(loaded, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
+                         tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
+                         device_map=device_map, progress=not quiet)
+
+        def write() -> None:
+            with status("writing tables, figures and index.html", not quiet):
+                render_analysis(result, out)
+            console.print(summary_table(result))
+            err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
+                              highlight=False)
+
+        # The main process writes; if that fails, the others say so rather than wait in a collective.
+        main_first(env, write)

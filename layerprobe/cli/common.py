@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,3 +68,32 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="R
 LayersPathOpt = Annotated[Optional[str], typer.Option(help="Dotted path of the layer list, e.g. transformer.h.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<model-name>/).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def check_processes_early(samples: int | None, device_map: str | None) -> None:
+    """Under torchrun (WORLD_SIZE > 1), the process checks of `distributed.check_processes`, with the model's
+    other option checks; alone, nothing is imported (torch included)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..distributed import check_processes
+
+        check_processes(samples, int(os.environ["WORLD_SIZE"]), device_map)
+
+
+@contextlib.contextmanager
+def data_parallel(device: str, samples: int | None, device_map: str | None):
+    """Under `torchrun --nproc-per-node N`: the process checks (before any weight loads), then the process
+    group (before the model loads, so that on CUDA each process's model lands on its own GPU, LOCAL_RANK);
+    yields the DistEnv (world size 1 without torchrun) and ends the group after the command."""
+    from ..distributed import DistEnv, check_processes, init_distributed, requested_world_size, shutdown
+    from ..errors import LayerprobeError
+
+    world = requested_world_size()
+    check_processes(samples, world, device_map)
+    if world > 1 and device not in ("auto", "cpu", "cuda"):
+        raise LayerprobeError(f"--device {device} with {world} processes: data-parallel runs use cpu (gloo) or "
+                              "cuda (NCCL, one GPU per process)")
+    env = init_distributed(device) if world > 1 else DistEnv()
+    try:
+        yield env  # the command ends with a collective (main_first around the writing)
+    finally:
+        shutdown(env)

@@ -12,7 +12,7 @@ from .common import (
     AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
     ModelArg, OffloadFolderOpt, OutOpt, QuietOpt, RevisionOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextColumnOpt,
     TrustRemoteCodeOpt,
-    console, err_console, user_errors,
+    console, data_parallel, err_console, user_errors,
 )
 
 
@@ -54,6 +54,7 @@ def prune_sweep_command(
     from ..errors import LayerprobeError
     from ..io import check_output_dir
     from ..loading import load_model
+    from ..distributed import main_first
     from ..progress import status
     from ..pruning import prune_sweep, save_pruned as save_pruned_model
     from ..pruning.save import saved_config_changes
@@ -68,40 +69,47 @@ def prune_sweep_command(
                                                  attn_implementation=attn_implementation),
                                     cost=dict(model=model, revision=revision, trust_remote_code=trust_remote_code,
                                               yes=yes, max_layer_calls=max_layer_calls))
-    with status(f"loading {model}", not quiet):
-        loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                            max_memory=max_memory, attn_implementation=attn_implementation,
-                            offload_folder=offload_folder, trust_remote_code=trust_remote_code)
-    if out is None:
-        out = Path("reports") / loaded.name
-        check_manifest(check_output_dir(out))
-    result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
-                         seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_column=text_column,
-                         device_map=device_map, layers_path=layers_path, analysis=out, lm_eval_tasks=lm_eval_tasks,
-                         lm_eval_limit=lm_eval_limit, block_top=block_top, search_samples=search_samples, yes=yes,
-                         max_layer_calls=max_layer_calls, progress=not quiet)
-    if save_pruned is not None:
-        try:
-            with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
-                folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
-        except (LayerprobeError, OSError) as e:
-            # The sweep's measurements are worth keeping whatever happened to the model's copy.
-            result.save(out)
-            problem = e.problem if isinstance(e, LayerprobeError) else f"{e.strerror or e}"
-            raise LayerprobeError(f"saving the pruned model to {save_pruned} failed ({problem}); the sweep's "
-                                  f"results are saved in {out}/sweep.csv") from None
-        result.manifest["saved_pruned"] = str(folder)
-    with status("writing sweep.csv, figures and index.html", not quiet):
-        render_sweep(result, out)
-    for table in sweep_tables(result):
-        console.print(table)
-    err_console.print(f"wrote {out}/ (sweep.csv, manifest.json, PNGs, index.html)", highlight=False)
-    if save_pruned is not None:
-        err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
-                          "load it with from_pretrained or layerprobe)", highlight=False)
-        rewritten = saved_config_changes(save_pruned)
-        if rewritten:
-            err_console.print(f"config rewritten for the kept layers: {', '.join(rewritten)}", highlight=False)
+    with data_parallel(device, samples, device_map) as env:
+        quiet = quiet or not env.is_main  # one progress display: the main process's
+        with status(f"loading {model}", not quiet):
+            loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                                max_memory=max_memory, attn_implementation=attn_implementation,
+                                offload_folder=offload_folder, trust_remote_code=trust_remote_code)
+        if out is None:
+            out = Path("reports") / loaded.name
+            check_manifest(check_output_dir(out))
+        result = prune_sweep(loaded, mode=mode, block_size=block_size, steps=steps, by=by, remove=removal, data=data,
+                             seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_column=text_column,
+                             device_map=device_map, layers_path=layers_path, analysis=out, lm_eval_tasks=lm_eval_tasks,
+                             lm_eval_limit=lm_eval_limit, block_top=block_top, search_samples=search_samples, yes=yes,
+                             max_layer_calls=max_layer_calls, progress=not quiet)
+
+        def write() -> None:
+            if save_pruned is not None:
+                try:
+                    with status(f"saving the pruned model to {save_pruned} and reloading it to check", not quiet):
+                        folder = save_pruned_model(loaded, removal, save_pruned, layers_path=layers_path)
+                except (LayerprobeError, OSError) as e:
+                    # The sweep's measurements are worth keeping whatever happened to the model's copy.
+                    result.save(out)
+                    problem = e.problem if isinstance(e, LayerprobeError) else f"{e.strerror or e}"
+                    raise LayerprobeError(f"saving the pruned model to {save_pruned} failed ({problem}); the sweep's "
+                                          f"results are saved in {out}/sweep.csv") from None
+                result.manifest["saved_pruned"] = str(folder)
+            with status("writing sweep.csv, figures and index.html", not quiet):
+                render_sweep(result, out)
+            for table in sweep_tables(result):
+                console.print(table)
+            err_console.print(f"wrote {out}/ (sweep.csv, manifest.json, PNGs, index.html)", highlight=False)
+            if save_pruned is not None:
+                err_console.print(f"wrote {save_pruned}/ ({result.summary['num_layers'] - len(set(removal))} layers; "
+                                  "load it with from_pretrained or layerprobe)", highlight=False)
+                rewritten = saved_config_changes(save_pruned)
+                if rewritten:
+                    err_console.print(f"config rewritten for the kept layers: {', '.join(rewritten)}", highlight=False)
+
+        # The main process writes; if that fails, the others say so rather than wait in a collective.
+        main_first(env, write)
 
 
 def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Path | None, measure: dict,
@@ -112,9 +120,11 @@ def _check_before_loading(remove: str | None, save_pruned: Path | None, out: Pat
     from ..errors import LayerprobeError
     from ..io import check_output_dir
     from ..pruning import SweepOptions, check_target, parse_int_list
+    from .common import check_processes_early
     from ..results import check_manifest
 
     check_measure_options(batch_size=options["batch_size"], **measure)
+    check_processes_early(measure["samples"], measure["device_map"])
 
     removal = parse_int_list(remove, "--remove") if remove is not None else None
     if remove is not None and not removal:

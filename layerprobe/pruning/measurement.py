@@ -122,7 +122,7 @@ def measure_sets(scorer: Scorer, batches: list[torch.Tensor], sets: list[frozens
 
 
 def _greedy_step_sums(scorer: Scorer, batches: list[torch.Tensor], removed: frozenset,
-                      sets: list[frozenset]) -> dict[frozenset, Sums]:
+                      sets: list[frozenset], combine=None) -> dict[frozenset, Sums]:
     """Sums for each set in `sets` (all extending `removed`) over every batch, read once.
 
     Each batch's full pass is redone here rather than kept from the first pass: the layers before the
@@ -147,7 +147,8 @@ def _greedy_step_sums(scorer: Scorer, batches: list[torch.Tensor], removed: froz
         tokens += int(targets.shape[0])
         del cap, inputs
     read = read_sums(total, tokens, scorer.rows_per_sample)  # one host sync per step
-    return dict(zip(sets, read))
+    step = dict(zip(sets, read))
+    return combine(step) if combine is not None else step
 
 
 def singles(num_layers: int) -> list[frozenset]:
@@ -156,11 +157,12 @@ def singles(num_layers: int) -> list[frozenset]:
 
 
 def greedy(scorer: Scorer, first_step: dict[frozenset, Sums], batches: list[torch.Tensor], steps: int,
-           bar) -> list[tuple[frozenset, int, Sums]]:
+           bar, combine=None) -> list[tuple[frozenset, int, Sums]]:
     """SLEB-style: remove the least harmful layer, re-measure every remaining one, repeat.
 
     `first_step` holds every single layer's sums on `batches` (the sweep's pass measured them).
-    Returns per step (layers removed so far, the layer added, their sums on `batches`).
+    Returns per step (layers removed so far, the layer added, their sums on `batches`). `combine`: each step's
+    sums over this process's batches -> over every process's (torchrun), so every process chooses alike.
     """
     L = scorer.runner.num_layers
     removed: frozenset = frozenset()
@@ -174,7 +176,7 @@ def greedy(scorer: Scorer, first_step: dict[frozenset, Sums], batches: list[torc
         if t == 1:
             step_sums = {s: first_step[s] for s in sets}
         else:
-            step_sums = _greedy_step_sums(scorer, batches, removed, sets)
+            step_sums = _greedy_step_sums(scorer, batches, removed, sets, combine)
         best = min(remaining, key=lambda j: (step_sums[removed | {j}].loss, j))
         removed = removed | {best}
         out.append((removed, best, step_sums[removed]))

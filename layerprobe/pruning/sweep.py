@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 
 from ..defaults import check_measure_options
+from ..errors import LayerprobeError
+from ..distributed import DistEnv, all_reduce_sum, check_processes, current, split_manifest
 from ..analysis import interval_manifest
 from ..loading import LoadedModel
 from ..metrics.intervals import RESAMPLES, resample_counts
@@ -24,6 +26,7 @@ from .candidates import Candidate, build_candidates, ranked_sets, ranking_sets
 from .lmeval import add_lm_eval_columns, check_lm_eval
 from .measurement import Scorer, greedy, group_size_for, measure_sets, singles
 from .measures import chunk_rows_for
+from .parallel import Share
 from .options import MODES, RANKING_HELP, RANKINGS, SweepOptions, parse_block_sizes, parse_by, parse_modes, resolve_steps
 from .plan import Plan, check_layer_call_limit, estimate_seconds
 from .prefix import PrefixRunner
@@ -36,19 +39,23 @@ __all__ = ["prune_sweep", "SweepResult", "ranking_sets", "parse_modes", "parse_b
 
 
 def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], *, batch_size: int,
-             chunk_rows: int, plan: Plan, say, progress: bool) -> tuple[list[dict], Scorer, int, float]:
+             chunk_rows: int, plan: Plan, say, progress: bool,
+             env: DistEnv = DistEnv()) -> tuple[list[dict], Scorer, int, float]:
     """Rows for the full model, every candidate and the greedy steps; the scorer (its layer-call
-    counts); the tokens scored; the seconds spent."""
-    net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
+    counts); the tokens scored; the seconds spent. Under torchrun (`env`) this process measures its share
+    of the samples (parallel.py) and the rows are every process's."""
+    net, anatomy = opening.model, opening.anatomy
+    share = Share.of(env, int(opening.blocks.shape[0]))
+    blocks = opening.blocks[share.start:share.stop]
     L = anatomy.num_layers
     unique_sets = list(dict.fromkeys(frozenset(c.removed) for c in candidates))
     runner = PrefixRunner(net, anatomy)
     batches = list(torch.split(blocks, batch_size))
-    search_apart = opts.greedy and opts.search_samples is not None and opts.search_samples < blocks.shape[0]
+    search_apart = opts.greedy and opts.search_samples is not None and opts.search_samples < share.total
     started = time.perf_counter()
 
     def estimate(seconds: float, calls: int) -> None:
-        plan.estimated_s = estimate_seconds(plan, seconds, calls)
+        plan.estimated_s = estimate_seconds(plan, seconds, calls) / env.world_size
         say(f"first batch: {seconds:.1f} s for {calls:,} layer calls; the sweep should take about "
             f"{_duration(plan.estimated_s)}")
 
@@ -57,29 +64,35 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
                         rows_per_sample=int(blocks.shape[1]) - 1)  # per-sample sums: the intervals
         found = []
         if search_apart:  # greedy searches on the first samples; the sets it finds join the sweep's pass
-            search = list(torch.split(blocks[:opts.search_samples], batch_size))
+            searching = Share.of(env, opts.search_samples)
+            search = list(torch.split(opening.blocks[searching.start:searching.stop], batch_size))
             task = bar.add_task("greedy search: each layer", total=len(search) * L, info="")
             scorer.on_done = lambda: bar.update(task, advance=1)
-            first = measure_sets(scorer, search, singles(L), bar=bar, task=task, on_first_batch=estimate)
-            found = greedy(scorer, first.by_set, search, opts.n_steps, bar)
+            first = searching.measured(measure_sets(scorer, search, singles(L), bar=bar, task=task,
+                                                    on_first_batch=estimate))
+            found = greedy(scorer, first.by_set, search, opts.n_steps, bar, combine=searching.combine)
             unique_sets += [s for s, _, _ in found if s not in unique_sets]
         elif opts.greedy:  # greedy's first step is the layer sweep: measured in the same pass
             unique_sets += [s for s in singles(L) if s not in unique_sets]
         task = bar.add_task("removing layers", total=len(batches) * max(1, len(unique_sets)), info="")
         scorer.on_done = lambda: bar.update(task, advance=1)
-        measured = measure_sets(scorer, batches, unique_sets, bar=bar, task=task,
-                                on_first_batch=None if search_apart else estimate)
+        measured = share.measured(measure_sets(scorer, batches, unique_sets, bar=bar, task=task,
+                                               on_first_batch=None if search_apart else estimate))
         full, full_loss = measured.full, measured.full.loss
         # One set of resamples for every candidate: their intervals come from the same draws of samples.
-        counts = resample_counts(len(blocks), RESAMPLES, opening.seed) if len(blocks) >= 2 else None
+        counts = resample_counts(share.total, RESAMPLES, opening.seed) if share.total >= 2 else None
         rows = [full_row(full, counts)]
         rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss, full, counts) for c in candidates]
         if opts.greedy and not search_apart:
-            found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar)
+            found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar, combine=share.combine)
         for t, (removed, added, sums) in enumerate(found, 1):
             c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
             # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
             rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss, full, counts))
+    if env.distributed:  # the summary's layer calls: every process's
+        counts = [runner.layer_calls, runner.capture_passes, scorer.naive_layer_calls]
+        runner.layer_calls, runner.capture_passes, scorer.naive_layer_calls = (
+            int(v) for v in all_reduce_sum(env, torch.tensor(counts, dtype=torch.float64)).tolist())
     return rows, scorer, measured.full.tokens, time.perf_counter() - started
 
 
@@ -149,6 +162,11 @@ def prune_sweep(
     delta_loss, perplexity, kl, top1_agreement, ...), the full model's row first. `result.save(folder)`
     writes the data; `layerprobe.report.render_sweep(result, folder)` draws the figures and index.html.
     """
+    env = current()
+    progress = progress and env.is_main
+    check_processes(samples, env.world_size, device_map)
+    if env.distributed and lm_eval_tasks:
+        raise LayerprobeError("--lm-eval-tasks runs in one process: leave it out under torchrun, or run without it")
     opts = SweepOptions.parse(mode=mode, block_size=block_size, steps=steps, by=by, remove=remove,
                               batch_size=batch_size, lm_eval_tasks=lm_eval_tasks, block_top=block_top,
                               search_samples=search_samples)
@@ -168,6 +186,9 @@ def prune_sweep(
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
     n_samples = int(opening.blocks.shape[0])
+    check_processes(n_samples, env.world_size)
+    if env.distributed and opts.greedy and opts.search_samples is not None and opts.search_samples < n_samples:
+        check_processes(opts.search_samples, env.world_size)
     # The bound from the options, before analyze runs for the rankings.
     Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size).check(yes=yes, max_layer_calls=max_layer_calls)
     # Rankings first: analyze (if it has to run) shows its own progress.
@@ -178,7 +199,8 @@ def prune_sweep(
     note(plan.describe(), progress)
     chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements, device=_head_device(anatomy))
     rows, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
-                                               plan=plan, say=lambda line: note(line, progress), progress=progress)
+                                               plan=plan, say=lambda line: note(line, progress), progress=progress,
+                                               env=env)
     table = sweep_table(rows)
     if opts.tasks:
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
@@ -191,7 +213,7 @@ def prune_sweep(
                     "naive_layer_calls": scorer.naive_layer_calls, "sweep_time_s": round(sweep_s, 3),
                     "estimated_time_s": None if plan.estimated_s is None else round(plan.estimated_s, 3)})
     manifest = opening.manifest(
-        batch_size=batch_size, **opts.manifest(), ranking_source=ranking_source,
+        batch_size=batch_size, **split_manifest(env, n_samples), **opts.manifest(), ranking_source=ranking_source,
         remove=list(opts.removal) if opts.removal else None, chunk_rows=chunk_rows,
         lm_eval_tasks=opts.tasks or None, lm_eval_limit=lm_eval_limit if opts.tasks else None,
         layers_path=anatomy.layers_path, tokens_scored=n_tokens,
