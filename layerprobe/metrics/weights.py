@@ -4,8 +4,8 @@
 
 over every parameter of layer ℓ taken as one vector. The update-to-weight ratio people watch for a
 learning rate that is too high (ratios near 1) or a layer that has stopped learning (near 0); taken per
-layer it shows which depths the optimizer still moves. Norms per tensor in float32 (fused), their squares
-summed in float64, so shards of one parameter (FSDP) can be summed across processes before the root.
+layer it shows which depths the optimizer still moves. Squared norms accumulated in float64
+(`squares.squared_sums`), so shards of one parameter (FSDP) can be summed across processes before the root.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import math
 
 import torch
 
+from .squares import squared_sums
+
 
 def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ ‖t‖² over `tensors` as a float64 scalar: one fused norm call, accumulated in float32 at least."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double().square().sum()
+    """Σ ‖t‖² over `tensors` as a float64 scalar on their device (float64 accumulation: `squares.squared_sums`)."""
+    return squared_sums(tensors).sum()
 
 
 def weight_change_sums(before: list[torch.Tensor], after: list[torch.Tensor], *,
