@@ -7,9 +7,10 @@ float32 `_foreach_norm` on the CPU is off by up to 1e-3 relative on a 16M-entry 
 measured on the 71m preset), enough to move a clip factor, so it is not used.
 
 Cost: on the CPU, `_foreach_norm(dtype=float64)` converts each whole tensor to a float64 temporary first (a
-model-sized allocation, 0.24 s for 71M entries on one core). Here the CPU path converts a chunk of
-`CHUNK` entries at a time into one reused float64 buffer and takes its dot product: the same float64
-accumulation, 0.045 s (bench/bench_monitor.py). Other devices keep the fused `_foreach_norm` in float64.
+model-sized allocation, 0.24 s for 71M entries on one core). Here the CPU path converts a large
+tensor `CHUNK` entries at a time into one reused float64 buffer and takes their dot product there: the
+same float64 accumulation, 4-5x faster (BENCHMARKS.md). Tensors of at most `CHUNK` entries still go
+through one fused `_foreach_norm` call: their temporaries are small, and a Python loop over them costs more. Other devices keep the fused `_foreach_norm` in float64.
 """
 
 from __future__ import annotations
@@ -26,14 +27,23 @@ def squared_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     if device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
-    buffer = torch.empty(min(CHUNK, max(t.numel() for t in tensors)), dtype=torch.float64)
-    sums = []
-    for t in tensors:
-        parts = []
+    out = torch.zeros(len(tensors), dtype=torch.float64)
+    # Tensors of at most CHUNK entries: one fused call (their float64 temporaries are small).
+    small = [i for i, t in enumerate(tensors) if t.numel() <= CHUNK]
+    if small:
+        out[small] = torch.stack(torch._foreach_norm([tensors[i].detach() for i in small], 2,
+                                                     dtype=torch.float64)).square()
+    # Larger ones CHUNK entries at a time: converted into one reused float64 buffer, then the dot product
+    # of each slice with itself (BLAS, float64).
+    buffer = None
+    for i, t in enumerate(tensors):
+        if t.numel() <= CHUNK:
+            continue
+        buffer = torch.empty(CHUNK, dtype=torch.float64) if buffer is None else buffer
+        dots = []
         for piece in t.detach().reshape(-1).split(CHUNK):
             b = buffer[:piece.numel()]
             b.copy_(piece)
-            parts.append(torch.dot(b, b))
-        sums.append(torch.stack(parts).sum() if len(parts) > 1 else
-                    parts[0] if parts else torch.zeros((), dtype=torch.float64))
-    return torch.stack(sums)
+            dots.append(torch.dot(b, b))
+        out[i] = torch.stack(dots).sum()
+    return out

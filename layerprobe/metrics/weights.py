@@ -17,25 +17,28 @@ import torch
 from .squares import squared_sums
 
 
-def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ ‖t‖² over `tensors` as a float64 scalar on their device (float64 accumulation: `squares.squared_sums`)."""
-    return squared_sums(tensors).sum()
-
-
-def weight_change_sums(before: list[torch.Tensor], after: list[torch.Tensor], *,
+def weight_change_sums(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], *,
                        in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ ‖after − before‖², Σ ‖before‖²) over matching tensors, float64 scalars.
+    """Per group (a layer's tensors): (Σ ‖after − before‖², Σ ‖before‖²) over its matching tensors, as two
+    float64 [groups] tensors on the tensors' device (one device). Every group's tensors go through one
+    `squared_sums` call per quantity, not one per group.
 
     `in_place`: overwrite `before` with before − after instead of allocating the difference (the monitor
     keeps one buffer of the weights and refills it each logged step: no copy of the model allocated per step).
     """
-    if not before:
-        return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    after = [a.detach() for a in after]
-    size = _squared_norms(before)
-    diff = before if in_place else [b.clone() for b in before]
-    torch._foreach_sub_(diff, after)  # ‖before − after‖ = ‖after − before‖
-    return _squared_norms(diff), size
+    sizes = [len(b) for b in before]
+    flat_before = [t for b in before for t in b]
+    flat_after = [a.detach() for group in after for a in group]
+    size = squared_sums(flat_before)
+    diff = flat_before if in_place else [b.clone() for b in flat_before]
+    if diff:
+        torch._foreach_sub_(diff, flat_after)  # ‖before − after‖ = ‖after − before‖
+    change = squared_sums(diff)
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part.sum() for part in values.split(sizes)]) if sizes else values
+
+    return per_group(change), per_group(size)
 
 
 def weight_update_ratio(change_sq: float, size_sq: float) -> float:

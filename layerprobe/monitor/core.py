@@ -135,6 +135,8 @@ class LayerMonitor:
             self.probe = check_probe(probe, _vocab(self.model, self.anatomy), _context(config)).cpu()
         self._groups = self._parameter_groups()
         self._params = [p for _, _, ps in self._groups for p in ps]  # each parameter once, group after group
+        # Each layer's parameters, listed once (walking the modules every logged step costs ~1% of a tiny step).
+        self._layer_params = [list(layer.parameters()) for layer in self.anatomy.layers]
         self.out = Path(out).expanduser() if out is not None else None
         self._log = None
         self._writers = []
@@ -208,8 +210,7 @@ class LayerMonitor:
         self._grad_sq = self._gradient_squares()
         # The weights before the update, for ‖Δθ‖ after it: one buffer of the layers' weights, allocated on
         # the first logged step and refilled on the next ones (allocating a model's worth per step costs more).
-        layers = [[_local(p).detach() for p in self.anatomy.layers[i].parameters()]
-                  for i in range(self.anatomy.num_layers)]
+        layers = [[_local(p).detach() for p in ps] for ps in self._layer_params]
         if self._buffer is None or any(len(b) != len(w) or any(x.shape != y.shape or x.dtype != y.dtype
                                                                  for x, y in zip(b, w))
                                        for b, w in zip(self._buffer, layers)):
@@ -290,16 +291,12 @@ class LayerMonitor:
 
     def _gradients_and_updates(self) -> dict:
         L = self.anatomy.num_layers
-        change, size = [], []
-        for i in range(L):
-            after = [_local(p) for p in self.anatomy.layers[i].parameters()]
-            c, s = weight_change_sums(self._before[i], after, in_place=True)
-            change.append(c.cpu())
-            size.append(s.cpu())
+        after = [[_local(p) for p in ps] for ps in self._layer_params]
+        change, size = weight_change_sums(self._before, after, in_place=True)
         # One packed tensor: per-parameter gradient squares (unless grad_norm() already summed them), then
         # per-layer weight-change and weight squares: one all-reduce under FSDP2.
         n = 0 if self._reduced else len(self._params)
-        packed = torch.cat([self._grad_sq[:n], torch.stack(change), torch.stack(size)])
+        packed = torch.cat([self._grad_sq[:n], change.cpu(), size.cpu()])
         if self._sharded():
             packed = self._all_reduce(packed)
         grad_sq = self._grad_sq.tolist() if self._reduced else packed[:n].tolist()
