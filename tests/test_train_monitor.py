@@ -92,8 +92,8 @@ def _plain_run(settings: TrainSettings, scheme: str) -> list[dict]:
     return records
 
 
-SETTINGS = dict(preset="micro", device="cpu", progress=False, norm="mix", steps=6, batch_size=4,
-                micro_batch_size=2, eval_every=3, eval_samples=8, grad_clip=0.1)
+SETTINGS = dict(preset="micro", device="cpu", progress=False, norm="mix", steps=4, batch_size=4,
+                micro_batch_size=2, eval_every=2, eval_samples=8, grad_clip=0.1)
 EXACT = ("loss", "lr", "tokens", "eval_loss", "layer_output_var", "layer_token_var")
 FLOAT64 = ("grad_norm", "clip_coef", "layer_grad_norm", "layer_grad_norm_attention", "layer_grad_norm_mlp",
            "layer_grad_norm_norm")
@@ -105,8 +105,8 @@ def test_train_reference_metrics_equal_a_plain_training_loop(tmp_path):
     assert summary.runs[0].status == "completed"
     got = read_metrics(tmp_path / "mix")
     expected = _plain_run(settings, "mix")
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
-    assert [r["step"] for r in got if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 5))
+    assert [r["step"] for r in got if "eval_loss" in r] == [2, 4]
     for g, e in zip(got, expected):
         for key in EXACT:
             assert (key in g) == (key in e), (g["step"], key)
