@@ -84,3 +84,15 @@ def test_large_gradients_are_summed_in_float64_chunk_by_chunk():
     p.grad = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
     exact = math.sqrt(math.fsum(x * x for x in p.grad.double().tolist()))
     assert grad_norms_by_group({"p": [p]})["p"] == pytest.approx(exact, rel=1e-13)
+
+
+def test_weight_update_sums_in_float32_pieces_are_within_1e_6():
+    """`squared_sums(float64=False)` (weight-update ratios): float32 norms of ≤ CHUNK-entry pieces, squares summed
+    in float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
+    from layerprobe.metrics.squares import squared_sums
+
+    t = torch.randn(32000 * 512, generator=torch.Generator().manual_seed(3))
+    exact = float((t.double() ** 2).sum())
+    got = squared_sums([t, t[:100]], float64=False).tolist()
+    assert got[0] == pytest.approx(exact, rel=1e-6) and got[0] != exact
+    assert got[1] == pytest.approx(float((t[:100].double() ** 2).sum()), rel=1e-6)

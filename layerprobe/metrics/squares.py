@@ -20,11 +20,25 @@ import torch
 CHUNK = 1 << 16  # entries converted to float64 at a time on the CPU: 512 KiB, fits in cache
 
 
-def squared_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[len(tensors)] float64 on the tensors' device (all on one device): Σ x² of each; no host sync."""
+def squared_sums(tensors: list[torch.Tensor], *, float64: bool = True) -> torch.Tensor:
+    """[len(tensors)] float64 on the tensors' device (all on one device): Σ x² of each; no host sync.
+
+    `float64=False`: float32 norms of pieces of at most CHUNK entries (one fused call over every piece of
+    every tensor, no conversion), their squares summed in float64: ~1e-6 relative, for weight-update
+    ratios, a diagnostic that nothing computes from; gradient norms (they set the clip factor) keep float64.
+    """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     device = tensors[0].device
+    if not float64:
+        pieces, owner = [], []
+        for i, t in enumerate(tensors):
+            parts = t.detach().reshape(-1).split(CHUNK)
+            pieces.extend(parts)
+            owner.extend([i] * len(parts))
+        squares = torch.stack(torch._foreach_norm(pieces, 2)).double().square()
+        return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(
+            0, torch.tensor(owner, device=device), squares)
     if device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
     out = torch.zeros(len(tensors), dtype=torch.float64)

@@ -4,8 +4,9 @@
 
 over every parameter of layer ℓ taken as one vector. The update-to-weight ratio people watch for a
 learning rate that is too high (ratios near 1) or a layer that has stopped learning (near 0); taken per
-layer it shows which depths the optimizer still moves. Squared norms accumulated in float64
-(`squares.squared_sums`), so shards of one parameter (FSDP) can be summed across processes before the root.
+layer it shows which depths the optimizer still moves. Norms in float32 per piece of at most 65,536
+entries, their squares summed in float64 (`squares.squared_sums(float64=False)`: ~1e-6 relative, and
+no float64 copy of the weights), so shards of one parameter (FSDP) can be summed across processes before the root.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ def weight_change_sums(before: list[list[torch.Tensor]], after: list[list[torch.
     sizes = [len(b) for b in before]
     flat_before = [t for b in before for t in b]
     flat_after = [a.detach() for group in after for a in group]
-    size = squared_sums(flat_before)
+    size = squared_sums(flat_before, float64=False)
     diff = flat_before if in_place else [b.clone() for b in flat_before]
     if diff:
         torch._foreach_sub_(diff, flat_after)  # ‖before − after‖ = ‖after − before‖
-    change = squared_sums(diff)
+    change = squared_sums(diff, float64=False)
 
     def per_group(values: torch.Tensor) -> torch.Tensor:
         return torch.stack([part.sum() for part in values.split(sizes)]) if sizes else values
