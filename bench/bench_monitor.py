@@ -12,6 +12,11 @@ wall-clock ratios are noisy, that share is not.
 
     python bench/bench_monitor.py                       # tiny and 71m on the CPU
     python bench/bench_monitor.py --presets tiny --rounds 9 --json bench/monitor.json
+    python bench/bench_monitor.py --squares --presets 71m   # only the float64 sums of squares, two ways
+
+`--squares` times what dominated a logged step before: float64 squared norms of every parameter of a
+model at the preset's shape, `metrics.squares.squared_sums` (chunked into a float64 buffer on the CPU)
+against one `torch._foreach_norm(dtype=float64)` (a float64 copy of each whole tensor), alternated.
 """
 
 from __future__ import annotations
@@ -108,6 +113,26 @@ def bench(preset: str, rounds: int, steps_per_round: int, warmup: int, out: str)
             "probe_shape": list(PROBE_SHAPE)}
 
 
+def bench_squares(preset: str, rounds: int) -> dict:
+    from layerprobe.metrics.squares import squared_sums
+
+    torch.manual_seed(0)
+    model = LayerprobeForCausalLM(reference_config(preset, "pre"))
+    tensors = [p.detach() for p in model.parameters()]
+    ways = {"squared_sums": lambda: squared_sums(tensors),
+            "foreach_norm_float64": lambda: torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()}
+    times = {k: [] for k in ways}
+    for r in range(rounds):
+        for name in list(ways)[r % 2:] + list(ways)[:r % 2]:
+            t = time.perf_counter()
+            ways[name]()
+            times[name].append(time.perf_counter() - t)
+    a, b = ways["squared_sums"](), ways["foreach_norm_float64"]()
+    return {"preset": preset, "entries": sum(t.numel() for t in tensors),
+            **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            "max_rel_diff": float(((a - b).abs() / b.clamp_min(1e-300)).max())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,71m")
@@ -116,9 +141,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--squares", action="store_true", help="only time the float64 sums of squares, two ways")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.squares:
+        for preset in args.presets.split(","):
+            r = bench_squares(preset.strip(), args.rounds)
+            print(f"{r['preset']}: {r['entries']:,} entries, squared_sums {r['squared_sums_s']:.4f} s, "
+                  f"_foreach_norm(float64) {r['foreach_norm_float64_s']:.4f} s, max relative difference "
+                  f"{r['max_rel_diff']:.1e} (median of {args.rounds}, {torch.get_num_threads()} threads)")
+        return
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print(f"# CPU fp32, forward+backward+clip+AdamW; logged: a step that records a row (gradient norms, weight "

@@ -42,6 +42,7 @@ SLOW_TESTS = {
     ("test_demo", "test_demo_runs_of_another_config"),
     ("test_demo", "test_parallel_demo_equals_the_sequential_one"),
     ("test_notebook", "test_quickstart_notebook_executes"),  # a Jupyter kernel runs the quickstart
+    ("test_notebook", "test_monitor_notebook_executes"),  # ... and the monitor notebook
     ("test_html_chromium", "test_compare_report_in_chromium"),  # headless Chromium
     ("test_html_chromium", "test_model_index_in_chromium"),
     ("test_html_chromium", "test_committed_demo_report_in_chromium"),

@@ -1,4 +1,4 @@
-"""Gradient norms (`metrics.grad_norms_by_group`, the trainer's `gradient_norms`) against a plain loop over the
+"""Gradient norms (`metrics.grad_norms_by_group`, the monitor's that train-reference logs) against a plain loop over the
 parameters in float64, and the host copies they make: one per device, not one per parameter."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import torch
 
 from layerprobe.metrics import grad_norms_by_group
 from layerprobe.reference.presets import reference_config
-from layerprobe.training.distributed import DistEnv
-from layerprobe.training.layer_stats import gradient_norms
+from layerprobe.monitor import LayerMonitor
 from layerprobe.training.model import init_model
 
 
@@ -61,11 +60,39 @@ def test_training_gradient_norms_equal_a_plain_loop(monkeypatch):
     model = init_model(reference_config("micro", "pre", vocab_size=64), seed=0)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
+    monitor = LayerMonitor(model)
     copies = HostCopies(monkeypatch)
-    total, layers = gradient_norms(model, DistEnv(), sharded=False, per_layer=True)
-    assert copies.count == 1
+    monitor.after_backward(record=True)
+    assert copies.count == 1  # every parameter's squared norm in one host copy
+    total = monitor.grad_norm()
+    layers = monitor.after_step()["layer_grad_norm"]
     assert total == pytest.approx(plain_norm(model.parameters()), rel=1e-12)
     assert len(layers) == len(model.model.layers)
     for got, layer in zip(layers, model.model.layers):
         assert got == pytest.approx(plain_norm(layer.parameters()), rel=1e-12)
     assert math.fsum(x * x for x in layers) < total ** 2  # embeddings and head are in the total only
+
+
+def test_large_gradients_are_summed_in_float64_chunk_by_chunk():
+    """A gradient several CPU chunks long (`squares.CHUNK`), with entries spread over 6 orders of magnitude:
+    the float64 chunked sum equals a float64 sum over every entry; a float32 accumulation would not."""
+    from layerprobe.metrics.squares import CHUNK
+
+    g = torch.Generator().manual_seed(2)
+    n = 3 * CHUNK + 17
+    p = torch.nn.Parameter(torch.zeros(n))
+    p.grad = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
+    exact = math.sqrt(math.fsum(x * x for x in p.grad.double().tolist()))
+    assert grad_norms_by_group({"p": [p]})["p"] == pytest.approx(exact, rel=1e-13)
+
+
+def test_weight_update_sums_in_float32_pieces_are_within_1e_6():
+    """`squared_sums(float64=False)` (weight-update ratios): float32 norms of ≤ CHUNK-entry pieces, squares summed
+    in float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
+    from layerprobe.metrics.squares import squared_sums
+
+    t = torch.randn(32000 * 512, generator=torch.Generator().manual_seed(3))
+    exact = float((t.double() ** 2).sum())
+    got = squared_sums([t, t[:100]], float64=False).tolist()
+    assert got[0] == pytest.approx(exact, rel=1e-6) and got[0] != exact
+    assert got[1] == pytest.approx(float((t[:100].double() ** 2).sum()), rel=1e-6)

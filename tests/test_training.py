@@ -89,7 +89,8 @@ def test_layer_statistics_match_plain_loops():
     """Held-out loss, output variance (population variance over samples, positions and units, as analyze's),
     token variance, and per-layer and total gradient norms (before clipping) against loops over layers/tokens."""
     from layerprobe.training.distributed import DistEnv
-    from layerprobe.training.layer_stats import clip_gradients, evaluate, gradient_norms
+    from layerprobe.monitor import LayerMonitor
+    from layerprobe.training.layer_stats import clip_gradients, evaluate
 
     model = init_model(reference_config("micro", "pre"), seed=3)
     g = torch.Generator().manual_seed(0)
@@ -123,18 +124,29 @@ def test_layer_statistics_match_plain_loops():
 
     model.zero_grad()
     model(input_ids=blocks, labels=blocks, use_cache=False).loss.backward()
-    total, per_layer = gradient_norms(model, env, sharded=False, per_layer=True)
+    # train-reference's gradient norms are the monitor's: a recorded step and a step that records nothing.
+    monitor = LayerMonitor(model, every=10)
+    monitor.after_backward(record=True)
+    total = monitor.grad_norm()
+    per_layer = monitor.after_step()["layer_grad_norm"]
 
     def plain_norm(params):
         return math.sqrt(math.fsum(x * x for p in params for x in p.grad.flatten().tolist()))
 
     assert total == pytest.approx(plain_norm(model.parameters()), rel=1e-6)
     assert per_layer == pytest.approx([plain_norm(layer.parameters()) for layer in model.model.layers], rel=1e-6)
-    assert gradient_norms(model, env, sharded=False, per_layer=False) == (total, None)
+    monitor.after_backward()
+    assert monitor.grad_norm() == total and monitor.after_step() is None
+
+    def norm_now():
+        m = LayerMonitor(model)
+        m.after_backward(record=False)
+        return m.grad_norm()
+
     # Clipping uses the norm already measured: afterwards the gradients' norm is the limit.
     before = [p.grad.clone() for p in model.parameters()]
     clip_gradients(model, total, max_norm=total / 4)
-    assert gradient_norms(model, env, sharded=False, per_layer=False)[0] == pytest.approx(total / 4, rel=1e-5)
+    assert norm_now() == pytest.approx(total / 4, rel=1e-5)
     assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))
     clip_gradients(model, total / 4, max_norm=total)  # under the limit: untouched
     assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))

@@ -5,7 +5,7 @@ Pure functions on tensors: `capture.py` and the pruning sweep feed them batch by
 
 from .activation import MASSIVE_RATIO, activation_extremes, massive_onset
 from .angular import angular_distance_matrix, angular_distance_sums, angular_long_table, unit_vectors
-from .gradients import grad_norms_by_group
+from .gradients import clip_factor, grad_norms_by_group, gradient_squares
 from .influence import block_influence, cosine_and_norms, cosine_per_token
 from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lens_terms, lock_in_layer
 from .loss import chunked_loss_sum, cross_entropy_rows, next_token_labels, next_token_loss_sum, perplexity, predicted_tokens
@@ -35,7 +35,9 @@ __all__ = [
     "chunked_loss_sum",
     "cross_entropy_rows",
     "next_token_labels",
+    "clip_factor",
     "grad_norms_by_group",
+    "gradient_squares",
     "next_token_loss_sum",
     "perplexity",
     "predicted_tokens",

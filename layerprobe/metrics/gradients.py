@@ -12,14 +12,38 @@ from typing import Iterable
 
 import torch
 
+from .squares import squared_sums
+
+
+# Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
+CLIP_EPS = 1e-6
+
+
+def clip_factor(total_norm: float, max_norm: float) -> float:
+    """min(1, max_norm / (total_norm + 1e-6)): the factor clip_grad_norm_ scales every gradient by."""
+    return min(1.0, max_norm / (total_norm + CLIP_EPS))
+
+
+def gradient_squares(grads: list[torch.Tensor]) -> list[float]:
+    """Σ g² of each tensor, in float64 (`squares.squared_sums`), copied to the host in one piece per device."""
+    out = [0.0] * len(grads)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    for positions in by_device.values():
+        sums = squared_sums([grads[i].detach() for i in positions]).cpu().tolist()  # the device's one host copy
+        for i, value in zip(positions, sums):
+            out[i] = value
+    return out
+
 
 def grad_norms_by_group(groups: dict[str, Iterable[torch.nn.Parameter]]) -> dict[str, float]:
     """sqrt(sum of squared gradient entries) over each group's parameters; NaN if none has a gradient.
 
-    Each distinct gradient's norm is taken once (groups may overlap: a layer and the total), computed in
-    float64 by one `torch._foreach_norm` per device and copied to the host in one piece per device, so a
-    training step makes one host copy, not one per parameter; groups spread over several devices
-    (device_map) work. The group's norm is then sqrt(Σ ‖g‖²) on the host, in float64.
+    Each distinct gradient's squared norm is taken once (groups may overlap: a layer and the total), in
+    float64 (`gradient_squares`), so a training step makes one host copy per device, not one per parameter;
+    groups spread over several devices (device_map) work. The group's norm is then sqrt(Σ ‖g‖²) on the host
+    (math.fsum: exactly rounded, so it does not depend on the order of the parameters).
     """
     index: dict[int, int] = {}
     grads: list[torch.Tensor] = []
@@ -35,13 +59,6 @@ def grad_norms_by_group(groups: dict[str, Iterable[torch.nn.Parameter]]) -> dict
                 grads.append(g.detach())
             ids.append(index[id(g)])
         members[name] = ids
-    squares = [0.0] * len(grads)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(grads):
-        by_device.setdefault(g.device, []).append(i)
-    for positions in by_device.values():
-        norms = torch._foreach_norm([grads[i] for i in positions], 2, dtype=torch.float64)
-        for i, value in zip(positions, torch.stack(norms).cpu().tolist()):  # the device's one host copy
-            squares[i] = value * value
+    squares = gradient_squares(grads)
     return {name: math.sqrt(math.fsum(squares[i] for i in ids)) if ids else float("nan")
             for name, ids in members.items()}

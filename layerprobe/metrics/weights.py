@@ -4,8 +4,9 @@
 
 over every parameter of layer ℓ taken as one vector. The update-to-weight ratio people watch for a
 learning rate that is too high (ratios near 1) or a layer that has stopped learning (near 0); taken per
-layer it shows which depths the optimizer still moves. Norms per tensor in float32 (fused), their squares
-summed in float64, so shards of one parameter (FSDP) can be summed across processes before the root.
+layer it shows which depths the optimizer still moves. Norms in float32 per piece of at most 65,536
+entries, their squares summed in float64 (`squares.squared_sums(float64=False)`: ~1e-6 relative, and
+no float64 copy of the weights), so shards of one parameter (FSDP) can be summed across processes before the root.
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ import math
 
 import torch
 
-
-def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ ‖t‖² over `tensors` as a float64 scalar: one fused norm call, accumulated in float32 at least."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double().square().sum()
+from .squares import squared_sums
 
 
-def weight_change_sums(before: list[torch.Tensor], after: list[torch.Tensor], *,
+def weight_change_sums(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], *,
                        in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ ‖after − before‖², Σ ‖before‖²) over matching tensors, float64 scalars.
+    """Per group (a layer's tensors): (Σ ‖after − before‖², Σ ‖before‖²) over its matching tensors, as two
+    float64 [groups] tensors on the tensors' device (one device). Every group's tensors go through one
+    `squared_sums` call per quantity, not one per group.
 
     `in_place`: overwrite `before` with before − after instead of allocating the difference (the monitor
     keeps one buffer of the weights and refills it each logged step: no copy of the model allocated per step).
     """
-    if not before:
-        return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    after = [a.detach() for a in after]
-    size = _squared_norms(before)
-    diff = before if in_place else [b.clone() for b in before]
-    torch._foreach_sub_(diff, after)  # ‖before − after‖ = ‖after − before‖
-    return _squared_norms(diff), size
+    sizes = [len(b) for b in before]
+    flat_before = [t for b in before for t in b]
+    flat_after = [a.detach() for group in after for a in group]
+    size = squared_sums(flat_before, float64=False)
+    diff = flat_before if in_place else [b.clone() for b in flat_before]
+    if diff:
+        torch._foreach_sub_(diff, flat_after)  # ‖before − after‖ = ‖after − before‖
+    change = squared_sums(diff, float64=False)
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part.sum() for part in values.split(sizes)]) if sizes else values
+
+    return per_group(change), per_group(size)
 
 
 def weight_update_ratio(change_sq: float, size_sq: float) -> float:

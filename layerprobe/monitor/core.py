@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -39,15 +38,13 @@ from ..anatomy import Anatomy, find_anatomy
 from ..capture import TOKENS
 from ..errors import LayerprobeError
 from ..io import check_output_dir, ensure_writable_dir, write_json
-from ..metrics import grad_norms_by_group, weight_change_sums, weight_update_ratio
+from ..metrics import clip_factor, gradient_squares, weight_change_sums, weight_update_ratio
 from .probe import check_probe, probe_statistics
 from .writers import check_writers, json_lines, open_writers
 
 LOG_FILE = "metrics.jsonl"  # the name train-reference uses: `layerprobe compare` reads either
 MANIFEST_FILE = "monitor.json"
 KINDS = ("attention", "mlp", "norm")
-# Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
-CLIP_EPS = 1e-6
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -137,6 +134,9 @@ class LayerMonitor:
         if probe is not None:
             self.probe = check_probe(probe, _vocab(self.model, self.anatomy), _context(config)).cpu()
         self._groups = self._parameter_groups()
+        self._params = [p for _, _, ps in self._groups for p in ps]  # each parameter once, group after group
+        # Each layer's parameters, listed once (walking the modules every logged step costs ~1% of a tiny step).
+        self._layer_params = [list(layer.parameters()) for layer in self.anatomy.layers]
         self.out = Path(out).expanduser() if out is not None else None
         self._log = None
         self._writers = []
@@ -150,7 +150,9 @@ class LayerMonitor:
                 self._log = json_lines(self.out / LOG_FILE)
             self._writers = open_writers(self.out, tensorboard=tensorboard, wandb=wandb)
         self._phase = "step"  # "step": waiting for after_backward; "backward": waiting for after_step
-        self._grad_sq: torch.Tensor | None = None
+        self._grad_sq: torch.Tensor | None = None  # per parameter (self._params), float64
+        self._measured: list[bool] = []  # which parameters had a gradient
+        self._reduced = False  # _grad_sq already summed over FSDP shards (grad_norm() was asked)
         self._max_norm: float | None = None
         self._before: list[list[torch.Tensor]] | None = None
         self._buffer: list[list[torch.Tensor]] | None = None  # the weights before the step (logged steps)
@@ -188,11 +190,13 @@ class LayerMonitor:
     def probes(self, step: int) -> bool:
         return self.probe is not None and step % self.probe_every == 0
 
-    def after_backward(self, max_norm: float | None = None) -> None:
+    def after_backward(self, max_norm: float | None = None, *, record: bool | None = None) -> None:
         """Call once per optimizer step, after the (last micro-batch's) backward and before clipping.
 
         `max_norm`: the clipping threshold the loop applies next; the row then records the clip factor
         min(1, max_norm / (total norm + 1e-6)) that clip_grad_norm_ will apply.
+        `record`: record this step (True) or not (False) whatever `every` says (train-reference records on
+        its evaluation steps, the last step among them).
         """
         if self._phase == "backward":
             raise LayerprobeError(
@@ -200,14 +204,13 @@ class LayerMonitor:
                 "step, after the last micro-batch's backward, then after_step() after optimizer.step()")
         self._phase = "backward"
         step = self.step + 1
-        self._grad_sq, self._before, self._max_norm = None, None, max_norm
-        if not self.logs(step):
+        self._grad_sq, self._before, self._max_norm, self._reduced = None, None, max_norm, False
+        if not (self.logs(step) if record is None else record):
             return
         self._grad_sq = self._gradient_squares()
         # The weights before the update, for ‖Δθ‖ after it: one buffer of the layers' weights, allocated on
         # the first logged step and refilled on the next ones (allocating a model's worth per step costs more).
-        layers = [[_local(p).detach() for p in self.anatomy.layers[i].parameters()]
-                  for i in range(self.anatomy.num_layers)]
+        layers = [[_local(p).detach() for p in ps] for ps in self._layer_params]
         if self._buffer is None or any(len(b) != len(w) or any(x.shape != y.shape or x.dtype != y.dtype
                                                                  for x, y in zip(b, w))
                                        for b, w in zip(self._buffer, layers)):
@@ -216,6 +219,25 @@ class LayerMonitor:
             for b, w in zip(self._buffer, layers):
                 torch._foreach_copy_(b, w)
         self._before = self._buffer
+
+    def grad_norm(self) -> float:
+        """The total L2 norm of this step's gradients before clipping (over every process's shards under
+        FSDP2): call between after_backward() and clipping, e.g. to clip with it or to stop on a NaN.
+        On a recorded step it is the total of the row's squares; on other steps it costs one pass over
+        the gradients (and one all-reduce of a scalar under FSDP2)."""
+        if self._phase != "backward":
+            raise LayerprobeError("grad_norm() was called before after_backward(): call it after "
+                                  "monitor.after_backward() and before clipping")
+        if self._grad_sq is None:
+            squares = gradient_squares([_local(p.grad) for p in self._params if p.grad is not None])
+            if not squares:
+                return float("nan")
+            total = torch.tensor([math.fsum(squares)], dtype=torch.float64)
+            return math.sqrt(self._all_reduce(total).item()) if self._sharded() else math.sqrt(total.item())
+        if self._sharded() and not self._reduced:
+            self._grad_sq, self._reduced = self._all_reduce(self._grad_sq), True
+        squares = [sq for sq, seen in zip(self._grad_sq.tolist(), self._measured) if seen]
+        return math.sqrt(math.fsum(squares)) if squares else float("nan")
 
     def after_step(self, loss: float | torch.Tensor | None = None, lr: float | None = None) -> dict | None:
         """Call once per optimizer step, after optimizer.step() (before or after zero_grad). Records the
@@ -249,37 +271,36 @@ class LayerMonitor:
     def _sharded(self) -> bool:
         return any(hasattr(p, "to_local") for _, _, ps in self._groups for p in ps[:1])
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over processes (a no-op in one process)."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.to(_collective_device())
+        dist.all_reduce(t)
+        return t.cpu()
+
     def _gradient_squares(self) -> torch.Tensor:
-        """Squared gradient norm of every group, float64 (0 for a group none of whose parameters has a
-        gradient: `self._measured` says which groups were)."""
-        groups = {}
-        for g, (_, _, params) in enumerate(self._groups):
-            held = [SimpleNamespace(grad=_local(p.grad)) for p in params if p.grad is not None]
-            if held:
-                groups[g] = held
-        norms = grad_norms_by_group(groups)
-        self._measured = [g in norms for g in range(len(self._groups))]
-        return torch.tensor([norms[g] ** 2 if g in norms else 0.0 for g in range(len(self._groups))],
-                            dtype=torch.float64)
+        """Squared gradient norm of every parameter, float64 (`metrics.gradient_squares`, one host copy); 0
+        for a parameter without a gradient (`self._measured` says which had one)."""
+        self._measured = [p.grad is not None for p in self._params]
+        held = gradient_squares([_local(p.grad) for p in self._params if p.grad is not None])
+        it = iter(held)
+        return torch.tensor([next(it) if seen else 0.0 for seen in self._measured], dtype=torch.float64)
 
     def _gradients_and_updates(self) -> dict:
         L = self.anatomy.num_layers
-        change, size = [], []
-        for i in range(L):
-            after = [_local(p) for p in self.anatomy.layers[i].parameters()]
-            c, s = weight_change_sums(self._before[i], after, in_place=True)
-            change.append(c.cpu())
-            size.append(s.cpu())
-        # One packed tensor: group gradient squares, then per-layer weight-change and weight squares.
-        packed = torch.cat([self._grad_sq, torch.stack(change), torch.stack(size)])
-        if self.world_size > 1 and self._sharded():
-            import torch.distributed as dist
-
-            packed = packed.to(_collective_device())
-            dist.all_reduce(packed)
-            packed = packed.cpu()
-        n = len(self._groups)
-        grad_sq, change, size = packed[:n].tolist(), packed[n:n + L].tolist(), packed[n + L:].tolist()
+        after = [[_local(p) for p in ps] for ps in self._layer_params]
+        change, size = weight_change_sums(self._before, after, in_place=True)
+        # One packed tensor: per-parameter gradient squares (unless grad_norm() already summed them), then
+        # per-layer weight-change and weight squares: one all-reduce under FSDP2.
+        n = 0 if self._reduced else len(self._params)
+        packed = torch.cat([self._grad_sq[:n], change.cpu(), size.cpu()])
+        if self._sharded():
+            packed = self._all_reduce(packed)
+        grad_sq = self._grad_sq.tolist() if self._reduced else packed[:n].tolist()
+        change, size = packed[n:n + L].tolist(), packed[n + L:].tolist()
         return _gradient_row(self._groups, grad_sq, self._measured, L, self._max_norm) | {
             "layer_weight_update": [weight_update_ratio(c, s) for c, s in zip(change, size)]}
 
@@ -329,26 +350,29 @@ PROBE_KEYS = {"output_variance": "layer_output_var"}
 
 def _gradient_row(groups, grad_sq: list[float], measured: list[bool], num_layers: int,
                   max_norm: float | None) -> dict:
-    """Per-layer and per-kind gradient norms, the total and the clip factor from the groups' squared norms
-    (a group without any gradient is left out; a layer with none is NaN). A NaN gradient stays NaN."""
+    """Per-layer and per-kind gradient norms, the total and the clip factor from the parameters' squared
+    norms, listed group after group (a parameter without a gradient is left out; a layer with none is NaN).
+    Each norm is sqrt(fsum) of its parameters' squares: exactly rounded, in any order. A NaN stays NaN."""
     layer = [[] for _ in range(num_layers)]
     kind = {k: [[] for _ in range(num_layers)] for k in KINDS}
     total = []
-    for (index, k, _), sq, seen in zip(groups, grad_sq, measured):
-        if not seen:
-            continue
-        total.append(sq)
-        if index is not None:
-            layer[index].append(sq)
-            if k in kind:
-                kind[k][index].append(sq)
+    squares = iter(zip(grad_sq, measured))
+    for index, k, params in groups:
+        for sq, seen in (next(squares) for _ in params):
+            if not seen:
+                continue
+            total.append(sq)
+            if index is not None:
+                layer[index].append(sq)
+                if k in kind:
+                    kind[k][index].append(sq)
 
     def norm(squares):
         return math.sqrt(math.fsum(squares)) if squares else float("nan")
 
     row = {"grad_norm": norm(total)}
     if max_norm is not None:
-        row["clip_coef"] = min(1.0, max_norm / (row["grad_norm"] + CLIP_EPS))
+        row["clip_coef"] = clip_factor(row["grad_norm"], max_norm)
     row["layer_grad_norm"] = [norm(s) for s in layer]
     for k in KINDS:
         row[f"layer_grad_norm_{k}"] = [norm(s) for s in kind[k]]

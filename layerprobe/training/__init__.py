@@ -7,7 +7,8 @@
 Modules, in the order a run uses them: settings (TrainSettings -> validated Plan, with --recipe and
 --tokens resolved), recipes (the papers' settings as data), data (the data prepared once into a token
 file by layerprobe.corpus, training blocks read by index, the held-out blocks, the BatchSource a step
-reads), model, schedule (lr_at), layer_stats (held-out loss, per-layer variance and gradient norms),
+reads), model, schedule (lr_at), layer_stats (held-out loss, per-layer variance, the clip; gradient
+norms, clip factor and weight updates are layerprobe.monitor.LayerMonitor's),
 checkpoint, signals, summary (RunResult, TrainingSummary), trainer (the loop).
 """
 

@@ -1,4 +1,4 @@
-"""What the trainer measures per layer: held-out loss, output variance and gradient norms.
+"""What the trainer measures on held-out data (loss, per-layer output variance), and its clip.
 
 Each is the definition `analyze` uses, from `layerprobe.metrics`, so a trained run's curves and an
 analysis of its checkpoint are the same quantities:
@@ -6,20 +6,20 @@ analysis of its checkpoint are the same quantities:
 - output variance: the population variance of a layer's output over every sample, position and hidden
   unit (`RunningMoments`), the quantity whose growth with depth the Curse-of-Depth paper plots;
 - token variance: the variance over hidden units of each token's output, averaged over tokens. It leaves
-  out the spread between tokens' means, so it is logged under its own name;
-- gradient norms: L2 norms of the accumulated gradients (`grad_norms_by_group`), per decoder layer and
-  over all parameters, taken from the same gradients, before clipping.
+  out the spread between tokens' means, so it is logged under its own name.
+
+Gradient norms (per layer and sublayer, before clipping), the clip factor and weight-update sizes are the
+monitor's (`layerprobe.monitor.LayerMonitor`, which any training loop can use): train-reference calls it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from ..metrics import RunningMoments, grad_norms_by_group
+from ..metrics import RunningMoments, clip_factor
 from ..metrics.loss import next_token_loss_sum, predicted_tokens
 from .distributed import DistEnv, all_reduce_sum
 from .model import autocast, unwrap
@@ -86,40 +86,12 @@ def evaluate(model, blocks: torch.Tensor, micro_batch_size: int, env: DistEnv,
     return EvalStats(loss=loss, output_variance=output_variance, token_variance=token_variance)
 
 
-def gradient_norms(model, env: DistEnv, *, sharded: bool, per_layer: bool) -> tuple[float, list[float] | None]:
-    """(total, per decoder layer) L2 norms of the accumulated gradients, before any clipping.
-
-    Both come from `grad_norms_by_group` over the same gradients: the total over every parameter, each
-    layer's over its parameters. DDP gradients are already averaged across processes, so the local norm
-    is the global one; under FSDP each process holds a shard of every gradient, so the squared norms of
-    the shards are summed across processes.
-    """
-    core = unwrap(model)
-
-    # Each parameter's gradient once (a shard's local tensor under FSDP), shared by the total and its layer.
-    local = {id(p): (SimpleNamespace(grad=p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
-                     if sharded else p) for p in core.parameters() if p.grad is not None}
-
-    def params(module):
-        return [local[id(p)] for p in module.parameters() if id(p) in local]
-
-    groups = {"total": params(core)}
-    if per_layer:
-        groups.update({f"layer{i}": params(layer) for i, layer in enumerate(core.model.layers)})
-    norms = grad_norms_by_group(groups)
-    if sharded:
-        squares = torch.tensor([v * v for v in norms.values()], dtype=torch.float64)
-        norms = dict(zip(norms, all_reduce_sum(env, squares).sqrt().tolist()))
-    layers = [norms[f"layer{i}"] for i in range(len(core.model.layers))] if per_layer else None
-    return norms["total"], layers
-
-
 def clip_gradients(model, total_norm: float, max_norm: float) -> None:
     """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)), as `clip_grad_norm_` does, with the
     norm already measured (and logged) rather than measured again."""
     if max_norm <= 0 or not math.isfinite(total_norm):
         return
-    coef = max_norm / (total_norm + 1e-6)
+    coef = clip_factor(total_norm, max_norm)
     if coef < 1.0:
         grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
         torch._foreach_mul_(grads, coef)

@@ -10,7 +10,8 @@ never stopped.
 
 The parts, in the order a run uses them: `settings` (what a run is, validated into a `Plan`), `data`
 (token blocks and the `BatchSource` each step reads), `model` (weights and wrappers), `schedule` (the
-learning rate), `layer_stats` (held-out loss, per-layer variance and gradient norms), `checkpoint`
+learning rate), `layer_stats` (held-out loss and per-layer variance), `layerprobe.monitor.LayerMonitor`
+(gradient norms per layer and sublayer before clipping, the clip factor, weight-update sizes), `checkpoint`
 (atomic run folders), `signals` (Ctrl-C), and this module: the loop.
 """
 
@@ -34,7 +35,8 @@ from . import checkpoint as ckpt
 from .data import BatchSource, BlockBatches, TokenData, load_token_data
 from .distributed import (DistEnv, all_reduce_sum, any_process, barrier, init_distributed, main_first, shutdown,
                           wrap_ddp, wrap_fsdp)
-from .layer_stats import clip_gradients, evaluate, gradient_norms
+from ..monitor import LayerMonitor
+from .layer_stats import clip_gradients, evaluate
 from .model import autocast, init_model
 from .schedule import lr_at
 from .settings import (
@@ -262,10 +264,9 @@ class Run:
         main_first(env, restart_record)
         return tally, result
 
-    def _step(self, step: int, batches: BatchSource, model, step_model, opt, with_layers: bool):
-        """Forward and backward over the micro-batches of one global batch; returns (lr, loss, grad norm,
-        per-layer grad norms), the norms of the gradients before clipping. Neither clips nor steps the
-        optimizer: the caller checks the numbers first."""
+    def _step(self, step: int, batches: BatchSource, model, step_model, opt):
+        """Forward and backward over the micro-batches of one global batch; returns (lr, loss). Neither
+        measures, clips nor steps the optimizer: the caller does, through the monitor."""
         plan, env, s = self.plan, self.env, self.plan.settings
         lr = lr_at(step, plan)
         for group in opt.param_groups:
@@ -280,8 +281,7 @@ class Run:
             loss_acc += loss.detach().double()
         # Every micro-batch holds the same number of tokens, so the mean of the means is the batch mean.
         loss_val = (all_reduce_sum(env, (loss_acc / plan.accum).reshape(1).cpu()) / env.world_size).item()
-        gnorm, per_layer = gradient_norms(model, env, sharded=s.fsdp, per_layer=with_layers)
-        return lr, loss_val, gnorm, per_layer
+        return lr, loss_val
 
     def _evaluate(self, eval_model, eval_blocks, tally: Tally, result: RunResult, core, model) -> dict:
         """Held-out loss and per-layer statistics; keeps best/ when the loss is the lowest so far."""
@@ -314,6 +314,9 @@ class Run:
         eval_blocks = self.data.eval[: (len(self.data.eval) // env.world_size) * env.world_size]
         eval_model = model if s.fsdp else core  # FSDP's forward needs its wrapper; DDP's does not
         tokens_per_step = plan.batch_size * plan.seq_len
+        # The per-layer statistics of a training step: the monitor any loop can use, recording on the
+        # evaluation steps (told each step, as the last step is one too); its rows join this log's lines.
+        monitor = LayerMonitor(model, every=plan.eval_every, step=tally.step)
         task = progress.add_task(self.dir.name, total=plan.steps, completed=tally.step, info="")
 
         def save_last():
@@ -328,7 +331,9 @@ class Run:
                     break
                 t0, step = time.perf_counter(), tally.step
                 is_eval_step = (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps
-                lr, loss, gnorm, layer_gnorm = self._step(step, batches, model, step_model, opt, is_eval_step)
+                lr, loss = self._step(step, batches, model, step_model, opt)
+                monitor.after_backward(max_norm=s.grad_clip if s.grad_clip > 0 else None, record=is_eval_step)
+                gnorm = monitor.grad_norm()  # before clipping
                 if not (_finite(loss) and _finite(gnorm)):
                     # Stop before the update: the last checkpoint on disk is the last good state.
                     log.write(self._diverged(result, step, lr, loss, gnorm))
@@ -336,6 +341,7 @@ class Run:
                 # Clip with the norm just measured (and logged), then update.
                 clip_gradients(model, gnorm, s.grad_clip)
                 opt.step()
+                layer_row = monitor.after_step()  # gradient norms per layer/sublayer, clip factor, update sizes
                 opt.zero_grad(set_to_none=True)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()  # so the step's time is the GPU's, not the launch's
@@ -347,7 +353,7 @@ class Run:
                           "tokens_per_s": tokens_per_step / dt, "tokens": tally.tokens}
                 result.final_loss, result.steps_done = loss, tally.step
                 if is_eval_step:
-                    record["layer_grad_norm"] = layer_gnorm
+                    record.update({k: v for k, v in layer_row.items() if k not in record})
                     record.update(self._evaluate(eval_model, eval_blocks, tally, result, core, model))
                     blown_up = nonfinite_statistic(record)
                     if blown_up:
