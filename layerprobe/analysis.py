@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
 from .errors import LayerprobeError
-from .defaults import check_measure_options
+from .defaults import METRICS, check_measure_options, check_metrics
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
 from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
@@ -95,12 +95,16 @@ class _Head:
             return
         self.base = base
         probe = ids[:1, : min(ids.shape[1], 8)]
+        seen = []  # the base model's output inside the model's own forward: one probe pass, not two
+        handle = base.register_forward_hook(lambda module, args, output: seen.append(output))
         try:
             with torch.inference_mode():
                 want = net(input_ids=probe, use_cache=False).logits
-                got = anatomy.head_logits(self.hidden(probe))
+                got = anatomy.head_logits(seen[0].last_hidden_state)
         except Exception:  # a base model we cannot call this way: the whole model it is
             return
+        finally:
+            handle.remove()
         if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max())):
             self.vocab = want.shape[-1]
 
@@ -175,7 +179,8 @@ def _gradients_on_layers(net, anatomy: Anatomy):
 
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
-             lens_chunk: int | None = None, checkpoint_layers: bool | None = None) -> tuple[LayerCapture, float]:
+             lens_chunk: int | None = None, checkpoint_layers: bool | None = None,
+             metrics: frozenset | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss.
 
     `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
@@ -188,7 +193,7 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
     head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
-    capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
+    capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk, metrics=metrics)
     with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
             make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
@@ -282,22 +287,28 @@ def interval_manifest(samples: int, seed: int, level: float = LEVEL, resamples: 
             "samples": samples}
 
 
-def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool,
-            seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool, seed: int = 0,
+            metrics: frozenset | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(layers, angular, sublayers) from a filled capture and, with `grad`, the accumulated gradients;
-    every ratio-of-sums column with its interval over samples (metrics/intervals.py)."""
+    every ratio-of-sums column with its interval over samples (metrics/intervals.py). `metrics`: the
+    columns of the others are absent (None: every metric; gradient norms NaN without `grad`)."""
     L = anatomy.num_layers
-    angular_mean = capture.angular_mean()
     layers = pd.DataFrame({"layer": range(L), **capture.per_layer()})
     sublayers, grad_rows = _gradient_tables(anatomy, grad)
-    layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
+    if metrics is None or "gradients" in metrics:
+        layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
+    else:
+        sublayers = sublayers.drop(columns="grad_norm")
     if grad:
         anatomy.model.zero_grad(set_to_none=True)
     dtype = next(anatomy.model.parameters()).dtype
-    sublayers = _add_sublayer_updates(sublayers, capture, dtype)
+    if "updates" in capture.metrics:
+        sublayers = _add_sublayer_updates(sublayers, capture, dtype)
     layers["norm_placement"] = capture.placement or ["?"] * L
     bounds = layer_intervals(capture.per_sample_sums(), seed=seed)
-    angular = angular_long_table(angular_mean)
+    if "angular" not in capture.metrics:
+        return _with_intervals(layers, bounds), pd.DataFrame(columns=["layer", "n", "angular_distance"]), sublayers
+    angular = angular_long_table(capture.angular_mean())
     if "angular_map" in bounds:
         lo, hi = bounds.pop("angular_map")
         angular = _with_intervals(angular, {"angular_distance": (
@@ -354,6 +365,7 @@ def analyze(
     layers_path: str | None = None,
     progress: bool = True,
     lens_chunk: int | None = None,
+    metrics: str | list[str] | None = None,
 ) -> AnalysisResult:
     """Measure every layer of a causal LM on `data`: angular distance (l x n), Block Influence,
     output variance, logit lens (KL to the final distribution, top-1 agreement), relative update
@@ -361,6 +373,9 @@ def analyze(
     per layer and sublayer, loss and perplexity: all from one hooked pass (+ one backward).
 
     `lens_chunk`: tokens per logit-lens chunk (default: 2^26 logits' worth, ~1 GiB) — memory only.
+    `metrics`: which statistics to take, e.g. "angular,influence" or ["angular"] (names: defaults.METRICS);
+    None takes every one. The hooks then do only that work, the columns of the others are absent, and
+    without "gradients" there is no backward pass.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and
@@ -369,6 +384,8 @@ def analyze(
     check_measure_options(data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, tokens=tokens,
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)  # before the model loads
+    selected = check_metrics(metrics, grad)
+    grad = grad and (selected is None or "gradients" in selected)
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          max_memory=max_memory, attn_implementation=attn_implementation,
                          offload_folder=offload_folder, grad=grad,
@@ -378,11 +395,12 @@ def analyze(
     check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
     capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
-                             lens_chunk=lens_chunk)
-    layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed)
+                             lens_chunk=lens_chunk, metrics=selected)
+    layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed, metrics=selected)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
                                 intervals=dict(interval_manifest(len(opening.blocks), seed),
-                                               without=list(NO_INTERVAL)))
+                                               without=list(NO_INTERVAL)),
+                                metrics=[m for m in METRICS if selected is None or m in selected])
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,
                           summary=_summary(opening, capture, loss), manifest=manifest,
                           per_sample=capture.per_sample_sums())
