@@ -88,12 +88,14 @@ class _Head:
     Used only where, on a few tokens, it gives the model's own logits (else `vocab` is None and the
     pass calls the whole model)."""
 
-    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor):
-        self.net, self.anatomy, self.vocab = net, anatomy, None
+    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor, loss: bool = True):
+        self.net, self.anatomy, self.vocab, self.base = net, anatomy, None, None
         base = getattr(net, "base_model", None)
-        if anatomy.head is None or not isinstance(base, torch.nn.Module) or base is net:
+        if not isinstance(base, torch.nn.Module) or base is net:
             return
         self.base = base
+        if anatomy.head is None or not loss:  # no loss to take: the base model alone runs the layers
+            return
         probe = ids[:1, : min(ids.shape[1], 8)]
         seen = []  # the base model's output inside the model's own forward: one probe pass, not two
         handle = base.register_forward_hook(lambda module, args, output: seen.append(output))
@@ -143,8 +145,14 @@ def _checkpointed(layers):
                 layer.forward = own
 
 
-def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int, checkpoint_layers: bool = True) -> float:
-    """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss)."""
+def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int, checkpoint_layers: bool = True,
+                  loss: bool = True) -> float:
+    """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss).
+    Without `loss` (nor `grad`): the layers only, for their hooks (NaN; the whole model where it cannot be split)."""
+    if not (loss or grad):
+        with torch.inference_mode():
+            head.hidden(ids) if head.base is not None else head.net(input_ids=ids, use_cache=False)
+        return float("nan")
     if grad:
         with torch.enable_grad(), (_checkpointed(head.anatomy.layers) if checkpoint_layers else nullcontext()):
             loss_sum = head.loss_sum(ids)
@@ -192,14 +200,15 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     n_pred = predicted_tokens(blocks)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
-    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
+    loss = metrics is None or bool({"loss", "gradients"} & metrics)
+    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device), loss)
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk, metrics=metrics)
     with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
             make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
-            loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers)
+            loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers, loss)
             capture.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")

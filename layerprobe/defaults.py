@@ -27,8 +27,9 @@ MEMORY_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 # analyze --metrics: each name -> the layers.csv columns it gives (angular also angular.csv; updates also the
-# sublayer rows' relative_update/update_cosine; gradients also the sublayer rows' grad_norm). Loss, perplexity
-# and the norm placement come with every run.
+# sublayer rows' relative_update/update_cosine; gradients also the sublayer rows' grad_norm; loss the summary's
+# loss and perplexity: without it, and without gradients, the head and the cross-entropy do not run). The norm
+# placement comes with every run.
 METRIC_COLUMNS = {
     "angular": ("angular_distance",),
     "influence": ("block_influence",),
@@ -37,9 +38,10 @@ METRIC_COLUMNS = {
     "updates": ("relative_update", "update_cosine"),
     "activations": ("max_activation", "mean_abs_activation"),
     "gradients": ("grad_norm", "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm"),
+    "loss": (),
 }
 METRICS = tuple(METRIC_COLUMNS)
-FORWARD_METRICS = METRICS[:-1]  # what the forward's hooks measure; gradients need the backward
+FORWARD_METRICS = METRICS[:-2]  # what the layers' hooks measure; gradients need the backward, loss the head
 
 # compare
 REMOVABLE_THRESHOLD = 0.05  # nats of loss: removing the layer costs < ~5% perplexity

@@ -10,13 +10,13 @@ import torch
 import layerprobe
 from layerprobe.defaults import METRIC_COLUMNS, METRICS
 from layerprobe.loading import load_model
-from layerprobe.report import render_analysis
+from layerprobe.report import render_analysis, summary_table
 from layerprobe.results import AnalysisResult
 from cli_helpers import assert_one_line_error, run_cli
 
 SAMPLES, SEQ = 6, 24
 SUBSETS = [("angular",), ("influence",), ("variance",), ("lens",), ("updates",), ("activations",), ("gradients",),
-           ("angular", "influence"), ("angular", "lens", "gradients")]
+           ("loss",), ("angular", "influence"), ("angular", "lens", "gradients"), ("variance", "loss")]
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -55,7 +55,10 @@ def test_each_selected_metric_equals_the_full_run(runs, subset):
     # nothing unmeasured shows up, not even as a NaN column or an interval
     assert not {c for c in part.layers.columns if c.removesuffix("_lo").removesuffix("_hi") in absent}
     assert list(part.layers["norm_placement"]) == list(full.layers["norm_placement"])
-    assert part.summary["loss"] == pytest.approx(full.summary["loss"], rel=1e-6)
+    if "loss" in subset or "gradients" in subset:
+        assert part.summary["loss"] == pytest.approx(full.summary["loss"], rel=1e-6)
+    else:  # neither head nor cross-entropy ran
+        assert np.isnan(part.summary["loss"]) and np.isnan(part.summary["perplexity"])
     if "angular" in subset:
         for c in full.angular.columns:
             _close(part.angular[c], full.angular[c], f"angular.csv {c}")
@@ -82,6 +85,7 @@ def test_a_subset_saves_reloads_renders_and_compares(runs, tmp_path):
     run, _ = runs
     part = run("influence,lens")
     render_analysis(part, tmp_path / "a")
+    summary_table(part)  # the terminal table without the angular column and the loss
     assert not (tmp_path / "a" / "angular.csv").exists()
     back = AnalysisResult.load(tmp_path / "a")
     assert "angular_distance" not in back.layers and back.angular.empty

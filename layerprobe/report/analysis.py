@@ -285,8 +285,10 @@ def summary_table(result) -> Table:
         if marked:  # a symbol, so the mark shows without colour too
             cells[0] = f"• {cells[0]}"
         t.add_row(*cells, style="bold cyan" if marked else None)
-    t.caption = (f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens; "
-                 "•: the quarter of layers with the lowest angular distance")
+    measured = s.get("loss") is not None and not math.isnan(float(s["loss"]))
+    t.caption = ((f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens" if measured
+                  else "loss not measured (--metrics without loss)")
+                 + ("; •: the quarter of layers with the lowest angular distance" if lowest else ""))
     note = interval_note(result.manifest)
     if note:
         t.caption += f"\n{note}; none on the gradient norms (see docs/design.md)"
