@@ -203,7 +203,7 @@ class LayerCapture:
                     self.update_ratio_sum[index] = self.update_ratio_sum[index] + ps["upd_ratio"].sum()
                     self.update_cos_sum[index] = self.update_cos_sum[index] + ps["upd_cos"].sum()
                     self.update_count[index] = self.update_count[index] + seen.sum()
-                    self._sublayer_updates(index, x, y, x_norm)
+                    self._sublayer_updates(index, x, d, x_norm)
                 if "activations" in m:
                     peak, abs_sum = activation_extremes(y)
                     prev = self.act_max[index]
@@ -227,7 +227,7 @@ class LayerCapture:
             self._per_layer.setdefault(name, [None] * self.num_layers)[index] = out[name]
         return out
 
-    def _sublayer_updates(self, index: int, x, y, x_norm) -> None:
+    def _sublayer_updates(self, index: int, x, d, x_norm) -> None:
         """Attention and MLP updates of layer `index`, if both children's outputs were seen.
 
         Where y = x + a + m (Pre-LN, sequential or parallel), a is the attention's update of x and
@@ -244,7 +244,7 @@ class LayerCapture:
         if self._checking_decomposition:
             # Like the norm placement, a property of the architecture: the first batch tells it.
             scale = x_norm.sum() + torch.linalg.vector_norm(a, dim=-1).sum() + torch.linalg.vector_norm(m, dim=-1).sum()
-            err = (torch.linalg.vector_norm(y - x - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()
+            err = (torch.linalg.vector_norm(d - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()  # d = y - x
             prev = self.decomposition_error[index]
             self.decomposition_error[index] = err.clamp_min(prev) if isinstance(prev, float) else torch.maximum(prev, err)
         for which, update, stream, norm in (("attention", a, x, x_norm),
