@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..defaults import METRICS
 from . import app
 from .common import (
     AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
@@ -28,8 +29,8 @@ def analyze_command(
     tokens: str = typer.Option("last", help="Angular distance on the 'last' token of each sample or on 'all' tokens."),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="--no-grad skips the backward pass (no gradient norms)."),
     metrics: Optional[str] = typer.Option(None, help="Only these statistics, comma-separated, e.g. angular,influence "
-                                          "(angular, influence, variance, lens, updates, activations, gradients; "
-                                          "default: all). Fewer cost less; without gradients, no backward pass."),
+                                          f"({', '.join(METRICS)}; default: all). Fewer cost less: without "
+                                          "gradients no backward pass, without loss and gradients no head."),
     text_column: TextColumnOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = "auto",
