@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
 from .errors import LayerprobeError
-from .defaults import check_measure_options
+from .defaults import METRICS, check_measure_options, check_metrics
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
@@ -89,19 +89,25 @@ class _Head:
     Used only where, on a few tokens, it gives the model's own logits (else `vocab` is None and the
     pass calls the whole model)."""
 
-    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor):
-        self.net, self.anatomy, self.vocab = net, anatomy, None
+    def __init__(self, net, anatomy: Anatomy, ids: torch.Tensor, loss: bool = True):
+        self.net, self.anatomy, self.vocab, self.base = net, anatomy, None, None
         base = getattr(net, "base_model", None)
-        if anatomy.head is None or not isinstance(base, torch.nn.Module) or base is net:
+        if not isinstance(base, torch.nn.Module) or base is net:
             return
         self.base = base
+        if anatomy.head is None or not loss:  # no loss to take: the base model alone runs the layers
+            return
         probe = ids[:1, : min(ids.shape[1], 8)]
+        seen = []  # the base model's output inside the model's own forward: one probe pass, not two
+        handle = base.register_forward_hook(lambda module, args, output: seen.append(output))
         try:
             with torch.inference_mode():
                 want = net(input_ids=probe, use_cache=False).logits
-                got = anatomy.head_logits(self.hidden(probe))
+                got = anatomy.head_logits(seen[0].last_hidden_state)
         except Exception:  # a base model we cannot call this way: the whole model it is
             return
+        finally:
+            handle.remove()
         if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max())):
             self.vocab = want.shape[-1]
 
@@ -140,8 +146,14 @@ def _checkpointed(layers):
                 layer.forward = own
 
 
-def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int, checkpoint_layers: bool = True) -> float:
-    """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss)."""
+def _forward_pass(head: _Head, ids: torch.Tensor, grad: bool, n_pred: int, checkpoint_layers: bool = True,
+                  loss: bool = True) -> float:
+    """One batch through the model: its summed next-token loss; with `grad`, accumulate d(mean loss).
+    Without `loss` (nor `grad`): the layers only, for their hooks (NaN; the whole model where it cannot be split)."""
+    if not (loss or grad):
+        with torch.inference_mode():
+            head.hidden(ids) if head.base is not None else head.net(input_ids=ids, use_cache=False)
+        return float("nan")
     if grad:
         with torch.enable_grad(), (_checkpointed(head.anatomy.layers) if checkpoint_layers else nullcontext()):
             loss_sum = head.loss_sum(ids)
@@ -177,7 +189,7 @@ def _gradients_on_layers(net, anatomy: Anatomy):
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
              lens_chunk: int | None = None, checkpoint_layers: bool | None = None,
-             n_pred: int | None = None) -> tuple[LayerCapture, float]:
+             n_pred: int | None = None, metrics: frozenset | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss.
 
     `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
@@ -190,14 +202,15 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     n_pred = n_pred or predicted_tokens(blocks)
     batches = list(torch.split(blocks, batch_size))
     loss_total, seen = 0.0, 0
-    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
-    capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
+    loss = metrics is None or bool({"loss", "gradients"} & metrics)
+    head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device), loss)
+    capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk, metrics=metrics)
     with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
             make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
-            loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers)
+            loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers, loss)
             capture.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
@@ -301,22 +314,28 @@ def interval_manifest(samples: int, seed: int, level: float = LEVEL, resamples: 
             "samples": samples}
 
 
-def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool,
-            seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _tables(capture: LayerCapture, anatomy: Anatomy, grad: bool, seed: int = 0,
+            metrics: frozenset | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(layers, angular, sublayers) from a filled capture and, with `grad`, the accumulated gradients;
-    every ratio-of-sums column with its interval over samples (metrics/intervals.py)."""
+    every ratio-of-sums column with its interval over samples (metrics/intervals.py). `metrics`: the
+    columns of the others are absent (None: every metric; gradient norms NaN without `grad`)."""
     L = anatomy.num_layers
-    angular_mean = capture.angular_mean()
     layers = pd.DataFrame({"layer": range(L), **capture.per_layer()})
     sublayers, grad_rows = _gradient_tables(anatomy, grad)
-    layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
+    if metrics is None or "gradients" in metrics:
+        layers = pd.concat([layers, pd.DataFrame(grad_rows, columns=list(GRAD_COLUMNS))], axis=1)
+    else:
+        sublayers = sublayers.drop(columns="grad_norm")
     if grad:
         anatomy.model.zero_grad(set_to_none=True)
     dtype = next(anatomy.model.parameters()).dtype
-    sublayers = _add_sublayer_updates(sublayers, capture, dtype)
+    if "updates" in capture.metrics:
+        sublayers = _add_sublayer_updates(sublayers, capture, dtype)
     layers["norm_placement"] = capture.placement or ["?"] * L
     bounds = layer_intervals(capture.per_sample_sums(), seed=seed)
-    angular = angular_long_table(angular_mean)
+    if "angular" not in capture.metrics:
+        return _with_intervals(layers, bounds), pd.DataFrame(columns=["layer", "n", "angular_distance"]), sublayers
+    angular = angular_long_table(capture.angular_mean())
     if "angular_map" in bounds:
         lo, hi = bounds.pop("angular_map")
         angular = _with_intervals(angular, {"angular_distance": (
@@ -373,6 +392,7 @@ def analyze(
     layers_path: str | None = None,
     progress: bool = True,
     lens_chunk: int | None = None,
+    metrics: str | list[str] | None = None,
 ) -> AnalysisResult:
     """Measure every layer of a causal LM on `data`: angular distance (l x n), Block Influence,
     output variance, logit lens (KL to the final distribution, top-1 agreement), relative update
@@ -382,6 +402,9 @@ def analyze(
     `lens_chunk`: tokens per logit-lens chunk (default: 2^26 logits' worth, ~1 GiB) — memory only.
     Under torchrun with a started process group (`distributed.init_distributed`), each process measures a
     contiguous share of the samples and the sums are combined: every process returns the one-process result.
+    `metrics`: which statistics to take, e.g. "angular,influence" or ["angular"] (names: defaults.METRICS);
+    None takes every one. The hooks then do only that work, the columns of the others are absent, and
+    without "gradients" there is no backward pass.
 
     `model` is a spec (hub id, folder, .gguf, layerprobe run, or "smollm2") or a LoadedModel.
     Returns the data only; `result.save(folder)` writes the tables and
@@ -393,6 +416,8 @@ def analyze(
     env = current()
     check_processes(samples, env.world_size, device_map)
     progress = progress and env.is_main
+    selected = check_metrics(metrics, grad)
+    grad = grad and (selected is None or "gradients" in selected)
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          max_memory=max_memory, attn_implementation=attn_implementation,
                          offload_folder=offload_folder, grad=grad,
@@ -403,12 +428,13 @@ def analyze(
     check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
     capture, loss = _measure_share(opening, env, batch_size=batch_size, tokens=tokens, grad=grad,
-                                   progress=progress, lens_chunk=lens_chunk)
-    layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed)
+                                   progress=progress, lens_chunk=lens_chunk, metrics=selected)
+    layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed, metrics=selected)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
                                 **split_manifest(env, len(opening.blocks)),
                                 intervals=dict(interval_manifest(len(opening.blocks), seed),
-                                               without=list(NO_INTERVAL)))
+                                               without=list(NO_INTERVAL)),
+                                metrics=[m for m in METRICS if selected is None or m in selected])
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,
                           summary=_summary(opening, capture, loss), manifest=manifest,
                           per_sample=capture.per_sample_sums())

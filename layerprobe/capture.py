@@ -23,6 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
+from .defaults import FORWARD_METRICS
 from .errors import LayerprobeError
 from .metrics import (RunningMoments, activation_extremes, angular_distance_sums, block_influence,
                       cosine_and_norms, final_distribution, lens_terms, update_sums, update_terms)
@@ -59,9 +60,11 @@ class LayerCapture:
     """
 
     def __init__(self, anatomy: Anatomy, tokens: str = "last", detect_placement: bool = True,
-                 lens: bool = True, lens_chunk: int | None = None):
+                 lens: bool = True, lens_chunk: int | None = None, metrics=None):
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {TOKENS}")
+        # Which statistics to take (defaults.METRICS; None: every one): a hook does only the work of these.
+        self.metrics = frozenset(FORWARD_METRICS if metrics is None else metrics) & frozenset(FORWARD_METRICS)
         self.anatomy = anatomy
         self.tokens = tokens
         self.num_layers = anatomy.num_layers
@@ -88,7 +91,9 @@ class LayerCapture:
         self._sub_io: list[list[tuple]] = [[] for _ in range(L)]  # (sublayer input, sublayer output)
         self._after_sublayer = [False] * L
         # Logit lens (metrics/lens.py): sums over the angular-distance tokens.
-        self.lens = lens and anatomy.head is not None
+        self.lens = lens and "lens" in self.metrics and anatomy.head is not None
+        self._keep_units = "angular" in self.metrics or self.lens  # the streams end_batch reads
+        self._layers_run = 0  # layers whose forward the hooks saw in this batch
         self.lens_chunk = lens_chunk
         self.lens_kl_sum = [0.0] * L
         self.lens_top1_sum = [0] * L
@@ -102,6 +107,7 @@ class LayerCapture:
         self.update_count = [0] * L  # tokens whose input is not all zero
         self.act_max: list[torch.Tensor | float] = [float("nan")] * L
         self.act_abs_sum = [0.0] * L
+        self.act_count = [0] * L  # elements
         # Sublayer updates: per layer, the attention and MLP child read by hooks (None if not one).
         self.sublayer_names: list[tuple[str | None, str | None]] = [self._sublayer_pair(i) for i in range(L)]
         self.parallel = anatomy.extra.get("parallel_residual")
@@ -144,8 +150,9 @@ class LayerCapture:
             h = one_stream(layer_input(args, kwargs))
             self._inputs[index] = h
             self._batch_samples = h.shape[0]
-            with torch.no_grad():
-                self._store_unit(index, h)
+            if self._keep_units:
+                with torch.no_grad():
+                    self._store_unit(index, h)
 
         return hook
 
@@ -161,32 +168,49 @@ class LayerCapture:
                 x, y = x.detach(), y.detach()
                 if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
                     x, y = x.float(), y.float()
-                # The output's sum of squares comes from the norms Block Influence already needs.
-                cos, x_norm, y_norm = cosine_and_norms(x, y)
+                self._layers_run += 1
+                self._sample_size = (y.numel() // (y.shape[0] * y.shape[-1]), y.numel() // y.shape[0])  # tokens, elements
+                m = self.metrics
                 # Every sum is taken per sample first (the intervals resample samples), then totalled.
-                ps = self._sample_sums(index, cos=cos.double(), out_s1=y.sum(-1, dtype=torch.float64),
-                                       out_s2=y_norm.double().square())
-                self.cos_sum[index] = self.cos_sum[index] + ps["cos"].sum()
-                self.cos_count[index] += cos.numel()
-                self._sample_size = (cos.numel() // cos.shape[0], y.numel() // y.shape[0])  # tokens, elements
-                self.output_moments[index].add_sums(y.numel(), ps["out_s1"].sum(), ps["out_s2"].sum())
-                # The update is small next to the stream in deep layers: form it, rather than
-                # expanding |y - x|^2, which would cancel catastrophically.
-                d = y - x
-                d_norm = torch.linalg.vector_norm(d, dim=-1)  # per token: the variance's and the ratio's
-                ratio, ucos, seen = update_terms(x, d, x_norm, d_norm)
-                ps = self._sample_sums(index, upd_s1=d.sum(-1, dtype=torch.float64), upd_s2=d_norm.double().square(),
-                                       upd_ratio=ratio.double(), upd_cos=ucos.double(), upd_count=seen.double())
-                self.update_moments[index].add_sums(d.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
-                self.update_ratio_sum[index] = self.update_ratio_sum[index] + ps["upd_ratio"].sum()
-                self.update_cos_sum[index] = self.update_cos_sum[index] + ps["upd_cos"].sum()
-                self.update_count[index] = self.update_count[index] + seen.sum()
-                peak, abs_sum = activation_extremes(y)
-                prev = self.act_max[index]
-                self.act_max[index] = peak if isinstance(prev, float) else torch.maximum(prev, peak)
-                self.act_abs_sum[index] = self.act_abs_sum[index] + abs_sum
-                self._sublayer_updates(index, x, y, x_norm)
-                if index == self.num_layers - 1:
+                # Per token the sums accumulate in float32 (a float64 one upcasts every element: ~8x slower
+                # on the CPU), per sample and in total in float64.
+                if "influence" in m:
+                    # The output's sum of squares comes from the norms Block Influence already needs.
+                    cos, x_norm, y_norm = cosine_and_norms(x, y)
+                    ps = self._sample_sums(index, cos=cos.double())
+                    self.cos_sum[index] = self.cos_sum[index] + ps["cos"].sum()
+                    self.cos_count[index] += cos.numel()
+                else:  # the same norms, where only the other statistics need them
+                    x_norm = torch.linalg.vector_norm(x, dim=-1) if "updates" in m else None
+                    y_norm = torch.linalg.vector_norm(y, dim=-1) if "variance" in m else None
+                if "variance" in m:
+                    ps = self._sample_sums(index, out_s1=y.sum(-1, dtype=torch.float32).double(),
+                                           out_s2=y_norm.double().square())
+                    self.output_moments[index].add_sums(y.numel(), ps["out_s1"].sum(), ps["out_s2"].sum())
+                if "variance" in m or "updates" in m:
+                    # The update is small next to the stream in deep layers: form it, rather than
+                    # expanding |y - x|^2, which would cancel catastrophically.
+                    d = y - x
+                    d_norm = torch.linalg.vector_norm(d, dim=-1)  # per token: the variance's and the ratio's
+                if "variance" in m:
+                    ps = self._sample_sums(index, upd_s1=d.sum(-1, dtype=torch.float32).double(),
+                                           upd_s2=d_norm.double().square())
+                    self.update_moments[index].add_sums(d.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
+                if "updates" in m:
+                    ratio, ucos, seen = update_terms(x, d, x_norm, d_norm)
+                    ps = self._sample_sums(index, upd_ratio=ratio.double(), upd_cos=ucos.double(),
+                                           upd_count=seen.double())
+                    self.update_ratio_sum[index] = self.update_ratio_sum[index] + ps["upd_ratio"].sum()
+                    self.update_cos_sum[index] = self.update_cos_sum[index] + ps["upd_cos"].sum()
+                    self.update_count[index] = self.update_count[index] + seen.sum()
+                    self._sublayer_updates(index, x, d, x_norm)
+                if "activations" in m:
+                    peak, abs_sum = activation_extremes(y)
+                    prev = self.act_max[index]
+                    self.act_max[index] = peak if isinstance(prev, float) else torch.maximum(prev, peak)
+                    self.act_abs_sum[index] = self.act_abs_sum[index] + abs_sum
+                    self.act_count[index] += y.numel()
+                if index == self.num_layers - 1 and self._keep_units:
                     self._store_unit(self.num_layers, y)
                 if self._placement_handles:
                     self._is_post[index] = any(_same_tensor(o, y) for o in self._norm_outputs[index])
@@ -203,7 +227,7 @@ class LayerCapture:
             self._per_layer.setdefault(name, [None] * self.num_layers)[index] = out[name]
         return out
 
-    def _sublayer_updates(self, index: int, x, y, x_norm) -> None:
+    def _sublayer_updates(self, index: int, x, d, x_norm) -> None:
         """Attention and MLP updates of layer `index`, if both children's outputs were seen.
 
         Where y = x + a + m (Pre-LN, sequential or parallel), a is the attention's update of x and
@@ -220,7 +244,7 @@ class LayerCapture:
         if self._checking_decomposition:
             # Like the norm placement, a property of the architecture: the first batch tells it.
             scale = x_norm.sum() + torch.linalg.vector_norm(a, dim=-1).sum() + torch.linalg.vector_norm(m, dim=-1).sum()
-            err = (torch.linalg.vector_norm(y - x - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()
+            err = (torch.linalg.vector_norm(d - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()  # d = y - x
             prev = self.decomposition_error[index]
             self.decomposition_error[index] = err.clamp_min(prev) if isinstance(prev, float) else torch.maximum(prev, err)
         for which, update, stream, norm in (("attention", a, x, x_norm),
@@ -357,7 +381,7 @@ class LayerCapture:
             self._handles.append(layer.register_forward_hook(self._post_hook(i), with_kwargs=True))
             children = dict(layer.named_children())
             for which, name in zip(("attention", "mlp"), self.sublayer_names[i]):
-                if name is not None:
+                if name is not None and "updates" in self.metrics:
                     self._handles.append(children[name].register_forward_hook(self._child_hook(i, which)))
             if self.detect_placement and self.placement is None:
                 for name, (kind, module) in self.anatomy.sublayers(i).items():
@@ -376,17 +400,20 @@ class LayerCapture:
 
     # -- per batch -------------------------------------------------------------------------
     def end_batch(self) -> None:
-        if any(u is None for u in self._units):
+        if self._layers_run < self.num_layers or (self._keep_units and any(u is None for u in self._units)):
             raise LayerprobeError("not every layer ran in the model's forward pass; name the layer list with --layers-path")
+        self._layers_run = 0
         B = self._batch_samples
+        per_sample = None
         with torch.no_grad():
             if self.lens:
                 self._lens()
-            # on the first layer's device: no host copy
-            per_sample = angular_distance_sums(self._units, groups=B)
-            sums = per_sample.sum(0)
-        self.angular_sum = self.angular_sum.to(sums.device) + sums
-        self.angular_count += self._units[0].shape[0]
+            if "angular" in self.metrics:
+                # on the first layer's device: no host copy
+                per_sample = angular_distance_sums(self._units, groups=B)
+                sums = per_sample.sum(0)
+                self.angular_sum = self.angular_sum.to(sums.device) + sums
+                self.angular_count += self._units[0].shape[0]
         self._keep_sample_sums(per_sample)
         self._units = [None] * (self.num_layers + 1)
         self._sub_out.clear()
@@ -402,15 +429,17 @@ class LayerCapture:
                 h.remove()
             self._placement_handles = []
 
-    def _keep_sample_sums(self, angular: torch.Tensor) -> None:
+    def _keep_sample_sums(self, angular: torch.Tensor | None) -> None:
         """The batch's per-sample sums, [B, ...] each, kept on the device (no host sync per batch)."""
-        B, dev = angular.shape[0], angular.device
-        tokens = self._units[0].shape[0] // B
-        batch = {"angular": angular, "angular_tokens": torch.full((B,), float(tokens), dtype=torch.float64)}
+        B, batch = self._batch_samples, {}
+        dev = angular.device if angular is not None else self.anatomy.input_device
+        if angular is not None:
+            tokens = self._units[0].shape[0] // B
+            batch.update(angular=angular, angular_tokens=torch.full((B,), float(tokens), dtype=torch.float64))
         for name, per_layer in self._per_layer.items():
             if all(v is not None for v in per_layer):
                 batch[name] = torch.stack([v.to(dev) for v in per_layer], dim=1)
-        if "cos" in batch:
+        if set(batch) & {"cos", "out_s1"}:
             seq, elements = self._sample_size
             batch["tokens"] = torch.full((B,), float(seq), dtype=torch.float64)
             batch["out_n"] = torch.full((B,), float(elements), dtype=torch.float64)
@@ -472,20 +501,24 @@ class LayerCapture:
     # -- results ---------------------------------------------------------------------------
     def per_layer(self) -> dict[str, list[float]]:
         """Every per-layer statistic of the pass, column name -> one value per layer: the columns of
-        analyze's layers.csv that the forward gives (the monitor's probe logs the same)."""
-        angular_mean = self.angular_mean()
-        return {
-            "angular_distance": [float(angular_mean[i, i + 1]) for i in range(self.num_layers)],
-            "block_influence": self.block_influence(),
-            "output_variance": [m.variance for m in self.output_moments],
-            "update_variance": [m.variance for m in self.update_moments],
-            "lens_kl": self.lens_kl(),
-            "lens_top1": self.lens_top1(),
-            "relative_update": self.relative_update(),
-            "update_cosine": self.update_cosine(),
-            "max_activation": self.max_activation(),
-            "mean_abs_activation": self.mean_abs_activation(),
-        }
+        analyze's layers.csv that the forward gives (the monitor's probe logs the same); only those of
+        the metrics taken (METRIC_COLUMNS in defaults.py)."""
+        m, out = self.metrics, {}
+        if "angular" in m:
+            angular_mean = self.angular_mean()
+            out["angular_distance"] = [float(angular_mean[i, i + 1]) for i in range(self.num_layers)]
+        if "influence" in m:
+            out["block_influence"] = self.block_influence()
+        if "variance" in m:
+            out["output_variance"] = [mo.variance for mo in self.output_moments]
+            out["update_variance"] = [mo.variance for mo in self.update_moments]
+        if "lens" in m:  # NaN where the model has no head: asked for, not measurable
+            out.update(lens_kl=self.lens_kl(), lens_top1=self.lens_top1())
+        if "updates" in m:
+            out.update(relative_update=self.relative_update(), update_cosine=self.update_cosine())
+        if "activations" in m:
+            out.update(max_activation=self.max_activation(), mean_abs_activation=self.mean_abs_activation())
+        return out
 
     def angular_mean(self) -> torch.Tensor:
         return self.angular_sum.cpu() / max(self.angular_count, 1)
@@ -512,7 +545,7 @@ class LayerCapture:
         return [float(v) for v in self.act_max]
 
     def mean_abs_activation(self) -> list[float]:
-        return [float(s) / m.count if m.count else float("nan") for s, m in zip(self.act_abs_sum, self.output_moments)]
+        return [float(s) / n if n else float("nan") for s, n in zip(self.act_abs_sum, self.act_count)]
 
     def decomposes(self, index: int, dtype: torch.dtype) -> bool:
         """Whether layer `index`'s output was input + attention + MLP on the first batch, to rounding."""

@@ -147,7 +147,8 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
         row["removable_sure"], row["removable_undecided"] = _removable_confidence(removal, threshold)
         a = m.analysis
         if a is not None:
-            g = variance_growth(a.layers["output_variance"], L)
+            # analyze --metrics without variance: no column, no growth
+            g = variance_growth(a.layers["output_variance"], L) if "output_variance" in a.layers else float("nan")
             row["variance_growth"] = g
             # Over the analysis's samples (samples.npz); NaN for results saved without them.
             row["variance_growth_lo"], row["variance_growth_hi"] = variance_growth_interval(

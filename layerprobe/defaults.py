@@ -26,6 +26,23 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3
 MEMORY_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
+# analyze --metrics: each name -> the layers.csv columns it gives (angular also angular.csv; updates also the
+# sublayer rows' relative_update/update_cosine; gradients also the sublayer rows' grad_norm; loss the summary's
+# loss and perplexity: without it, and without gradients, the head and the cross-entropy do not run). The norm
+# placement comes with every run.
+METRIC_COLUMNS = {
+    "angular": ("angular_distance",),
+    "influence": ("block_influence",),
+    "variance": ("output_variance", "update_variance"),
+    "lens": ("lens_kl", "lens_top1"),
+    "updates": ("relative_update", "update_cosine"),
+    "activations": ("max_activation", "mean_abs_activation"),
+    "gradients": ("grad_norm", "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm"),
+    "loss": (),
+}
+METRICS = tuple(METRIC_COLUMNS)
+FORWARD_METRICS = METRICS[:-2]  # what the layers' hooks measure; gradients need the backward, loss the head
+
 # compare
 REMOVABLE_THRESHOLD = 0.05  # nats of loss: removing the layer costs < ~5% perplexity
 REMOVABLE_FRACTION = 0.1  # of the model's own largest single-layer Δloss: a threshold that ignores scale
@@ -143,6 +160,21 @@ def check_measure_options(*, data: str = "builtin", seq_len: int = 256, samples:
         raise LayerprobeError(f"unknown --device {device!r}; use one of {', '.join(DEVICES)}")
     check_placement_options(device_map, max_memory, attn_implementation)
     check_data_spec(data)
+
+
+def check_metrics(metrics, grad: bool = True) -> frozenset | None:
+    """--metrics "angular,influence" (or a list) -> the names, checked; None (every metric) stays None.
+    Gradients need the backward: asked for with --no-grad, refused."""
+    if metrics is None:
+        return None
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names or not all(names):
+        raise LayerprobeError(f"unknown --metrics {', '.join(repr(m) for m in bad) if bad else repr(metrics)}; "
+                              f"use a comma-separated list of {', '.join(METRICS)}")
+    if "gradients" in names and not grad:
+        raise LayerprobeError("--metrics gradients needs the backward pass: drop --no-grad")
+    return frozenset(names)
 
 
 def check_compare_options(folders, threshold: float, depth: str) -> list:

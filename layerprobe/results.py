@@ -153,7 +153,10 @@ class AnalysisResult:
         """
         folder = prepare_result_folder(folder)
         write_csv(folder / "layers.csv", self.layers)
-        write_csv(folder / "angular.csv", self.angular)
+        if len(self.angular):
+            write_csv(folder / "angular.csv", self.angular)
+        else:  # --metrics without angular: no map (and none left from an earlier run to be read as this one's)
+            (folder / "angular.csv").unlink(missing_ok=True)
         write_csv(folder / "sublayers.csv", self.sublayers)
         if self.per_sample:
             import numpy as np
@@ -170,7 +173,8 @@ class AnalysisResult:
         sub = folder / "sublayers.csv"
         return cls(
             layers=read_table(folder, "layers.csv"),
-            angular=read_table(folder, "angular.csv"),
+            angular=(read_table(folder, "angular.csv") if (folder / "angular.csv").is_file()
+                     else pd.DataFrame(columns=["layer", "n", "angular_distance"])),  # --metrics without angular
             sublayers=read_table(folder, "sublayers.csv") if sub.is_file() else pd.DataFrame(),
             summary=summary,
             manifest=section,

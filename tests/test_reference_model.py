@@ -156,6 +156,33 @@ def test_whole_model_is_embed_blocks_final_norm_head(scheme):
     torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["pre", "post"])
+def test_chunked_loss_equals_the_unchunked_one(scheme, monkeypatch):
+    """The labels' loss runs head + CE in chunks of rows (metrics/loss.py): loss and every gradient equal
+    float32 CE over the whole [B, T, V] logits at 1e-6, with chunks that split samples and ignored targets."""
+    import torch.nn.functional as F
+    from layerprobe.metrics import loss as loss_module
+
+    model = build(cfg(scheme, layers=3))
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, 4:7] = -100  # ignored targets inside a chunk
+    logits = model(ids).logits
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    want = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(loss_module, "CE_CHUNK_ELEMENTS", 7 * VOCAB)  # 7 rows a chunk: 5 chunks of 33 rows
+    out = model(ids, labels=labels)
+    assert out.logits is None  # never formed whole
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        scale = want_grads[n].abs().max()
+        assert (p.grad - want_grads[n]).abs().max() <= 1e-6 * scale, (n, float((p.grad - want_grads[n]).abs().max()), float(scale))
+
+
 def test_pre_ln_is_exactly_llama():
     """With the same weights, the Pre-LN reference model is transformers' LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM

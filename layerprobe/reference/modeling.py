@@ -60,6 +60,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..metrics.loss import IGNORE, chunked_loss_sum
 from .configuration import LayerprobeConfig
 
 # transformers 5.25 renamed the KV cache from `past_key_values` to `cache` (in `generate`, the mask helpers and the
@@ -403,13 +404,16 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
+        loss = logits = None
         if labels is not None:
-            # Next-token loss, mean over every predicted token (-100 ignored), in float32. Shifting the labels
-            # (not the logits) avoids copying a [batch, seq, vocab] tensor.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            # Next-token loss, mean over every predicted token (-100 ignored), with float32 CE. The head and the
+            # CE run a chunk of rows at a time (metrics/loss.py; checkpointed under autograd), so the
+            # [batch, seq, vocab] logits and their float32 copy never exist at once, and none are returned:
+            # call without labels for logits. Shifting the labels (not the logits) avoids copying a tensor.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+            loss = chunked_loss_sum(self.lm_head, hidden, targets, self.config.vocab_size) / (targets != IGNORE).sum()
+        else:
+            logits = self.lm_head(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)})
 

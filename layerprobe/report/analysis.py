@@ -57,12 +57,11 @@ def plot_angular_heatmap(result, path: Path) -> None:
 def plot_layer_importance(result, path: Path) -> None:
     df = result.layers
     fig, ax = new_figure()
-    ax.plot(df["layer"], df["angular_distance"], "o-", color=METRIC_COLORS["angular_distance"], markersize=3.5,
-            label="angular distance, input → output (n = 1)")
-    ax.plot(df["layer"], df["block_influence"], "s-", color=METRIC_COLORS["block_influence"], markersize=3.5,
-            label="Block Influence = 1 − mean cos(input, output)")
-    for col in ("angular_distance", "block_influence"):
-        _band(ax, df, col, METRIC_COLORS[col])
+    for col, style, label in (("angular_distance", "o-", "angular distance, input → output (n = 1)"),
+                              ("block_influence", "s-", "Block Influence = 1 − mean cos(input, output)")):
+        if col in df:  # --metrics may have left one out
+            ax.plot(df["layer"], df[col], style, color=METRIC_COLORS[col], markersize=3.5, label=label)
+            _band(ax, df, col, METRIC_COLORS[col])
     ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("how much the layer changes its input (0 = identity)")
     ax.set_ylim(bottom=0)
@@ -75,12 +74,11 @@ def plot_layer_importance(result, path: Path) -> None:
 def plot_output_variance(result, path: Path) -> None:
     df = result.layers
     fig, ax = new_figure()
-    ax.semilogy(df["layer"], df["output_variance"], "o-", color=METRIC_COLORS["output_variance"], markersize=3.5,
-                label="variance of the layer's output (residual stream)")
-    ax.semilogy(df["layer"], df["update_variance"], "s--", color=METRIC_COLORS["update_variance"], markersize=3.5,
-                label="variance of the update the layer adds (output − input)")
-    for col in ("output_variance", "update_variance"):
-        _band(ax, df, col, METRIC_COLORS[col])
+    for col, style, label in (("output_variance", "o-", "variance of the layer's output (residual stream)"),
+                              ("update_variance", "s--", "variance of the update the layer adds (output − input)")):
+        if col in df:  # results saved before update_variance existed lack it
+            ax.semilogy(df["layer"], df[col], style, color=METRIC_COLORS[col], markersize=3.5, label=label)
+            _band(ax, df, col, METRIC_COLORS[col])
     ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("variance over tokens and units (log scale)")
     ax.set_title(_title(result, "output variance against depth"))
@@ -95,6 +93,8 @@ def plot_grad_norms(result, path: Path) -> None:
     styles = [("grad_norm", "o-", "whole layer"), ("grad_norm_attention", "^--", "attention"),
               ("grad_norm_mlp", "s--", "MLP"), ("grad_norm_norm", "d:", "norms")]
     for col, style, label in styles:
+        if col not in df:
+            continue
         vals = df[col].astype(float)
         if vals.notna().any() and (vals > 0).any():
             ax.semilogy(df["layer"], vals.where(vals > 0), style, color=METRIC_COLORS[col], markersize=3.5,
@@ -194,17 +194,20 @@ def plot_activations(result, path: Path) -> None:
 
 def write_analysis_figures(result, folder: Path) -> list[dict]:
     """Write the analyze PNGs; returns [{file, caption}] for the manifest and the HTML page."""
-    figures = [
-        ("angular_heatmap.png", plot_angular_heatmap,
-         "Angular distance between the input of layer ℓ and of layer ℓ+n, averaged over samples. Dark cells: "
-         "blocks that barely change the residual stream, the candidates for removal (Gromov et al.)."),
-        ("layer_importance.png", plot_layer_importance,
-         "Per-layer angular distance (n = 1) and Block Influence (ShortGPT), bands: 95% intervals over samples. "
-         "Low values: the layer is close to the identity."),
-        ("output_variance.png", plot_output_variance,
-         "Variance of the residual stream after each layer (bands: 95% intervals over samples). Under Pre-LN it "
-         "grows with depth (Curse of Depth)."),
-    ]
+    # Each figure only where its columns were measured (analyze --metrics may leave any out).
+    figures = []
+    if len(result.angular):
+        figures.append(("angular_heatmap.png", plot_angular_heatmap,
+                        "Angular distance between the input of layer ℓ and of layer ℓ+n, averaged over samples. Dark "
+                        "cells: blocks that barely change the residual stream, the candidates for removal (Gromov et al.)."))
+    if "angular_distance" in result.layers or "block_influence" in result.layers:
+        figures.append(("layer_importance.png", plot_layer_importance,
+                        "Per-layer angular distance (n = 1) and Block Influence (ShortGPT), bands: 95% intervals over "
+                        "samples. Low values: the layer is close to the identity."))
+    if "output_variance" in result.layers:
+        figures.append(("output_variance.png", plot_output_variance,
+                        "Variance of the residual stream after each layer (bands: 95% intervals over samples). Under "
+                        "Pre-LN it grows with depth (Curse of Depth)."))
     if _has(result.layers, "lens_kl"):
         figures.append(("logit_lens.png", plot_logit_lens,
                         "Logit lens (nostalgebraist 2020; Csordás et al. 2025): the model's final norm and head applied "
@@ -220,7 +223,7 @@ def write_analysis_figures(result, folder: Path) -> list[dict]:
         figures.append(("activations.png", plot_activations,
                         "Largest |activation| in each layer's output against the mean (Sun et al. 2024, massive "
                         "activations): a gap of orders of magnitude marks a few outlier units."))
-    if result.layers["grad_norm"].notna().any():
+    if _has(result.layers, "grad_norm"):
         figures.append(("grad_norms.png", plot_grad_norms,
                         "L2 norm of the gradient of the mean LM loss per layer and sublayer. Pre-LN shrinks deep "
                         "layers' gradients, Post-LN early layers' (Mix-LN paper)."))
@@ -270,7 +273,8 @@ def summary_table(result) -> Table:
     for _, header, _ in cols:
         t.add_column(header, justify="right", no_wrap=True)
     df = result.layers
-    lowest = set(df.nsmallest(max(1, len(df) // 4), "angular_distance")["layer"]) if len(df) else set()
+    lowest = (set(df.nsmallest(max(1, len(df) // 4), "angular_distance")["layer"])
+              if len(df) and "angular_distance" in df else set())
     for _, row in df.iterrows():
         cells = [_fmt(row[c].item() if hasattr(row[c], "item") else row[c], spec) if c in row else "—"
                  for c, _, spec in cols]
@@ -281,8 +285,10 @@ def summary_table(result) -> Table:
         if marked:  # a symbol, so the mark shows without colour too
             cells[0] = f"• {cells[0]}"
         t.add_row(*cells, style="bold cyan" if marked else None)
-    t.caption = (f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens; "
-                 "•: the quarter of layers with the lowest angular distance")
+    measured = s.get("loss") is not None and not math.isnan(float(s["loss"]))
+    t.caption = ((f"loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} on {s['tokens_scored']} tokens" if measured
+                  else "loss not measured (--metrics without loss)")
+                 + ("; •: the quarter of layers with the lowest angular distance" if lowest else ""))
     note = interval_note(result.manifest)
     if note:
         t.caption += f"\n{note}; none on the gradient norms (see docs/design.md)"

@@ -122,7 +122,7 @@ def plot_per_layer(comp, metric: str, path: Path, ylabel: str, scale, title: str
 
 
 def plot_angular_heatmaps(comp, path: Path) -> bool:
-    models = [m for m in comp.models if m.analysis is not None]
+    models = [m for m in comp.models if m.analysis is not None and len(m.analysis.angular)]  # --metrics: maybe none
     if not models:
         return False
     grids = []
