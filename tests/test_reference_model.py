@@ -174,9 +174,16 @@ def test_chunked_loss_equals_the_unchunked_one(scheme, monkeypatch):
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(loss_module, "CE_CHUNK_ELEMENTS", 7 * VOCAB)  # 7 rows a chunk: 5 chunks of 33 rows
+    model.train()
     out = model(ids, labels=labels)
-    assert out.logits is None  # never formed whole
+    assert out.logits is None  # never formed whole in training
     torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)
+    model.eval()  # evaluation (Trainer.evaluate, compute_metrics) gets the logits with the same loss
+    with torch.no_grad():
+        evaluated = model(ids, labels=labels)
+    torch.testing.assert_close(evaluated.logits, logits.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.loss, want.detach(), rtol=1e-6, atol=0)
+    model.train()
     out.loss.backward()
     for n, p in model.named_parameters():
         scale = want_grads[n].abs().max()

@@ -60,7 +60,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..metrics.loss import IGNORE, chunked_loss_sum
+from ..metrics.loss import IGNORE, chunked_loss_sum, cross_entropy_rows
 from .configuration import LayerprobeConfig
 
 # transformers 5.25 renamed the KV cache from `past_key_values` to `cache` (in `generate`, the mask helpers and the
@@ -406,12 +406,18 @@ class LayerprobeForCausalLM(LayerprobePreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         loss = logits = None
         if labels is not None:
-            # Next-token loss, mean over every predicted token (-100 ignored), with float32 CE. The head and the
-            # CE run a chunk of rows at a time (metrics/loss.py; checkpointed under autograd), so the
-            # [batch, seq, vocab] logits and their float32 copy never exist at once, and none are returned:
-            # call without labels for logits. Shifting the labels (not the logits) avoids copying a tensor.
+            # Next-token loss, mean over every predicted token (-100 ignored), with float32 CE. Shifting the labels
+            # (not the logits) avoids copying a [batch, seq, vocab] tensor.
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-            loss = chunked_loss_sum(self.lm_head, hidden, targets, self.config.vocab_size) / (targets != IGNORE).sum()
+            if self.training:
+                # Training: the head and the CE run a chunk of rows at a time (metrics/loss.py; checkpointed
+                # under autograd), so the logits and their float32 copy never exist whole, and none are
+                # returned (as Liger's fused CE does). In eval mode, callers (Trainer.evaluate) get logits.
+                loss = chunked_loss_sum(self.lm_head, hidden, targets, self.config.vocab_size)
+            else:
+                logits = self.lm_head(hidden)
+                loss = cross_entropy_rows(logits, targets).sum()
+            loss = loss / (targets != IGNORE).sum()
         else:
             logits = self.lm_head(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
