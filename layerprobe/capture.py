@@ -462,7 +462,7 @@ class LayerCapture:
     # How the processes of a data-parallel run combine this state (all_reduce below): per-layer lists and
     # totals that add up, and extremes that take the largest. Placement is the architecture's: each has it.
     SUMMED = ("angular_sum", "angular_count", "cos_sum", "cos_count", "lens_kl_sum", "lens_top1_sum", "lens_count",
-              "update_ratio_sum", "update_cos_sum", "update_count", "act_abs_sum")
+              "update_ratio_sum", "update_cos_sum", "update_count", "act_abs_sum", "act_count")
     MAXED = ("act_max", "decomposition_error")
 
     def all_reduce(self, env, start: int, total: int, extra=()) -> list[float]:

@@ -52,7 +52,8 @@ def llama(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--tokens", "all", "--no-grad"]], ids=["grad-last", "nograd-all"])
+@pytest.mark.parametrize("extra", [[], ["--tokens", "all", "--no-grad"], ["--metrics", "angular,gradients"]],
+                         ids=["grad-last", "nograd-all", "metrics-subset"])
 def test_analyze_two_processes_write_what_one_writes(llama, tmp_path, extra):
     args = ["analyze", llama, "--samples", SAMPLES, "--seq-len", 24, "--batch-size", 2, "-q", *extra]
     result, text = run_cli(*args, "--out", tmp_path / "one")
