@@ -16,6 +16,8 @@ from .errors import LayerprobeError
 from .defaults import check_measure_options
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
+from .metrics.depth import quarter
+from .metrics.gradients import GRAM_HOST_BYTES, BatchGradientGram
 from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
@@ -175,8 +177,11 @@ def _gradients_on_layers(net, anatomy: Anatomy):
 
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
-             lens_chunk: int | None = None, checkpoint_layers: bool | None = None) -> tuple[LayerCapture, float]:
+             lens_chunk: int | None = None, checkpoint_layers: bool | None = None,
+             gram: BatchGradientGram | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss.
+
+    `gram` (with `grad`): also fills the per-batch gradient Gram matrices (`_gradient_gram`).
 
     `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
     where memory is what runs out; on the CPU it would cost one more forward (~+30%) for nothing.
@@ -190,15 +195,28 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device))
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk)
     with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
-            make_progress(progress) as bar:
+            (gram if gram is not None else nullcontext()), make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
             loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers)
             capture.end_batch()
+            if gram is not None:
+                gram.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
     return capture, loss_total / n_pred
+
+
+def _gradient_gram(anatomy: Anatomy, batches: int) -> BatchGradientGram | None:
+    """The per-batch gradient Gram of the first and last ⌈L/4⌉ layers (what the gradient ratio reads, and
+    what compare's interval on it resamples); None when its host copies would exceed GRAM_HOST_BYTES."""
+    L = anatomy.num_layers
+    q = quarter(L)
+    groups = {str(i): list(anatomy.layers[i].parameters()) for i in dict.fromkeys([*range(q), *range(L - q, L)])}
+    if L < 2 or BatchGradientGram.host_bytes(groups, batches) > GRAM_HOST_BYTES:
+        return None
+    return BatchGradientGram(groups, batches)
 
 
 def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
@@ -377,12 +395,13 @@ def analyze(
                         progress=progress)
     check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
+    gram = _gradient_gram(opening.anatomy, -(-len(opening.blocks) // batch_size)) if grad else None
     capture, loss = _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=progress,
-                             lens_chunk=lens_chunk)
+                             lens_chunk=lens_chunk, gram=gram)
     layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
                                 intervals=dict(interval_manifest(len(opening.blocks), seed),
                                                without=list(NO_INTERVAL)))
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,
                           summary=_summary(opening, capture, loss), manifest=manifest,
-                          per_sample=capture.per_sample_sums())
+                          per_sample=dict(capture.per_sample_sums(), **(gram.result() if gram is not None else {})))

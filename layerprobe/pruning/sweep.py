@@ -27,7 +27,7 @@ from .measures import chunk_rows_for
 from .options import MODES, RANKING_HELP, RANKINGS, SweepOptions, parse_block_sizes, parse_by, parse_modes, resolve_steps
 from .plan import Plan, check_layer_call_limit, estimate_seconds
 from .prefix import PrefixRunner
-from .table import COLUMNS, candidate_row, full_row, summarize, sweep_table
+from .table import COLUMNS, candidate_row, full_row, row_sample_sums, summarize, sweep_table
 
 SECTION = SWEEP_SECTION
 
@@ -36,9 +36,9 @@ __all__ = ["prune_sweep", "SweepResult", "ranking_sets", "parse_modes", "parse_b
 
 
 def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], *, batch_size: int,
-             chunk_rows: int, plan: Plan, say, progress: bool) -> tuple[list[dict], Scorer, int, float]:
-    """Rows for the full model, every candidate and the greedy steps; the scorer (its layer-call
-    counts); the tokens scored; the seconds spent."""
+             chunk_rows: int, plan: Plan, say, progress: bool) -> tuple[list[dict], list, Scorer, int, float]:
+    """Rows for the full model, every candidate and the greedy steps; each row's sums; the scorer (its
+    layer-call counts); the tokens scored; the seconds spent."""
     net, anatomy, blocks = opening.model, opening.anatomy, opening.blocks
     L = anatomy.num_layers
     unique_sets = list(dict.fromkeys(frozenset(c.removed) for c in candidates))
@@ -73,14 +73,16 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
         # One set of resamples for every candidate: their intervals come from the same draws of samples.
         counts = resample_counts(len(blocks), RESAMPLES, opening.seed) if len(blocks) >= 2 else None
         rows = [full_row(full, counts)]
-        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss, full, counts) for c in candidates]
+        row_sums = [full] + [measured.by_set[frozenset(c.removed)] for c in candidates]  # sweep_samples.npz
+        rows += [candidate_row(c, sums, full_loss, full, counts) for c, sums in zip(candidates, row_sums[1:])]
         if opts.greedy and not search_apart:
             found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar)
         for t, (removed, added, sums) in enumerate(found, 1):
             c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
             # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
-            rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss, full, counts))
-    return rows, scorer, measured.full.tokens, time.perf_counter() - started
+            row_sums.append(measured.by_set[removed] if search_apart else sums)
+            rows.append(candidate_row(c, row_sums[-1], full_loss, full, counts))
+    return rows, row_sums, scorer, measured.full.tokens, time.perf_counter() - started
 
 
 def _head_device(anatomy) -> torch.device:
@@ -177,7 +179,7 @@ def prune_sweep(
     plan = Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size, candidates=candidates)
     note(plan.describe(), progress)
     chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements, device=_head_device(anatomy))
-    rows, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
+    rows, row_sums, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
                                                plan=plan, say=lambda line: note(line, progress), progress=progress)
     table = sweep_table(rows)
     if opts.tasks:
@@ -196,4 +198,4 @@ def prune_sweep(
         lm_eval_tasks=opts.tasks or None, lm_eval_limit=lm_eval_limit if opts.tasks else None,
         layers_path=anatomy.layers_path, tokens_scored=n_tokens,
         intervals=interval_manifest(len(opening.blocks), opening.seed or 0))
-    return SweepResult(table=table, summary=summary, manifest=manifest)
+    return SweepResult(table=table, summary=summary, manifest=manifest, per_sample=row_sample_sums(rows, row_sums))
