@@ -150,8 +150,11 @@ def headline_table(comp, width: int | None = None):
     if "removable_layers" in df and df["removable_layers"].notna().any():
         counts = ", ".join(f"{row['model']} {cell(row, 'removable_layers', 'd')}" for _, row in df.iterrows())
         caption.append(f"removable at an absolute < {comp.threshold:g} nats: {counts}")
-    lines = [Text(line) for line in interval_lines(comp)]
-    return Group(table, Text("\n".join(caption), style="dim"), *lines)
+    lines = Table.grid()  # a grid wraps its lines at the width even on a soft-wrapping console (the CLI's)
+    lines.add_column()
+    for line in interval_lines(comp):
+        lines.add_row(Text(line))
+    return Group(table, Text("\n".join(caption), style="dim"), lines)
 
 
 def interval_lines(comp) -> list[str]:
