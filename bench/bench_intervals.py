@@ -129,16 +129,22 @@ def main() -> None:
         sides = {"without": base, "with": ROOT}
         times = {s: {r: [] for r in RUNS} for s in sides}
         ratios = {r: [] for r in RUNS}
+        loads = []
         for i in range(args.repeats):
             order = ("without", "with") if i % 2 == 0 else ("with", "without")
+            before = os.getloadavg()[0]
             got = {s: run_side(sides[s], args) for s in order}
+            loads.append((round(before, 2), round(os.getloadavg()[0], 2)))  # the 1-min load: other jobs
             for r in RUNS:
                 for s in sides:
                     times[s][r].append(got[s][r])
                 ratios[r].append(got["with"][r] / got["without"][r])
-            print(f"round {i + 1}: " + ", ".join(f"{r} {ratios[r][-1]:.3f}x" for r in RUNS), flush=True)
+            print(f"round {i + 1} ({'/'.join(order)} first; load {loads[-1][0]} -> {loads[-1][1]}): "
+                  + ", ".join(f"{r} {ratios[r][-1]:.3f}x" for r in RUNS), flush=True)
     print(json.dumps({"args": vars(args), "median_s": {s: {r: round(statistics.median(v), 3) for r, v in t.items()}
                                                       for s, t in times.items()},
+                      "ratios": {r: [round(x, 4) for x in v] for r, v in ratios.items()},
+                      "load_before_after": loads, "cpus": os.cpu_count(),
                       "median_ratio": {r: round(statistics.median(v), 4) for r, v in ratios.items()}}, indent=1))
 
 
