@@ -54,7 +54,8 @@ def test_deep_half_share_interval_equals_a_plain_loop(six):
     loaded, ids, npy, root = six
     out = root / "sweep"
     layerprobe.prune_sweep(loaded, mode="layer", data=npy, batch_size=5, progress=False).save(out)
-    assert (out / "sweep_samples.npz").is_file()
+    with np.load(out / "sweep_samples.npz") as f:  # one row per row of sweep.csv, the full model first
+        assert f["ce"].shape == (LAYERS + 1, ids.shape[0]) and list(f["removed"]) == ["none", *map(str, range(LAYERS))]
     row = compare_results([out], progress=False).headline.iloc[0]
 
     model, layers = loaded.model, loaded.model.model.layers
@@ -188,3 +189,22 @@ def test_a_warning_when_an_interval_is_wider_than_its_number():
     assert any(w.startswith("the gradient ratio of pre, 0.2 [0.05, 0.4]") and "more batches" in w for w in warnings)
     assert any(w.startswith("the deep-half share of mix, 5% [0%, 6%]") for w in warnings)
     assert interval_gaps(df) == []
+
+
+def test_the_gradient_gram_is_the_same_with_checkpointed_layers(six):
+    """On an accelerator analyze checkpoints every layer: the hooks must see the same per-batch gradients."""
+    from layerprobe.analysis import _gradient_gram, _measure
+    from layerprobe.opening import open_model
+
+    loaded, ids, npy, root = six
+    opening = open_model(loaded, grad=True, progress=False)
+    opening.load_blocks(npy, seq_len=ids.shape[1], samples=None, seed=0, text_column=None, progress=False)
+    grams = []
+    for checkpointed in (False, True):
+        gram = _gradient_gram(opening.anatomy, 4)
+        _measure(opening, batch_size=3, tokens="last", grad=True, progress=False, checkpoint_layers=checkpointed,
+                 gram=gram)
+        grams.append(gram.result()["grad_gram"])
+        assert gram.batches == 4 and not gram._handles  # the hooks are gone after the pass
+    np.testing.assert_allclose(grams[1], grams[0], rtol=1e-5, atol=1e-12)
+    assert (np.diagonal(grams[0], axis1=1, axis2=2) > 0).all()
