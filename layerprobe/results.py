@@ -176,8 +176,10 @@ class AnalysisResult:
 
 
 def _write_sample_sums(path: Path, arrays: dict) -> None:
-    """`arrays` as an .npz (to a temporary name, then renamed); nothing when empty."""
+    """`arrays` as an .npz (to a temporary name, then renamed); when empty, an older file there is removed
+    (it would be read as this result's)."""
     if not arrays:
+        path.unlink(missing_ok=True)
         return
     import numpy as np
 

@@ -205,7 +205,8 @@ def grad_ratio_interval(gram, layers, num_layers: int, *, level: float = LEVEL, 
     gram = np.asarray(gram, dtype=float)
     layers = [int(x) for x in layers]
     q = quarter(num_layers)
-    if num_layers < 2 or gram.ndim != 3 or gram.shape[1] < 2 or not {*range(q), *range(num_layers - q, num_layers)} <= set(layers):
+    needed = {*range(q), *range(num_layers - q, num_layers)}
+    if num_layers < 2 or gram.ndim != 3 or gram.shape[1] < 2 or not needed <= set(layers):
         return float("nan"), float("nan")
     counts = resample_counts(gram.shape[1], resamples, seed)
     norms = np.full((resamples, num_layers), np.nan)

@@ -179,8 +179,9 @@ def prune_sweep(
     plan = Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size, candidates=candidates)
     note(plan.describe(), progress)
     chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements, device=_head_device(anatomy))
-    rows, row_sums, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
-                                               plan=plan, say=lambda line: note(line, progress), progress=progress)
+    rows, row_sums, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size,
+                                                         chunk_rows=chunk_rows, plan=plan,
+                                                         say=lambda line: note(line, progress), progress=progress)
     table = sweep_table(rows)
     if opts.tasks:
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
