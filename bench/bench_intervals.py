@@ -14,8 +14,8 @@ The report is the median over rounds of each time and of the with/without ratio 
     python bench/bench_intervals.py --toggle [--model smollm2] [--samples 8] [--seq-len 128] [--repeats 5]
 
 On a shared machine the paired ratios scatter by ±10%, far more than the intervals cost; `--profile`
-measures that cost directly instead: this checkout's prune_sweep(mode="layer") and analyze(grad=False)
-under cProfile, and the cumulative seconds inside the functions that exist only for the intervals
+measures that cost directly instead: this checkout's prune_sweep(mode="layer") and analyze (without and
+with gradients) under cProfile, and the cumulative seconds inside the functions that exist only for the intervals
 (per-sample sums, the bootstrap) against the call's total.
 
 `--toggle` pairs closer than `--base`: one process, this checkout, each call timed with the intervals on
@@ -63,7 +63,18 @@ print(json.dumps(out))
 
 # The functions that exist only for the intervals (their cumulative time is the intervals' cost).
 INTERVAL_FUNCTIONS = ("_per_sample_add", "intervals", "ranking_stability", "layer_intervals",  # not nested in each other
-                      "per_sample_sums", "_keep_sample_sums", "_sample_sums")
+                      "per_sample_sums", "_keep_sample_sums", "_sample_sums", "row_sample_sums")
+# ... and the gradient Gram's (metrics/gradients.py: the hook's host copy, the dot products), by file and name
+GRAM_FUNCTIONS = ("keep", "end_batch")
+
+
+def _interval_function(key) -> str | None:
+    filename, _, name = key
+    if name in INTERVAL_FUNCTIONS:
+        return name
+    if name in GRAM_FUNCTIONS and filename.endswith(os.path.join("metrics", "gradients.py")):
+        return f"gram.{name}"
+    return None
 
 
 def profile(args) -> None:
@@ -83,13 +94,17 @@ def profile(args) -> None:
     analyze(loaded, samples=1, grad=False, **kw)  # warm-up: imports and first-call costs
     out = {}
     for name, call in (("prune_layer", lambda: prune_sweep(loaded, mode="layer", samples=args.samples, **kw)),
-                       ("analyze_nograd", lambda: analyze(loaded, samples=args.samples, grad=False, **kw))):
+                       ("analyze_nograd", lambda: analyze(loaded, samples=args.samples, grad=False, **kw)),
+                       ("analyze_grad", lambda: analyze(loaded, samples=args.samples, grad=True, **kw))):
         pr = cProfile.Profile()
         pr.enable()
         call()
         pr.disable()
         stats = pstats.Stats(pr)
-        spent = {k[2]: v[3] for k, v in stats.stats.items() if k[2] in INTERVAL_FUNCTIONS}
+        spent: dict[str, float] = {}
+        for k, v in stats.stats.items():
+            if (f := _interval_function(k)):
+                spent[f] = spent.get(f, 0.0) + v[3]
         out[name] = {"total_s": round(stats.total_tt, 3), "intervals_s": round(sum(spent.values()), 4),
                      "share": round(sum(spent.values()) / stats.total_tt, 5),
                      "by_function_s": {k: round(v, 4) for k, v in spent.items()}}
