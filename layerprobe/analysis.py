@@ -17,6 +17,8 @@ from .defaults import METRICS, check_measure_options, check_metrics
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
+from .metrics.depth import quarter
+from .metrics.gradients import GRAM_HOST_BYTES, BatchGradientGram
 from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
@@ -189,8 +191,11 @@ def _gradients_on_layers(net, anatomy: Anatomy):
 
 def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, progress: bool,
              lens_chunk: int | None = None, checkpoint_layers: bool | None = None,
-             n_pred: int | None = None, metrics: frozenset | None = None) -> tuple[LayerCapture, float]:
+             n_pred: int | None = None, metrics: frozenset | None = None,
+             gram: BatchGradientGram | None = None) -> tuple[LayerCapture, float]:
     """The hooked pass over every batch: the filled capture and the mean next-token loss.
+
+    `gram` (with `grad`): also fills the per-batch gradient Gram matrices (`_gradient_gram`).
 
     `checkpoint_layers` (with `grad`): per-layer activation checkpointing, by default on accelerators,
     where memory is what runs out; on the CPU it would cost one more forward (~+30%) for nothing.
@@ -206,12 +211,14 @@ def _measure(opening: Opening, *, batch_size: int, tokens: str, grad: bool, prog
     head = _Head(net, anatomy, blocks[:1].to(anatomy.input_device), loss)
     capture = LayerCapture(anatomy, tokens=tokens, lens_chunk=lens_chunk, metrics=metrics)
     with eval_mode(net), (_gradients_on_layers(net, anatomy) if grad else nullcontext()), capture, \
-            make_progress(progress) as bar:
+            (gram if gram is not None else nullcontext()), make_progress(progress) as bar:
         task = bar.add_task("analyzing", total=len(batches), info="")
         for batch in batches:
             ids = batch.to(anatomy.input_device)
             loss_total += _forward_pass(head, ids, grad, n_pred, checkpoint_layers, loss)
             capture.end_batch()
+            if gram is not None:
+                gram.end_batch()
             seen += predicted_tokens(ids)
             bar.update(task, advance=1, info=f"loss {loss_total / seen:.3f}")
     return capture, loss_total / n_pred
@@ -231,6 +238,17 @@ def _measure_share(opening: Opening, env: DistEnv, *, grad: bool, **kwargs) -> t
     if grad:
         all_reduce_gradients(env, opening.anatomy.layers.parameters())
     return capture, loss
+
+
+def _gradient_gram(anatomy: Anatomy, batches: int) -> BatchGradientGram | None:
+    """The per-batch gradient Gram of the first and last ⌈L/4⌉ layers (what the gradient ratio reads, and
+    what compare's interval on it resamples); None when its host copies would exceed GRAM_HOST_BYTES."""
+    L = anatomy.num_layers
+    q = quarter(L)
+    groups = {str(i): list(anatomy.layers[i].parameters()) for i in dict.fromkeys([*range(q), *range(L - q, L)])}
+    if L < 2 or BatchGradientGram.host_bytes(groups, batches) > GRAM_HOST_BYTES:
+        return None
+    return BatchGradientGram(groups, batches)
 
 
 def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
@@ -427,8 +445,12 @@ def analyze(
     check_processes(len(opening.blocks), env.world_size)
     check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
     torch.manual_seed(seed)
+    # The per-batch gradient Gram (compare's interval on the gradient ratio) needs every batch's gradients in
+    # one process: it is not kept under data parallel.
+    gram = (_gradient_gram(opening.anatomy, -(-len(opening.blocks) // batch_size))
+            if grad and not env.distributed else None)
     capture, loss = _measure_share(opening, env, batch_size=batch_size, tokens=tokens, grad=grad,
-                                   progress=progress, lens_chunk=lens_chunk, metrics=selected)
+                                   progress=progress, lens_chunk=lens_chunk, metrics=selected, gram=gram)
     layers, angular, sublayers = _tables(capture, opening.anatomy, grad, seed=seed, metrics=selected)
     manifest = opening.manifest(batch_size=batch_size, tokens=tokens, grad=grad,
                                 **split_manifest(env, len(opening.blocks)),
@@ -437,4 +459,4 @@ def analyze(
                                 metrics=[m for m in METRICS if selected is None or m in selected])
     return AnalysisResult(layers=layers, angular=angular, sublayers=sublayers,
                           summary=_summary(opening, capture, loss), manifest=manifest,
-                          per_sample=capture.per_sample_sums())
+                          per_sample=dict(capture.per_sample_sums(), **(gram.result() if gram is not None else {})))

@@ -45,7 +45,8 @@ from .metrics.depth import (
     variance_growth,
     variance_growth_factor,
 )
-from .metrics.intervals import variance_growth_interval
+from .metrics.gradients import GRAM_HOST_BYTES
+from .metrics.intervals import deep_half_share_interval, grad_ratio_interval, variance_growth_interval
 from .progress import status
 from .model_results import ModelResults, collect, load_results
 from .results import package_versions, prepare_result_folder, update_manifest
@@ -57,7 +58,8 @@ HEADLINE_DEFINITIONS = {
                   "full-model row when there is no analysis).",
     "final_eval_perplexity": "perplexity on the held-out split at the last evaluation of training.",
     "deep_half_share": "share of the total single-layer removal cost (Δloss, from `prune-sweep --mode layer`) "
-                       "that falls on the deeper half of the layers: under ½ when deep layers matter less.",
+                       "that falls on the deeper half of the layers: under ½ when deep layers matter less; "
+                       "deep_half_share_lo/_hi: its 95% bootstrap interval over the sweep's samples.",
     "removable_relative": f"number of layers whose removal alone costs less than {REMOVABLE_FRACTION:.0%} of the "
                           "model's own largest single-layer Δloss: comparable across model scales.",
     "removable_layers": "number of layers whose removal alone raises the loss by less than the threshold "
@@ -70,7 +72,9 @@ HEADLINE_DEFINITIONS = {
     "variance_growth_factor": "exp(variance growth): the fitted factor by which the residual stream's variance "
                               "grows from the first layer's output to the last's.",
     "grad_ratio": "mean gradient norm of the last ⌈L/4⌉ layers divided by that of the first ⌈L/4⌉ layers: "
-                  "< 1 when deep layers get smaller gradients (Pre-LN), > 1 when early ones do (Post-LN).",
+                  "< 1 when deep layers get smaller gradients (Pre-LN), > 1 when early ones do (Post-LN); "
+                  "grad_ratio_lo/_hi: its 95% bootstrap interval over the analysis's batches (not samples: "
+                  "the gradients are kept per batch).",
 }
 
 
@@ -97,6 +101,15 @@ def _deep_half_share(removal: pd.DataFrame | None, num_layers: int) -> float:
     if removal is None or removal.empty or len(removal) != num_layers:
         return float("nan")
     return deep_half_share(removal.sort_values("layer")["delta_loss"].to_numpy())
+
+
+def _deep_half_share_interval(m: ModelResults, removal: pd.DataFrame | None, num_layers: int) -> tuple[float, float]:
+    """Its interval over the sweep's samples (sweep_samples.npz); NaN for results saved without them."""
+    ps = m.layer_removal_samples()
+    if ps is None or removal is None or len(removal) != num_layers or len(ps["ce"]) != num_layers:
+        return float("nan"), float("nan")
+    seed = (m.sweep_manifest.get("intervals") or {}).get("seed", m.sweep_manifest.get("seed"))
+    return deep_half_share_interval(ps["ce"], ps["tokens"], ps["full_ce"], ps["full_tokens"], seed=int(seed or 0))
 
 
 def _final_eval(training: pd.DataFrame | None) -> tuple[float, float, int | None]:
@@ -138,6 +151,7 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
             int(m.training["step"].max()) if m.training is not None else None)
         removal = m.layer_removal()
         row["deep_half_share"] = _deep_half_share(removal, L)
+        row["deep_half_share_lo"], row["deep_half_share_hi"] = _deep_half_share_interval(m, removal, L)
         n_rem, which = _removable(removal, REMOVABLE_FRACTION, relative=True)
         row["removable_relative"] = n_rem
         row["removable_relative_which"] = " ".join(map(str, which))
@@ -155,9 +169,14 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
                 a.per_sample, L, seed=int(a.manifest.get("seed") or 0))
             row["variance_growth_factor"] = variance_growth_factor(g)
             row["grad_ratio"] = grad_ratio(a.layers["grad_norm"]) if "grad_norm" in a.layers else float("nan")
+            # Over batches (samples.npz's grad_gram); NaN without it or with one batch.
+            row["grad_ratio_lo"], row["grad_ratio_hi"] = (grad_ratio_interval(
+                a.per_sample["grad_gram"], a.per_sample.get("grad_gram_groups", []), L,
+                seed=int(a.manifest.get("seed") or 0)) if "grad_gram" in a.per_sample and L else (float("nan"),) * 2)
         else:
             row["variance_growth"] = row["variance_growth_factor"] = row["grad_ratio"] = float("nan")
             row["variance_growth_lo"] = row["variance_growth_hi"] = float("nan")
+            row["grad_ratio_lo"] = row["grad_ratio_hi"] = float("nan")
         row["seed"], row["seed_group"] = m.seed, m.seed_group or m.label
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -165,6 +184,82 @@ def headline(models: list[ModelResults], threshold: float = DEFAULT_THRESHOLD) -
                 "removable_undecided", "seed"):  # counts print as 10, not 10.0
         df[col] = df[col].astype("Int64")
     return df
+
+
+# Headline numbers with a 95% interval (_lo/_hi): how sentences name and print them, what would narrow them,
+# and why one may lack it.
+INTERVAL_NUMBERS = {
+    "deep_half_share": ("deep-half share", ".0%", "more samples (prune-sweep --samples)",
+                        "no sweep_samples.npz beside sweep.csv (results from before it, or of another sweep; "
+                        "re-run prune-sweep)"),
+    "variance_growth": ("variance growth (slope)", ".2f", "more samples (analyze --samples)",
+                        "no samples.npz beside layers.csv (results from before it; re-run analyze)"),
+    "grad_ratio": ("gradient ratio", ".3g", "more batches (analyze --samples, or a smaller --batch-size)",
+                   "no per-batch gradient Gram in samples.npz (results from before it, analysed in one batch, or "
+                   f"the Gram would have taken over {GRAM_HOST_BYTES / 2 ** 30:g} GiB of host memory)"),
+}
+
+
+def _bounds(row, col: str) -> tuple[float, float, float] | None:
+    """(value, lo, hi) of `col` in a headline row when all three are finite."""
+    try:
+        v, lo, hi = (float(row[c]) for c in (col, f"{col}_lo", f"{col}_hi"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (v, lo, hi) if all(map(math.isfinite, (v, lo, hi))) else None
+
+
+def _with_interval(v: float, lo: float, hi: float, spec: str) -> str:
+    return f"{format(v, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
+
+
+def interval_findings(df: pd.DataFrame) -> list[str]:
+    """For each headline number with an interval on two or more models (one row per run): every model's value
+    with its 95% interval, and for each pair whether their difference is larger than their intervals (the two
+    intervals do not overlap: a conservative test) or not."""
+    out = []
+    for col, (name, spec, _, _) in INTERVAL_NUMBERS.items():
+        have = [(str(r["model"]), b) for _, r in df.iterrows() if (b := _bounds(r, col))]
+        if len(have) < 2:
+            continue
+        have.sort(key=lambda x: x[1][0])
+        apart, within = [], []
+        for (a, (va, la, ha)), (b, (vb, lb, hb)) in itertools.combinations(have, 2):
+            (apart if ha < lb or hb < la else within).append(f"{b} vs {a}")
+        text = ", ".join(f"{m} {_with_interval(*b, spec)}" for m, b in have)
+        verdict = []
+        if apart:
+            verdict.append("larger than their intervals (they do not overlap): " + ", ".join(apart))
+        if within:
+            verdict.append("not larger than their intervals (they overlap): " + ", ".join(within))
+        out.append(f"{name.capitalize()} with its 95% interval, lowest first: {text}. Differences "
+                   + "; ".join(verdict) + ".")
+    return out
+
+
+def interval_warnings(df: pd.DataFrame) -> list[str]:
+    """A line for each headline number of a model whose interval is wider than the number itself."""
+    out = []
+    for _, r in df.iterrows():
+        for col, (name, spec, more, _) in INTERVAL_NUMBERS.items():
+            b = _bounds(r, col)
+            if b and b[2] - b[1] > abs(b[0]):
+                out.append(f"the {name} of {r['model']}, {_with_interval(*b, spec)}: its interval is wider than "
+                           f"the value; {more} would pin it down")
+    return out
+
+
+def interval_gaps(df: pd.DataFrame) -> list[str]:
+    """One line per headline number that some models have without its interval, naming them and why."""
+    out = []
+    for col, (name, _, _, why) in INTERVAL_NUMBERS.items():
+        if col not in df or f"{col}_lo" not in df:
+            continue
+        missing = [str(r["model"]) for _, r in df.iterrows()
+                   if math.isfinite(float(r[col])) and not _bounds(r, col)]
+        if missing:
+            out.append(f"no interval on the {name} of {', '.join(missing)}: {why}")
+    return out
 
 
 # Headline numbers that are averaged over a scheme's seeds (`seed_summary`).
@@ -446,5 +541,6 @@ def compare_results(
     return comp
 
 
-__all__ = ["Comparison", "ModelResults", "collect", "compare_results", "headline", "load_results", "paper_checks",
+__all__ = ["Comparison", "ModelResults", "collect", "compare_results", "headline", "INTERVAL_NUMBERS",
+           "interval_findings", "interval_gaps", "interval_warnings", "load_results", "paper_checks",
            "per_layer", "seed_summary", "seed_verdict", "SEED_COLUMNS", "training_dynamics", "DEFAULT_THRESHOLD", "DEPTH_MODES", "HEADLINE_DEFINITIONS"]

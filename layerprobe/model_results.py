@@ -36,6 +36,7 @@ class ModelResults:
     analysis: AnalysisResult | None = None
     sweep: pd.DataFrame | None = None  # sweep.csv
     sweep_manifest: dict = field(default_factory=dict)
+    sweep_samples: dict = field(default_factory=dict)  # sweep_samples.npz: per-sample sums per row of sweep.csv
     training: pd.DataFrame | None = None  # one row per logged step
     training_layers: pd.DataFrame | None = None  # long: step, layer, metric columns
     train_manifest: dict = field(default_factory=dict)
@@ -89,6 +90,25 @@ class ModelResults:
             return None
         df["layer"] = df["removed"].astype(str).str.strip().astype(int)
         return df.sort_values("layer").drop_duplicates("layer", keep="last").reset_index(drop=True)
+
+    def layer_removal_samples(self) -> dict | None:
+        """The per-sample sums behind `layer_removal`: ce, tokens [L, S] of the single-layer removals in layer
+        order, full_ce, full_tokens [S] of the full model. None when the sweep saved none (results from
+        before sweep_samples.npz) or the file does not belong to the sweep.csv beside it."""
+        ps, sweep = self.sweep_samples, self.sweep
+        if sweep is None or not ps or "removed" not in ps or len(ps["removed"]) != len(sweep):
+            return None
+        removed = sweep["removed"].astype(str).str.strip().to_numpy()
+        mode = sweep["mode"].astype(str).to_numpy()
+        if [str(r).strip() for r in ps["removed"]] != list(removed):
+            return None
+        full = [i for i, m in enumerate(mode) if m == "full"]
+        rows = {int(r): i for i, (m, r) in enumerate(zip(mode, removed)) if m == "layer" and r.isdigit()}
+        if not full or not rows:
+            return None
+        pick = [rows[k] for k in sorted(rows)]
+        return {"ce": ps["ce"][pick], "tokens": ps["tokens"][pick], "full_ce": ps["ce"][full[0]],
+                "full_tokens": ps["tokens"][full[0]]}
 
     @property
     def kinds(self) -> list[str]:
@@ -232,6 +252,7 @@ def load_results(folder: str | Path) -> ModelResults:
     res = ModelResults(name=str(name or folder.resolve().name), folders=[folder], analysis=analysis)
     if sweep is not None:
         res.sweep, res.sweep_manifest = sweep.table, dict(sweep.manifest, summary=sweep.summary)
+        res.sweep_samples = sweep.per_sample
     if training is not None:
         res.training, res.training_layers, res.train_manifest = training
     return res
@@ -253,6 +274,8 @@ def _model_paths(res: ModelResults) -> list[Path]:
 
 
 def _merge(a: ModelResults, b: ModelResults) -> ModelResults:
+    if a.sweep is None and b.sweep is not None:
+        a.sweep_samples = b.sweep_samples
     for attr in ("analysis", "sweep", "training", "training_layers"):
         if getattr(a, attr) is None and getattr(b, attr) is not None:
             setattr(a, attr, getattr(b, attr))

@@ -27,6 +27,7 @@ from .io import atomic_path, ensure_writable_dir, remove_stale_temps, write_csv,
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SAMPLE_SUMS = "samples.npz"  # analyze's per-sample partial sums: what the intervals and rankings resample
+SWEEP_SAMPLE_SUMS = "sweep_samples.npz"  # prune-sweep's per-sample sums per row of sweep.csv (compare resamples them)
 
 
 ANALYZE_SECTION = "analyze"
@@ -158,11 +159,7 @@ class AnalysisResult:
         else:  # --metrics without angular: no map (and none left from an earlier run to be read as this one's)
             (folder / "angular.csv").unlink(missing_ok=True)
         write_csv(folder / "sublayers.csv", self.sublayers)
-        if self.per_sample:
-            import numpy as np
-
-            with atomic_path(folder / SAMPLE_SUMS) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **self.per_sample)
+        _write_sample_sums(folder / SAMPLE_SUMS, self.per_sample)
         update_manifest(folder, ANALYZE_SECTION, dict(self.manifest, summary=self.summary))
         return folder
 
@@ -182,9 +179,21 @@ class AnalysisResult:
         )
 
 
-def _read_sample_sums(folder: Path) -> dict:
-    """samples.npz as a dict, or {} when absent or unreadable (the rankings' stability is then not shown)."""
-    path = folder / SAMPLE_SUMS
+def _write_sample_sums(path: Path, arrays: dict) -> None:
+    """`arrays` as an .npz (to a temporary name, then renamed); when empty, an older file there is removed
+    (it would be read as this result's)."""
+    if not arrays:
+        path.unlink(missing_ok=True)
+        return
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _read_sample_sums(folder: Path, name: str = SAMPLE_SUMS) -> dict:
+    """samples.npz (or `name`) as a dict, or {} when absent or unreadable (its intervals are then not shown)."""
+    path = folder / name
     if not path.is_file():
         return {}
     import numpy as np
@@ -203,17 +212,20 @@ class SweepResult:
     table: pd.DataFrame
     summary: dict
     manifest: dict = field(default_factory=dict)
+    # name -> [rows of `table`, samples] per-sample sums (pruning.table.row_sample_sums); {} for old results
+    per_sample: dict = field(default_factory=dict)
 
     def rows(self, mode: str) -> pd.DataFrame:
         return self.table[self.table["mode"] == mode].reset_index(drop=True)
 
     def save(self, folder: str | Path) -> Path:
-        """Write sweep.csv and the manifest's "prune-sweep" section.
+        """Write sweep.csv, sweep_samples.npz (the per-sample sums) and the manifest's "prune-sweep" section.
 
         Data only: `layerprobe.report.render_sweep(result, folder)` adds the figures and index.html.
         """
         folder = prepare_result_folder(folder)
         write_csv(folder / "sweep.csv", self.table)
+        _write_sample_sums(folder / SWEEP_SAMPLE_SUMS, self.per_sample)
         update_manifest(folder, SWEEP_SECTION, dict(self.manifest, summary=self.summary))
         return folder
 
@@ -222,7 +234,8 @@ class SweepResult:
         folder = Path(folder)
         summary, section = _read_section(folder, SWEEP_SECTION, "sweep.csv")
         table = read_table(folder, "sweep.csv", dtype={"removed": str})
-        return cls(table=table, summary=summary, manifest=section)
+        return cls(table=table, summary=summary, manifest=section,
+                   per_sample=_read_sample_sums(folder, SWEEP_SAMPLE_SUMS))
 
 
 def save(result, folder: str | Path) -> Path:

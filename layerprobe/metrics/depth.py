@@ -71,12 +71,19 @@ def grad_ratio(grad_norm) -> float:
     NaN for fewer than two layers, for any missing norm, or when the first quarter's mean is zero.
     """
     g = np.asarray(grad_norm, dtype=float)
-    L = len(g)
-    if L < 2 or not np.isfinite(g).all():
+    if len(g) < 2 or not np.isfinite(g).all():
         return float("nan")
-    q = quarter(L)
-    first, last = g[:q].mean(), g[-q:].mean()
-    return float(last / first) if first > 0 else float("nan")
+    return float(grad_ratios(g))
+
+
+def grad_ratios(grad_norm: np.ndarray) -> np.ndarray:
+    """`grad_ratio` along the last axis of [..., L] (the replicates of an interval); NaN where the first
+    quarter's mean is not positive."""
+    g = np.asarray(grad_norm, dtype=float)
+    q = quarter(g.shape[-1])
+    first, last = g[..., :q].mean(-1), g[..., -q:].mean(-1)
+    with np.errstate(all="ignore"):
+        return np.where(first > 0, last / np.where(first > 0, first, 1.0), np.nan)
 
 
 def removable_layers(layers, delta_loss, threshold: float) -> list[int]:
@@ -135,13 +142,19 @@ def deep_half_share(delta_loss) -> float:
     `delta_loss[ℓ]` is layer ℓ's Δloss, ℓ = 0 … L−1. NaN for fewer than two layers, a missing Δloss, or
     when no removal costs anything."""
     d = np.asarray(delta_loss, dtype=float)
-    L = len(d)
-    if L < 2 or not np.isfinite(d).all():
+    if len(d) < 2 or not np.isfinite(d).all():
         return float("nan")
-    cost = np.clip(d, 0, None)
-    total = cost.sum()
-    return float(cost[L - L // 2:].sum() / total) if total > 0 else float("nan")
+    return float(deep_half_shares(d))
 
 
-__all__ = ["removal_verdicts", "deep_half_share", "grad_ratio", "normalised_depth", "quarter", "relative_threshold",
+def deep_half_shares(delta_loss: np.ndarray) -> np.ndarray:
+    """`deep_half_share` along the last axis of [..., L] (the replicates of an interval)."""
+    cost = np.clip(np.asarray(delta_loss, dtype=float), 0, None)
+    L = cost.shape[-1]
+    total = cost.sum(-1)
+    with np.errstate(all="ignore"):
+        return np.where(total > 0, cost[..., L - L // 2:].sum(-1) / np.where(total > 0, total, 1.0), np.nan)
+
+
+__all__ = ["removal_verdicts", "deep_half_share", "deep_half_shares", "grad_ratio", "grad_ratios", "normalised_depth", "quarter", "relative_threshold",
            "removable_layers", "removable_layers_relative", "variance_growth", "variance_growth_factor"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from .squares import squared_sums
@@ -62,3 +63,72 @@ def grad_norms_by_group(groups: dict[str, Iterable[torch.nn.Parameter]]) -> dict
     squares = gradient_squares(grads)
     return {name: math.sqrt(math.fsum(squares[i] for i in ids)) if ids else float("nan")
             for name, ids in members.items()}
+
+
+# Host memory the per-batch gradients of BatchGradientGram may hold; above it no Gram is kept.
+GRAM_HOST_BYTES = 2 * 1024 ** 3
+
+
+class BatchGradientGram:
+    """M[k, b, c] = ⟨g_b, g_c⟩ over group k's parameters, where g_b is the gradient batch b's backward adds
+    to `.grad` (read by a hook before it is accumulated: exact whatever the gradients' dtype).
+
+    Why: the gradient of any reweighting of the batches, Σ_b w_b g_b, then has the norm sqrt(wᵀ M_k w),
+    so a bootstrap over batches (metrics/intervals.py `grad_ratio_interval`) needs no extra backward.
+    Cost: a float32 host copy of each tracked parameter's gradient per batch, kept to the end
+    (`host_bytes`), and b dot products at batch b. Use: `with gram:` around the passes, `end_batch()`
+    after each batch's backward, then `result()`.
+    """
+
+    def __init__(self, groups: dict[str, Iterable[torch.nn.Parameter]], batches: int):
+        self.names = list(groups)
+        self.params = [[p for p in ps if not p.is_meta] for ps in groups.values()]
+        self.gram = np.zeros((len(self.names), batches, batches))
+        self.batches = 0
+        self._current: dict[int, torch.Tensor] = {}  # id(param) -> this batch's gradient (host, float32)
+        self._past: dict[int, list[torch.Tensor]] = {}  # id(param) -> g_0 … g_{b−1}
+        self._handles: list = []
+
+    @staticmethod
+    def host_bytes(groups: dict[str, Iterable[torch.nn.Parameter]], batches: int) -> int:
+        """What the copies take: `batches` float32 copies of every tracked parameter."""
+        return 4 * batches * sum(p.numel() for ps in groups.values() for p in ps)
+
+    def _hook(self, p: torch.nn.Parameter):
+        def keep(grad: torch.Tensor) -> None:
+            g = grad.detach().to("cpu", torch.float32, copy=True).reshape(-1)
+            if id(p) in self._current:  # a second gradient for the same parameter in one backward
+                self._current[id(p)] += g
+            else:
+                self._current[id(p)] = g
+        return keep
+
+    def __enter__(self) -> "BatchGradientGram":
+        self._handles = [p.register_hook(self._hook(p)) for ps in self.params for p in ps if p.requires_grad]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def end_batch(self) -> None:
+        b = self.batches
+        for k, params in enumerate(self.params):
+            for p in params:
+                g = self._current.pop(id(p), None)
+                if g is None:
+                    continue
+                past = self._past.setdefault(id(p), [])
+                past.append(g)
+                # float32 dots (BLAS, blocked partial sums: ~1e-5 relative at 10⁷ entries, well inside an
+                # interval); float64 copies of every past gradient would cost more than the rest of this.
+                dots = np.array([float(torch.dot(x, g)) for x in past])
+                self.gram[k, b, :b + 1] += dots
+                self.gram[k, :b, b] += dots[:b]
+        self.batches += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        """{"grad_gram": [groups, batches, batches] for the batches seen, "grad_gram_groups": their names}."""
+        b = self.batches
+        return {"grad_gram": self.gram[:, :b, :b].copy(), "grad_gram_groups": np.array(self.names)}

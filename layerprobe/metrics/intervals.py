@@ -168,6 +168,54 @@ def variance_growth_interval(per_sample: Sums, num_layers: int, *, level: float 
     return float(lo), float(hi)
 
 
+def deep_half_share_interval(ce, tokens, full_ce, full_tokens, *, level: float = LEVEL,
+                             resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """(lo, hi) of the deep-half share (metrics/depth.py) over samples, from the sweep's per-sample sums
+    (sweep_samples.npz): ce, tokens [L, S] of each single-layer removal ℓ = 0 … L−1, full_ce, full_tokens
+    [S] of the full model. Δloss_ℓ is paired (the removal and the full model on the same resampled
+    samples), as in sweep.csv's delta_loss_lo/_hi; the same draws as the sweep's with the same seed."""
+    from .depth import deep_half_shares
+
+    ce, tokens = np.asarray(ce, dtype=float), np.asarray(tokens, dtype=float)
+    if ce.ndim != 2 or ce.shape[0] < 2 or not np.isfinite(ce).all():
+        return float("nan"), float("nan")
+
+    def share(t):
+        with np.errstate(all="ignore"):
+            delta = t["ce"] / t["tokens"] - (t["full_ce"] / t["full_tokens"])[..., None]
+        return deep_half_shares(delta)
+
+    sums = {"ce": ce.T, "tokens": tokens.T, "full_ce": np.asarray(full_ce, dtype=float),
+            "full_tokens": np.asarray(full_tokens, dtype=float)}
+    lo, hi = bootstrap_interval(sums, share, level=level, resamples=resamples, seed=seed)
+    return float(lo), float(hi)
+
+
+def grad_ratio_interval(gram, layers, num_layers: int, *, level: float = LEVEL, resamples: int = RESAMPLES,
+                        seed: int = 0) -> tuple[float, float]:
+    """(lo, hi) of the gradient ratio (metrics/depth.py) by a percentile bootstrap over batches, not samples.
+
+    `gram` [k, B, B]: ⟨g_b, g_c⟩ of the per-batch gradients over layer `layers[i]`'s parameters
+    (metrics/gradients.py BatchGradientGram, samples.npz's grad_gram). A resample draws B batches with
+    replacement, counts w; its gradient Σ_b w_b g_b has the norm sqrt(wᵀ M_ℓ w) on layer ℓ, and the ratio
+    of the quarters' mean norms is scale-free, so the counts need no normalising. NaN with fewer than two
+    batches, or when a layer the ratio reads is missing."""
+    from .depth import grad_ratios, quarter
+
+    gram = np.asarray(gram, dtype=float)
+    layers = [int(x) for x in layers]
+    q = quarter(num_layers)
+    needed = {*range(q), *range(num_layers - q, num_layers)}
+    if num_layers < 2 or gram.ndim != 3 or gram.shape[1] < 2 or not needed <= set(layers):
+        return float("nan"), float("nan")
+    counts = resample_counts(gram.shape[1], resamples, seed)
+    norms = np.full((resamples, num_layers), np.nan)
+    with np.errstate(all="ignore"):
+        norms[:, layers] = np.sqrt(np.maximum(np.einsum("rb,kbc,rc->rk", counts, gram, counts), 0.0))
+    lo, hi = quantile_interval(grad_ratios(norms), level)
+    return float(lo), float(hi)
+
+
 def layer_intervals(per_sample: Sums, *, level: float = LEVEL, resamples: int = RESAMPLES,
                     seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """column -> (lo, hi) per layer, for every statistic whose sums `per_sample` holds; "angular_map":
@@ -257,6 +305,6 @@ def chosen_agreement(sums: Sums, statistic, choose: Callable[[np.ndarray], froze
     return same / reps.shape[0], jac / reps.shape[0]
 
 
-__all__ = ["LAYER_STATISTICS", "derived_sums", "variance_growth_interval", "LEVEL", "layer_intervals", "METHOD", "RESAMPLES", "bootstrap_interval", "chosen_agreement", "half_split",
+__all__ = ["LAYER_STATISTICS", "deep_half_share_interval", "derived_sums", "grad_ratio_interval", "variance_growth_interval", "LEVEL", "layer_intervals", "METHOD", "RESAMPLES", "bootstrap_interval", "chosen_agreement", "half_split",
            "interval_width_samples", "kendall_tau", "quantile_interval", "ratio", "resample_counts",
            "resampled_totals", "split_half_tau"]

@@ -30,7 +30,7 @@ from .parallel import Share
 from .options import MODES, RANKING_HELP, RANKINGS, SweepOptions, parse_block_sizes, parse_by, parse_modes, resolve_steps
 from .plan import Plan, check_layer_call_limit, estimate_seconds
 from .prefix import PrefixRunner
-from .table import COLUMNS, candidate_row, full_row, summarize, sweep_table
+from .table import COLUMNS, candidate_row, full_row, row_sample_sums, summarize, sweep_table
 
 SECTION = SWEEP_SECTION
 
@@ -40,10 +40,10 @@ __all__ = ["prune_sweep", "SweepResult", "ranking_sets", "parse_modes", "parse_b
 
 def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], *, batch_size: int,
              chunk_rows: int, plan: Plan, say, progress: bool,
-             env: DistEnv = DistEnv()) -> tuple[list[dict], Scorer, int, float]:
-    """Rows for the full model, every candidate and the greedy steps; the scorer (its layer-call
-    counts); the tokens scored; the seconds spent. Under torchrun (`env`) this process measures its share
-    of the samples (parallel.py) and the rows are every process's."""
+             env: DistEnv = DistEnv()) -> tuple[list[dict], list, Scorer, int, float]:
+    """Rows for the full model, every candidate and the greedy steps; each row's sums; the scorer (its
+    layer-call counts); the tokens scored; the seconds spent. Under torchrun (`env`) this process measures its
+    share of the samples (parallel.py) and the rows (and their sums) are every process's."""
     net, anatomy = opening.model, opening.anatomy
     share = Share.of(env, int(opening.blocks.shape[0]))
     blocks = opening.blocks[share.start:share.stop]
@@ -82,18 +82,20 @@ def _measure(opening: Opening, opts: SweepOptions, candidates: list[Candidate], 
         # One set of resamples for every candidate: their intervals come from the same draws of samples.
         counts = resample_counts(share.total, RESAMPLES, opening.seed) if share.total >= 2 else None
         rows = [full_row(full, counts)]
-        rows += [candidate_row(c, measured.by_set[frozenset(c.removed)], full_loss, full, counts) for c in candidates]
+        row_sums = [full] + [measured.by_set[frozenset(c.removed)] for c in candidates]  # sweep_samples.npz
+        rows += [candidate_row(c, sums, full_loss, full, counts) for c, sums in zip(candidates, row_sums[1:])]
         if opts.greedy and not search_apart:
             found = greedy(scorer, measured.by_set, batches, opts.n_steps, bar, combine=share.combine)
         for t, (removed, added, sums) in enumerate(found, 1):
             c = Candidate("greedy", tuple(sorted(removed)), step=t, added_layer=added)
             # a separate search's sums are of its samples only: the row reports the sweep's, on all of them
-            rows.append(candidate_row(c, measured.by_set[removed] if search_apart else sums, full_loss, full, counts))
+            row_sums.append(measured.by_set[removed] if search_apart else sums)
+            rows.append(candidate_row(c, row_sums[-1], full_loss, full, counts))
     if env.distributed:  # the summary's layer calls: every process's
         counts = [runner.layer_calls, runner.capture_passes, scorer.naive_layer_calls]
         runner.layer_calls, runner.capture_passes, scorer.naive_layer_calls = (
             int(v) for v in all_reduce_sum(env, torch.tensor(counts, dtype=torch.float64)).tolist())
-    return rows, scorer, measured.full.tokens, time.perf_counter() - started
+    return rows, row_sums, scorer, measured.full.tokens, time.perf_counter() - started
 
 
 def _head_device(anatomy) -> torch.device:
@@ -198,9 +200,10 @@ def prune_sweep(
     plan = Plan.for_options(opts, anatomy.num_layers, n_samples, batch_size, candidates=candidates)
     note(plan.describe(), progress)
     chunk_rows = chunk_rows_for(opening.vocab_size, chunk_elements, device=_head_device(anatomy))
-    rows, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size, chunk_rows=chunk_rows,
-                                               plan=plan, say=lambda line: note(line, progress), progress=progress,
-                                               env=env)
+    rows, row_sums, scorer, n_tokens, sweep_s = _measure(opening, opts, candidates, batch_size=batch_size,
+                                                         chunk_rows=chunk_rows, plan=plan,
+                                                         say=lambda line: note(line, progress), progress=progress,
+                                                         env=env)
     table = sweep_table(rows)
     if opts.tasks:
         table = add_lm_eval_columns(table, opening.model, opening.loaded.tokenizer, opts.tasks, lm_eval_limit,
@@ -218,4 +221,4 @@ def prune_sweep(
         lm_eval_tasks=opts.tasks or None, lm_eval_limit=lm_eval_limit if opts.tasks else None,
         layers_path=anatomy.layers_path, tokens_scored=n_tokens,
         intervals=interval_manifest(len(opening.blocks), opening.seed or 0))
-    return SweepResult(table=table, summary=summary, manifest=manifest)
+    return SweepResult(table=table, summary=summary, manifest=manifest, per_sample=row_sample_sums(rows, row_sums))

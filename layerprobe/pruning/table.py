@@ -61,6 +61,22 @@ def candidate_row(c: Candidate, sums: Sums, full_loss: float, full: Sums | None 
     return dict(row, **intervals(sums, full if full is not None else Sums(), counts))
 
 
+def row_sample_sums(rows: list[dict], sums: list[Sums]) -> dict[str, np.ndarray]:
+    """What sweep_samples.npz holds: ce, kl, top1, tokens [rows, samples] for each row of the table (the
+    full model's first; NaN for a row without per-sample sums), and its mode and removed labels, so a
+    reader can check that the file belongs to the sweep.csv beside it. {} when no row has them."""
+    per = [s.per_sample() for s in sums]
+    n = {len(p["ce"]) for p in per if p}
+    if len(n) != 1:
+        return {}
+    samples = n.pop()
+    out = {name: np.array([p[name] if p else np.full(samples, np.nan) for p in per])
+           for name in ("ce", "kl", "top1", "tokens")}
+    out["mode"] = np.array([str(r["mode"]) for r in rows])
+    out["removed"] = np.array([str(r["removed"]) for r in rows])
+    return out
+
+
 def sweep_table(rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     for col in INT_COLUMNS:

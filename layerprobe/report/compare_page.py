@@ -11,7 +11,7 @@ from .._version import __version__
 from ..comparison import HEADLINE_DEFINITIONS, paper_checks
 from ..results import package_versions
 from .compare_figures import styles
-from .compare_table import HEADLINE_COLUMNS, cell, table_frame, visible_columns
+from .compare_table import HEADLINE_COLUMNS, cell, interval_lines, table_frame, visible_columns
 from .depth_findings import depth_findings
 from .html import esc, img_tag, page
 
@@ -185,7 +185,7 @@ def render_html(comp, out: Path, title: str) -> str:
     if comp.seeded:
         parts.append("<details><summary>Every run (one row per seed)</summary>" +
                      _headline_html(comp, model_styles, comp.headline) + "</details>")
-    facts = list(comp.notes) + findings(comp)
+    facts = list(comp.notes) + findings(comp) + [line[0].upper() + line[1:] for line in interval_lines(comp)]
     specs = {(m.analysis.manifest.get("data"), m.analysis.manifest.get("seq_len"), m.analysis.manifest.get("samples"))
              for m in comp.models if m.analysis is not None}
     if len(specs) > 1:

@@ -17,6 +17,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from ..comparison import interval_findings, interval_gaps, interval_warnings
+
 HEADLINE_COLUMNS = [
     # column, header in the report, header in the terminal, format, detail (in the report's table, not the terminal's)
     ("model", "model", "model", None, False),
@@ -148,4 +150,16 @@ def headline_table(comp, width: int | None = None):
     if "removable_layers" in df and df["removable_layers"].notna().any():
         counts = ", ".join(f"{row['model']} {cell(row, 'removable_layers', 'd')}" for _, row in df.iterrows())
         caption.append(f"removable at an absolute < {comp.threshold:g} nats: {counts}")
-    return Group(table, Text("\n".join(caption), style="dim"))
+    lines = Table.grid()  # a grid wraps its lines at the width even on a soft-wrapping console (the CLI's)
+    lines.add_column()
+    for line in interval_lines(comp):
+        lines.add_row(Text(line))
+    return Group(table, Text("\n".join(caption), style="dim"), lines)
+
+
+def interval_lines(comp) -> list[str]:
+    """The headline numbers' intervals in words (one line per number), then which models lack one and
+    whose interval is wider than its value (`comparison.interval_findings`, ...; one row per run)."""
+    df = comp.headline
+    return (interval_findings(df) + [f"note: {g}" for g in interval_gaps(df)]
+            + [f"warning: {w}" for w in interval_warnings(df)])
