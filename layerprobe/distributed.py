@@ -47,16 +47,19 @@ def resolve_train_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's environment; start the process group when there is more than one process."""
+def init_distributed(device: str = "auto", device_map=None) -> DistEnv:
+    """Read torchrun's environment; start the process group when there is more than one process. With a
+    string device map a process computes (and communicates) on the first GPU of its own group."""
     base = resolve_train_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv(device=torch.device("cuda", torch.cuda.current_device()) if base.type == "cuda" else base)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = gpu_group(local_rank, local_processes(world), visible_gpus(), device_map)[0] \
+            if isinstance(device_map, str) else local_rank
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
@@ -130,20 +133,88 @@ def requested_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_processes(samples: int | None, world_size: int, device_map=None, gpus: int | None = None) -> None:
+def check_processes(samples: int | None, world_size: int, device_map=None, gpus: int | None = None,
+                    local_world_size: int | None = None) -> None:
     """Data-parallel runs refused before any weight loads: fewer samples than processes (a process with
-    none), and a device map that would spread every process's replica over the same GPUs."""
+    none), and a device map whose GPUs cannot be split into one group per process (`gpu_group`)."""
     if world_size <= 1:
         return
     if samples is not None and samples < world_size:
         raise LayerprobeError(f"{world_size} processes share {samples} samples: each needs at least one; "
                               f"use --samples {world_size} or more, or fewer processes (--nproc-per-node)")
-    gpus = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpus is None else gpus
-    if isinstance(device_map, str) and gpus > 0:
+    gpus = visible_gpus() if gpus is None else gpus
+    local = local_processes(world_size) if local_world_size is None else local_world_size
+    if isinstance(device_map, str) and gpus > 0 and local > 1:
+        gpu_group(0, local, gpus, device_map)
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_processes(world_size: int | None = None) -> int:
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE; without it, all of them)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size if world_size is not None else requested_world_size()))
+
+
+def gpu_group(local_rank: int, local_world_size: int, gpus: int, device_map: str = "auto") -> list[int]:
+    """The GPUs a process plans its replica over under a string device map: the node's GPUs cut into
+    local_world_size contiguous groups, process `local_rank` taking its own (all of them for one process)."""
+    if gpus % local_world_size:
+        divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
         raise LayerprobeError(
-            f"--device-map {device_map} with {world_size} processes: every process would place its copy of the "
-            f"model on the same {gpus} GPU(s); run one process with --device-map, or give each process its own "
-            "GPU (--device cuda, no --device-map), or from Python hand each process a device map of its own GPUs")
+            f"--device-map {device_map} with {local_world_size} processes per node and {gpus} GPUs: each process "
+            f"needs a group of GPUs of its own and {gpus} do not split into {local_world_size} equal groups; use "
+            f"--nproc-per-node {' or '.join(map(str, divisors))}")
+    if device_map == "balanced_low_0" and local_world_size > 1:
+        # transformers' planner keeps GPU 0 light by its index (0, then 1..n-1): other groups hold no GPU 0
+        raise LayerprobeError(f"--device-map balanced_low_0 with {local_world_size} processes per node: the planner "
+                              "keeps GPU 0 light, which only the first process's group holds; use balanced or "
+                              "sequential")
+    per = gpus // local_world_size
+    return list(range(local_rank * per, (local_rank + 1) * per))
+
+
+def group_max_memory(local_rank: int, local_world_size: int, gpus: int, max_memory: dict | None,
+                     free: dict | None = None, device_map: str = "auto") -> dict:
+    """The max_memory a process's device map is planned with: its group's GPUs only (accelerate's planner
+    places on no device a max_memory dict leaves out), each at the user's budget or else `free[gpu]` (the
+    bytes free on it now), plus cpu/mps/disk as the user gave them. With no --max-memory, transformers'
+    own defaults (90% of the host's free memory; 90% of a lone GPU under the balanced maps), the host's
+    share split equally: every process on the node offloads into the same RAM."""
+    group = gpu_group(local_rank, local_world_size, gpus, device_map)
+    given = dict(max_memory or {})
+    outside = sorted(k for k in given if isinstance(k, int) and k not in group)
+    if outside:
+        span = f"GPUs {group[0]}-{group[-1]}" if len(group) > 1 else f"GPU {group[0]}"
+        raise LayerprobeError(
+            f"--max-memory names GPU {outside[0]}, but with {local_world_size} processes per node process "
+            f"{local_rank} plans its replica over {span} only; give budgets for cpu/disk only (each process's "
+            "GPUs then get what is free on them), or run one process")
+    free = free or {}
+    scale = 0.9 if max_memory is None and len(group) == 1 and device_map != "sequential" else 1.0
+    out: dict = {g: given[g] if g in given else int(free.get(g, 0) * scale) for g in group}
+    out.update({k: v for k, v in given.items() if not isinstance(k, int)})
+    if max_memory is None and "cpu" in free:
+        out["cpu"] = int(free["cpu"] * 0.9 / local_world_size)
+    return out
+
+
+def process_max_memory(device_map, max_memory: dict | None) -> dict | None:
+    """`max_memory` for this process's device map: under torchrun with several processes on a node and a
+    string map, the one of `group_max_memory`; otherwise as given."""
+    local = local_processes()
+    gpus = visible_gpus()
+    if not isinstance(device_map, str) or local <= 1 or gpus == 0:
+        return max_memory
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    group = gpu_group(local_rank, local, gpus, device_map)
+    free: dict = {g: torch.cuda.mem_get_info(g)[0] for g in group if not max_memory or g not in max_memory}
+    if max_memory is None:
+        import psutil  # accelerate's own dependency, as its planner measures the host
+
+        free["cpu"] = psutil.virtual_memory().available
+    return group_max_memory(local_rank, local, gpus, max_memory, free, device_map)
 
 
 def sample_shares(n: int, world_size: int) -> list[tuple[int, int]]:

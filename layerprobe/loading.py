@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .defaults import DEVICES
+from .distributed import process_max_memory
 from .errors import LayerprobeError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -585,6 +586,7 @@ def load_model(
 
     memory = check_placement_options(device_map, max_memory, attn_implementation)
     check_max_memory_devices(memory)
+    memory = process_max_memory(device_map, memory)  # under torchrun: only this process's group of GPUs
     dev = resolve_device(device)
     spec_str = str(spec)
     resolved = resolve_spec(spec_str, revision)

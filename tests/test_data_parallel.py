@@ -121,8 +121,9 @@ def test_refusals_before_loading():
     check_processes(8, 2, {"": 0}, gpus=2)  # a map of the caller's own, per process
     with pytest.raises(LayerprobeError, match="2 processes share 1 samples"):
         check_processes(1, 2)
-    with pytest.raises(LayerprobeError, match="same 4 GPU"):
-        check_processes(8, 2, "auto", gpus=4)
+    check_processes(8, 2, "auto", gpus=4)  # one replica per group of 2 GPUs (tests/test_gpu_groups.py)
+    with pytest.raises(LayerprobeError, match="2 processes per node and 3 GPUs"):
+        check_processes(8, 2, "auto", gpus=3)
 
 
 def test_cli_refuses_more_processes_than_samples_before_loading(monkeypatch, tmp_path):

@@ -92,7 +92,7 @@ def data_parallel(device: str, samples: int | None, device_map: str | None):
     if world > 1 and device not in ("auto", "cpu", "cuda"):
         raise LayerprobeError(f"--device {device} with {world} processes: data-parallel runs use cpu (gloo) or "
                               "cuda (NCCL, one GPU per process)")
-    env = init_distributed(device) if world > 1 else DistEnv()
+    env = init_distributed(device, device_map) if world > 1 else DistEnv()
     try:
         yield env  # the command ends with a collective (main_first around the writing)
     finally:
