@@ -82,7 +82,8 @@ def check_processes_early(samples: int | None, device_map: str | None) -> None:
 @contextlib.contextmanager
 def data_parallel(device: str, samples: int | None, device_map: str | None):
     """Under `torchrun --nproc-per-node N`: the process checks (before any weight loads), then the process
-    group (before the model loads, so that on CUDA each process's model lands on its own GPU, LOCAL_RANK);
+    group (before the model loads, so that on CUDA each process's model lands on its own GPU, LOCAL_RANK, or
+    with --device-map on its own group of GPUs, `distributed.gpu_group`);
     yields the DistEnv (world size 1 without torchrun) and ends the group after the command."""
     from ..distributed import DistEnv, check_processes, init_distributed, requested_world_size, shutdown
     from ..errors import LayerprobeError
