@@ -51,17 +51,22 @@ def llama(tmp_path_factory):
     return make_tiny("llama", tmp_path_factory.mktemp("dp") / "llama", tokenizer=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--tokens", "all", "--no-grad"], ["--metrics", "angular,gradients"]],
-                         ids=["grad-last", "nograd-all", "metrics-subset"])
-def test_analyze_two_processes_write_what_one_writes(llama, tmp_path, extra):
-    args = ["analyze", llama, "--samples", SAMPLES, "--seq-len", 24, "--batch-size", 2, "-q", *extra]
+def one_and_two_processes(args, tmp_path):
+    """The command on SAMPLES samples in this process (OUT one/) and under torchrun with 2 (OUT two/)."""
+    args = [*args, "--samples", SAMPLES, "--seq-len", 24, "--batch-size", 2, "-q"]
     result, text = run_cli(*args, "--out", tmp_path / "one")
     assert result.exit_code == 0, text
     proc = torchrun([*args, "--out", tmp_path / "two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    one, two = tmp_path / "one", tmp_path / "two"
+    return tmp_path / "one", tmp_path / "two", proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--tokens", "all", "--no-grad"], ["--metrics", "angular,gradients"]],
+                         ids=["grad-last", "nograd-all", "metrics-subset"])
+def test_analyze_two_processes_write_what_one_writes(llama, tmp_path, extra):
+    one, two, proc = one_and_two_processes(["analyze", llama, *extra], tmp_path)
     for name in ("layers.csv", "angular.csv", "sublayers.csv"):
         assert_same_table(one, two, name)
     # The per-sample sums the intervals resample, gathered in the one-process sample order.
@@ -86,13 +91,7 @@ def test_analyze_two_processes_write_what_one_writes(llama, tmp_path, extra):
                                    ["--mode", "greedy", "--steps", 2, "--search-samples", 3]],
                          ids=["all-modes", "greedy-search"])
 def test_prune_sweep_two_processes_write_what_one_writes(llama, tmp_path, extra):
-    args = ["prune-sweep", llama, "--samples", SAMPLES, "--seq-len", 24, "--batch-size", 2, "-q", *extra]
-    result, text = run_cli(*args, "--out", tmp_path / "one")
-    assert result.exit_code == 0, text
-    proc = torchrun([*args, "--out", tmp_path / "two"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, proc = one_and_two_processes(["prune-sweep", llama, *extra], tmp_path)
     assert_same_table(one, two, "sweep.csv")
     table = pd.read_csv(two / "sweep.csv")
     assert (table["mode"] == "greedy").sum() == 2  # the second step's choice came from the combined sums
