@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .anatomy import Anatomy, find_anatomy
 from .capture import LayerCapture
 from .errors import LayerprobeError
-from .defaults import METRICS, check_measure_options, check_metrics
+from .defaults import METRICS, check_measure_options, check_metrics, takes_gradients
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
 from .loading import LoadedModel
 from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
@@ -435,7 +435,7 @@ def analyze(
     check_processes(samples, env.world_size, device_map)
     progress = progress and env.is_main
     selected = check_metrics(metrics, grad)
-    grad = grad and (selected is None or "gradients" in selected)
+    grad = takes_gradients(selected, grad)
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          max_memory=max_memory, attn_implementation=attn_implementation,
                          offload_folder=offload_folder, grad=grad,

@@ -177,6 +177,11 @@ def check_metrics(metrics, grad: bool = True) -> frozenset | None:
     return frozenset(names)
 
 
+def takes_gradients(selected: frozenset | None, grad: bool) -> bool:
+    """Whether a run with these checked metrics (`check_metrics`) does the backward pass."""
+    return grad and (selected is None or "gradients" in selected)
+
+
 def check_compare_options(folders, threshold: float, depth: str) -> list:
     """The folders as a list; a LayerprobeError for a bad option, before anything is read."""
     if depth not in DEPTH_MODES:

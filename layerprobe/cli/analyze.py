@@ -45,7 +45,7 @@ def analyze_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure every layer in one pass: angular distance (ℓ×n), Block Influence, output variance, gradient norms."""
-    from ..defaults import check_measure_options, check_metrics
+    from ..defaults import check_measure_options, check_metrics, takes_gradients
     from ..io import check_output_dir
     from ..results import check_manifest
 
@@ -54,7 +54,7 @@ def analyze_command(
                           dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           attn_implementation=attn_implementation)
     check_processes_early(samples, device_map)
-    check_metrics(metrics, grad)
+    selected = check_metrics(metrics, grad)
     if out is not None:
         check_manifest(check_output_dir(out))
     from ..analysis import analyze
@@ -70,7 +70,7 @@ def analyze_command(
                             max_memory=max_memory, attn_implementation=attn_implementation,
                             offload_folder=offload_folder, trust_remote_code=trust_remote_code,
                             layers_path=layers_path,
-                            grad=grad and (metrics is None or "gradients" in check_metrics(metrics, grad)),
+                            grad=takes_gradients(selected, grad),
                             progress=not quiet).loaded
         if out is None:
             out = Path("reports") / loaded.name
