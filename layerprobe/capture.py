@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import is_fake
 from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual_tensor, summarize_measured_scheme
 from .defaults import FORWARD_METRICS
 from .errors import LayerprobeError
-from .metrics import (RunningMoments, activation_extremes, angular_distance_sums, block_influence,
-                      cosine_and_norms, final_distribution, lens_terms, update_sums, update_terms)
+from .metrics import (RunningMoments, angular_distance_sums, block_influence, final_distribution,
+                      fused_layer_terms, lens_terms)
 
 TOKENS = ("last", "all")
 # Logits per lens chunk (layers x tokens x vocabulary), whatever the batch size: 2^26, i.e. about
@@ -166,46 +166,39 @@ class LayerCapture:
                 self._output_len = None if isinstance(output, torch.Tensor) else len(output)
             with torch.no_grad():
                 x, y = x.detach(), y.detach()
-                if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
-                    x, y = x.float(), y.float()
                 self._layers_run += 1
                 self._sample_size = (y.numel() // (y.shape[0] * y.shape[-1]), y.numel() // y.shape[0])  # tokens, elements
                 m = self.metrics
-                # Every sum is taken per sample first (the intervals resample samples), then totalled.
-                # Per token the sums accumulate in float32 (a float64 one upcasts every element: ~8x slower
-                # on the CPU), per sample and in total in float64.
+                groups = {g: g in m for g in ("influence", "variance", "updates", "activations")}
+                if any(groups.values()):
+                    # Every per-token term in one call (metrics/layer_terms.py): float32 as always, and
+                    # for a bf16/fp16 stream on a GPU one fused kernel that reads it without float32 copies.
+                    a, mlp = self._sublayer_outputs(index, x) if groups["updates"] else (None, None)
+                    t = fused_layer_terms(x, y, a, mlp, parallel=self.parallel,
+                                          check=self._checking_decomposition, **groups)
+                # Every sum is taken per sample first (the intervals resample samples), then totalled:
+                # per token in float32 (metrics/layer_terms.py), per sample and in total in float64.
                 if "influence" in m:
-                    # The output's sum of squares comes from the norms Block Influence already needs.
-                    cos, x_norm, y_norm = cosine_and_norms(x, y)
+                    cos = t["cos"]
                     ps = self._sample_sums(index, cos=cos.double())
                     self.cos_sum[index] = self.cos_sum[index] + ps["cos"].sum()
                     self.cos_count[index] += cos.numel()
-                else:  # the same norms, where only the other statistics need them
-                    x_norm = torch.linalg.vector_norm(x, dim=-1) if "updates" in m else None
-                    y_norm = torch.linalg.vector_norm(y, dim=-1) if "variance" in m else None
                 if "variance" in m:
-                    ps = self._sample_sums(index, out_s1=y.sum(-1, dtype=torch.float32).double(),
-                                           out_s2=y_norm.double().square())
+                    ps = self._sample_sums(index, out_s1=t["y_sum"].double(), out_s2=t["y_norm"].double().square())
                     self.output_moments[index].add_sums(y.numel(), ps["out_s1"].sum(), ps["out_s2"].sum())
-                if "variance" in m or "updates" in m:
-                    # The update is small next to the stream in deep layers: form it, rather than
-                    # expanding |y - x|^2, which would cancel catastrophically.
-                    d = y - x
-                    d_norm = torch.linalg.vector_norm(d, dim=-1)  # per token: the variance's and the ratio's
-                if "variance" in m:
-                    ps = self._sample_sums(index, upd_s1=d.sum(-1, dtype=torch.float32).double(),
-                                           upd_s2=d_norm.double().square())
-                    self.update_moments[index].add_sums(d.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
+                    ps = self._sample_sums(index, upd_s1=t["d_sum"].double(), upd_s2=t["d_norm"].double().square())
+                    self.update_moments[index].add_sums(y.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
                 if "updates" in m:
-                    ratio, ucos, seen = update_terms(x, d, x_norm, d_norm)
-                    ps = self._sample_sums(index, upd_ratio=ratio.double(), upd_cos=ucos.double(),
+                    seen = t["seen"]
+                    ps = self._sample_sums(index, upd_ratio=t["ratio"].double(), upd_cos=t["cos_update"].double(),
                                            upd_count=seen.double())
                     self.update_ratio_sum[index] = self.update_ratio_sum[index] + ps["upd_ratio"].sum()
                     self.update_cos_sum[index] = self.update_cos_sum[index] + ps["upd_cos"].sum()
                     self.update_count[index] = self.update_count[index] + seen.sum()
-                    self._sublayer_updates(index, x, d, x_norm)
+                    if a is not None:
+                        self._sublayer_updates(index, t)
                 if "activations" in m:
-                    peak, abs_sum = activation_extremes(y)
+                    peak, abs_sum = t["peak"], t["abs_sum"]
                     prev = self.act_max[index]
                     self.act_max[index] = peak if isinstance(prev, float) else torch.maximum(prev, peak)
                     self.act_abs_sum[index] = self.act_abs_sum[index] + abs_sum
@@ -227,33 +220,38 @@ class LayerCapture:
             self._per_layer.setdefault(name, [None] * self.num_layers)[index] = out[name]
         return out
 
-    def _sublayer_updates(self, index: int, x, d, x_norm) -> None:
-        """Attention and MLP updates of layer `index`, if both children's outputs were seen.
-
-        Where y = x + a + m (Pre-LN, sequential or parallel), a is the attention's update of x and
-        m the MLP's update of x + a (sequential) or of x (parallel residual: both read x). The
-        relative violation of that identity on the first batch is kept; tables drop layers where it fails.
-        """
+    def _sublayer_outputs(self, index: int, x: torch.Tensor) -> tuple:
+        """(attention output, MLP output) of layer `index` for `layer_terms`, if both children's outputs were
+        seen and have x's size (OPT's fc2 sees the tokens flattened to [B*T, H]: same rows, another shape);
+        else (None, None), and the layer gets no sublayer rows."""
         a = self._sub_out.pop((index, "attention"), None)
         m = self._sub_out.pop((index, "mlp"), None)
         if a is None or m is None or a.numel() != x.numel() or m.numel() != x.numel():
             self.decomposition_error[index] = float("inf")
-            return
-        # OPT's fc2 sees the tokens flattened to [B*T, H]: same rows, another shape.
-        a, m = a.detach().to(x.dtype).reshape(x.shape), m.detach().to(x.dtype).reshape(x.shape)
+            return None, None
+        return a.detach(), m.detach()
+
+    def _sublayer_updates(self, index: int, t: dict) -> None:
+        """Attention and MLP updates of layer `index` from its per-token terms (`layer_terms`).
+
+        Where y = x + a + m (Pre-LN, sequential or parallel), a is the attention's update of x and
+        m the MLP's update of x + a (sequential) or of x (parallel residual: both read x); for an
+        architecture we do not know the MLP's stream is unknown and it gets no row. The relative
+        violation of that identity on the first batch is kept; tables drop layers where it fails.
+        """
         if self._checking_decomposition:
             # Like the norm placement, a property of the architecture: the first batch tells it.
-            scale = x_norm.sum() + torch.linalg.vector_norm(a, dim=-1).sum() + torch.linalg.vector_norm(m, dim=-1).sum()
-            err = (torch.linalg.vector_norm(d - a - m, dim=-1).sum() / scale.clamp_min(1e-30)).double()  # d = y - x
+            scale = t["x_norm"].sum() + t["a_norm"].sum() + t["m_norm"].sum()
+            err = (t["rest_norm"].sum() / scale.clamp_min(1e-30)).double()  # ‖d − a − m‖, d = y − x
             prev = self.decomposition_error[index]
             self.decomposition_error[index] = err.clamp_min(prev) if isinstance(prev, float) else torch.maximum(prev, err)
-        for which, update, stream, norm in (("attention", a, x, x_norm),
-                                             ("mlp", m, x if self.parallel else x + a, x_norm if self.parallel else None)):
-            if which == "mlp" and self.parallel is None:
-                continue  # an architecture we do not know: the stream the MLP writes into is unknown
-            sums = self.sub_sums[(index, which)]
-            r, c, n = update_sums(stream, update, norm)
-            sums[0], sums[1], sums[2] = sums[0] + r, sums[1] + c, sums[2] + n
+        for which in ("attention", "mlp"):
+            if which in t:
+                ratio, cos, seen = t[which]
+                sums = self.sub_sums[(index, which)]
+                sums[0] = sums[0] + ratio.sum(dtype=torch.float64)
+                sums[1] = sums[1] + cos.sum(dtype=torch.float64)
+                sums[2] = sums[2] + seen.sum()
 
     def _child_hook(self, index: int, which: str):
         def hook(module, args, output):
