@@ -171,13 +171,13 @@ class LayerCapture:
                 m = self.metrics
                 groups = {g: g in m for g in ("influence", "variance", "updates", "activations")}
                 if any(groups.values()):
-                    # Every per-token term in one call (metrics/layer_terms.py): float32 as always, and
+                    # Every per-token term in one call (metrics/token_terms.py): float32 as always, and
                     # for a bf16/fp16 stream on a GPU one fused kernel that reads it without float32 copies.
                     a, mlp = self._sublayer_outputs(index, x) if groups["updates"] else (None, None)
                     t = fused_layer_terms(x, y, a, mlp, parallel=self.parallel,
                                           check=self._checking_decomposition, **groups)
                 # Every sum is taken per sample first (the intervals resample samples), then totalled:
-                # per token in float32 (metrics/layer_terms.py), per sample and in total in float64.
+                # per token in float32 (metrics/token_terms.py), per sample and in total in float64.
                 if "influence" in m:
                     cos = t["cos"]
                     ps = self._sample_sums(index, cos=cos.double())

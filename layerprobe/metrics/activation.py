@@ -17,7 +17,7 @@ def activation_extremes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max |y|, Σ |y|) over every element, on y's device; Σ in float64.
 
     max |y| from the extremes of y (one pass, no |y| temporary; on the CPU ~13x faster than an ∞-norm).
-    Compiled (metrics/layer_terms.py's fused kernel) it is taken per row instead, where it joins the row's
+    Compiled (metrics/token_terms.py's fused kernel) it is taken per row instead, where it joins the row's
     other reductions rather than reading y again: the same maximum (a maximum does not round).
     Σ |y| is taken per token with float32 accumulation (bf16 read as is) and summed in float64: |y|
     then a sum is ~2x faster on the CPU than the 1-norm kernel.

@@ -93,18 +93,20 @@ def fusable(y: torch.Tensor) -> bool:
 
 
 def fused_layer_terms(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None = None,
-                      m: torch.Tensor | None = None, **groups) -> dict:
+                      m: torch.Tensor | None = None, **options) -> dict:
     """`layer_terms`, as one compiled kernel where `fusable(y)`, else eagerly (same results: see above).
 
-    Compiled, the decomposition terms are always formed (`check` is ignored: they cost nothing in a
-    kernel that reads a and m anyway, and a second variant would compile again after the first batch).
-    The rows are flattened to [N, H] with N marked dynamic, so batches of any size and length share one
-    compilation; H stays static (one model, one width), which lets Inductor size the row reduction.
+    Compiled, every group and the decomposition terms are formed whatever `options` ask (the caller reads
+    what it selected): in a kernel that reads x, y, a, m once they cost next to nothing, and one variant per
+    model (with or without a, m; its `parallel`) means one compilation, not one per selection or per batch.
+    The rows are flattened to [N, H] with N marked dynamic, so batches of any size and length share it;
+    H stays static (one model, one width), which lets Inductor size the row reduction.
     """
     global _compiled, _broken
     if not fusable(y):
-        return layer_terms(x, y, a, m, **groups)
-    groups["check"] = True
+        return layer_terms(x, y, a, m, **options)
+    import torch._dynamo  # imported here: loading the compiler costs seconds that only this path needs
+
     width, rows = y.shape[-1], y.shape[:-1]
     flat = [t.reshape(-1, width) if t is not None else None for t in (x, y, a, m)]
     for t in flat:
@@ -113,12 +115,14 @@ def fused_layer_terms(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None =
     try:
         if _compiled is None:
             _compiled = torch.compile(layer_terms, fullgraph=True)
-        out = _compiled(*flat, **groups)
+        out = _compiled(*flat, parallel=options.get("parallel"))
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # many models in one process: this call eagerly
+        return layer_terms(x, y, a, m, **options)
     except Exception as e:  # no compiler, no Triton, an unsupported op: the eager path gives the same numbers
         _broken = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         warnings.warn(f"layerprobe: the fused bf16/fp16 statistics kernel could not be compiled ({_broken}); "
                       "using float32 copies (slower, same results)", stacklevel=2)
-        return layer_terms(x, y, a, m, **groups)
+        return layer_terms(x, y, a, m, **options)
     return {k: _unflatten(v, rows) for k, v in out.items()}
 
 
