@@ -13,7 +13,10 @@ sections by name):
                          a Llama-3-8B shape (full 128,256 vocabulary), T = 2048, batch 1 and 4, against a
                          predictor of peak bytes (imported lazily: see `find_predictor`; without one the
                          measured figures are recorded and the comparison is skipped).
- 3. analyze-speed        analyze / bare forward+backward (and --no-grad / bare forward) in bf16 on that slice.
+ 3. analyze-fused        analyze --no-grad in bf16 on that slice with the per-layer statistics as one compiled
+                         kernel (metrics/token_terms.py) against the float32 copies it replaces: the same numbers,
+                         and each one's time over a bare forward (on a CPU: the tiny slice, Inductor's C++ backend).
+    analyze-speed        analyze / bare forward+backward (and --no-grad / bare forward) in bf16 on that slice.
  4. train-eager, train-compiled   train-reference 71m tokens/s and MFU, eager and with --compile.
  5. prune                prune-sweep layer mode cached vs naive (fp32 correctness, bf16 speed) and the share of
                          the sweep spent scoring, on a SmolLM2-135M shape.
@@ -45,6 +48,9 @@ not turn rounding into a large relative error):
   it a bf16-like check). What remains is the order of floating-point reductions, grown through the layers.
 - cached vs naive prune sweep, torchrun world size 1 vs plain, offloaded vs one device: 1e-5 (fp32, same device's
   kernels; only batch shapes and reduction order may differ).
+- the fused statistics kernel vs float32 copies (bf16, same device): 1e-4. Both are float32 arithmetic on the
+  same values; only the order of each token's H additions differs (a per-token sum moves by at most (H - 1)·2^-24
+  of its terms' magnitudes, ~1e-3 at H = 4096 in the worst case, ~1e-7 measured on the CPU: docs/design.md).
 - predicted peak memory: within 15% of torch.cuda.max_memory_allocated.
 - training resumed after a kill: bit-identical losses and gradient norms.
 """
@@ -87,6 +93,7 @@ layerprobe = bench_analyze = bench_prune = bench_train = None
 TOL_BF16 = 3e-2
 TOL_FP32_DEVICE = 1e-4
 TOL_SAME_DEVICE = 1e-5
+TOL_FUSED = 1e-4
 TOL_MEMORY = 0.15
 ANALYZE_TARGET = 1.10
 MFU_TARGET = 0.40
@@ -780,6 +787,71 @@ def speed_analyze(loaded, npy: Path, batch_size: int, repeats: int, label: str, 
                f"{mem}", f"≤ {ANALYZE_TARGET}", status)
 
 
+# The columns the per-layer statistics kernel forms (capture's post-hook); angular, lens and loss do not use it.
+HOOK_COLUMNS = {"layers": ("block_influence", "output_variance", "update_variance", "relative_update", "update_cosine",
+                           "max_activation", "mean_abs_activation"),
+                "sublayers": ("relative_update", "update_cosine")}
+
+
+def hook_errors(got, ref) -> dict:
+    """{table column: scaled error} over the columns HOOK_COLUMNS names (the sublayer rows sorted alike)."""
+    out = {}
+    for table, cols in HOOK_COLUMNS.items():
+        a, b = getattr(got, table), getattr(ref, table)
+        if table == "sublayers":
+            a, b = (t.sort_values(["layer", "module"]) for t in (a, b))
+        for c in cols:
+            out[c if table == "layers" else f"sublayer {c}"] = scaled_error(a[c].to_numpy(), b[c].to_numpy())
+    return out
+
+
+def check_analyze_fused(ctx: Ctx):
+    """analyze --no-grad in bf16 with the per-layer statistics read by one compiled kernel against the float32 copies
+    (token_terms.FUSED_DEVICES emptied): the numbers agree, and the time each adds over a bare forward, in paired
+    alternating rounds. On a CPU (dry run) the tiny slice in bf16 through Inductor's C++ backend: the code path."""
+    from layerprobe.metrics import token_terms
+
+    sz, device = ctx.sz, ctx.device
+    B = max(sz.memory_batches)
+    model = ctx.big if device.type == "cuda" else build_on_device(sz.big_model, device, torch.bfloat16)
+    label = f"bfloat16, {device.type}, {sz.big_name}, {sz.big_samples}×{sz.big_seq_len} tokens, batch {B}"
+    npy = write_tokens(ctx.work / "speed-big.npy", sz.big_samples, sz.big_seq_len, sz.big_model["vocab_size"], seed=4)
+    loaded = _loaded(model, device, torch.bfloat16)
+    blocks = torch.from_numpy(np.load(npy))
+    args = argparse.Namespace(npy=str(npy), batch_size=B, clock="wall")
+    before, fused_on, off = token_terms.FUSED_DEVICES, frozenset({device.type}), frozenset()
+    times = {"bare": [], "copies": [], "fused": []}
+    try:
+        token_terms.FUSED_DEVICES = off
+        copies = layerprobe.analyze(loaded, data=str(npy), samples=len(blocks), batch_size=B, grad=False, progress=False)
+        token_terms.FUSED_DEVICES = fused_on
+        t = time.perf_counter()
+        fused = layerprobe.analyze(loaded, data=str(npy), samples=len(blocks), batch_size=B, grad=False, progress=False)
+        first = time.perf_counter() - t
+        if token_terms._broken:
+            record("correctness", f"analyze --no-grad, fused statistics kernel vs float32 copies ({label})",
+                   f"the kernel did not compile: {token_terms._broken}", f"≤ {TOL_FUSED:g} of scale", "FAIL")
+            return
+        err = hook_errors(fused, copies)
+        record("correctness", f"analyze --no-grad, fused statistics kernel vs float32 copies ({label})",
+               _errors_text(err), f"≤ {TOL_FUSED:g} of scale", _status(all(e <= TOL_FUSED for e in err.values())))
+        bench_analyze.run_mode("bare_nograd", loaded, blocks[:B], args)  # warm-up
+        for _ in range(sz.repeats):
+            times["bare"].append(bench_analyze.run_mode("bare_nograd", loaded, blocks, args))
+            for name, devices in (("copies", off), ("fused", fused_on)):
+                token_terms.FUSED_DEVICES = devices
+                times[name].append(bench_analyze.run_mode("analyze_nograd", loaded, blocks, args))
+    finally:
+        token_terms.FUSED_DEVICES = before
+    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["bare"])) for k in ("copies", "fused")}
+    gain = statistics.median(a / b for a, b in zip(times["copies"], times["fused"]))
+    record("speed", f"analyze --no-grad / bare forward, fused statistics kernel vs float32 copies ({label})",
+           f"{ratio['fused']:.3f} fused vs {ratio['copies']:.3f} with copies (analyze {gain:.2f}× as fast; median of "
+           f"{sz.repeats} paired rounds; bare {statistics.median(times['bare']):.3f} s; first fused run, compiling "
+           f"included, {first:.1f} s)", f"≤ {ANALYZE_TARGET}",
+           "measured (dry run: no target)" if ctx.dry else _status(ratio["fused"] <= ANALYZE_TARGET))
+
+
 def check_analyze_speed(ctx: Ctx):
     sz = ctx.sz
     B = max(sz.memory_batches)
@@ -1173,11 +1245,14 @@ def check_resume(ctx: Ctx):
 
 # Seconds each check is expected to take: (on a GPU at full sizes, on a CPU at dry-run sizes). The GPU column is
 # an estimate that has not met a GPU yet (subprocess start-up, CUDA and NCCL init, model builds, a cold Inductor
-# compile included): the first eight add up to 390 s, which with ~10 s of imports fits 420 s on an H100. The CPU
-# column is what the dry run took on the 2-core build machine (torchrun and resume: subprocess start-ups).
+# compile included; a bf16 analyze on CUDA compiles the statistics kernel once per model width, ~10 s, in
+# analyze-correctness and analyze-fused): the first eight add up to 390 s, which with ~10 s of imports fits 420 s on
+# an H100 (offload, ninth, needs ~460). The CPU column is what the dry run took on the 2-core build machine
+# (torchrun and resume: subprocess start-ups; analyze-fused: a cold Inductor C++ compile).
 ESTIMATES = {
-    "analyze-correctness": (40, 3),
+    "analyze-correctness": (50, 3),
     "memory": (60, 1),
+    "analyze-fused": (30, 30),
     "analyze-speed": (35, 2),
     "train-eager": (30, 6),
     "train-compiled": (100, 1),
@@ -1197,6 +1272,8 @@ def plan(ctx: Ctx) -> list[Check]:
     rows = [
         ("analyze-correctness", "correctness", "analyze fp32/bf16 on the device vs CPU fp32", lambda: check_analyze(ctx)),
         ("memory", "memory", f"peak memory vs prediction ({ctx.sz.big_name})", lambda: check_memory(ctx)),
+        ("analyze-fused", "speed", f"analyze --no-grad, fused statistics kernel vs float32 copies ({ctx.sz.big_name})",
+         lambda: check_analyze_fused(ctx)),
         ("analyze-speed", "speed", f"analyze / bare forward+backward ({ctx.sz.big_name})", lambda: check_analyze_speed(ctx)),
         ("train-eager", "speed", f"train-reference {ctx.sz.train_preset} eager tokens/s and MFU",
          lambda: check_train(ctx, ctx.sz.train_preset, False)),
