@@ -845,7 +845,8 @@ def check_analyze_fused(ctx: Ctx):
         token_terms.FUSED_DEVICES = before
     ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["bare"])) for k in ("copies", "fused")}
     gain = statistics.median(a / b for a, b in zip(times["copies"], times["fused"]))
-    record("speed", f"analyze --no-grad / bare forward, fused statistics kernel vs float32 copies ({label})",
+    record("speed", f"fused statistics kernel: analyze --no-grad over a bare forward, with it and with float32 copies "
+                    f"({label})",
            f"{ratio['fused']:.3f} fused vs {ratio['copies']:.3f} with copies (analyze {gain:.2f}× as fast; median of "
            f"{sz.repeats} paired rounds; bare {statistics.median(times['bare']):.3f} s; first fused run, compiling "
            f"included, {first:.1f} s)", f"≤ {ANALYZE_TARGET}",

@@ -76,6 +76,14 @@ def test_dry_run_records_every_path_and_the_correctness_checks_pass(tmp_path):
     assert "bit-identical" in row("killed", "resumed")[2]
     for name in ("angular distance", "Block Influence", "output variance", "loss", "gradient norms"):
         assert name in row("analyze bf16")[2]
+    # The per-layer statistics of a bf16 pass as one compiled kernel (Inductor's C++ backend here) equal the
+    # float32 copies', and the time of each over a bare forward is recorded.
+    section, _, result, _, status = row("fused statistics kernel vs float32 copies")
+    assert section == "correctness" and status == "pass", result
+    for name in ("block_influence", "update_cosine", "max_activation", "sublayer relative_update"):
+        assert name in result
+    section, _, result, _, status = row("fused statistics kernel:", "with float32 copies")
+    assert section == "speed" and status.startswith("measured") and " fused vs " in result, result
     memory = [r for r in rows if r[0] == "memory"]
     assert len(memory) == 4 and all(r[4].startswith("skipped: no GPU") for r in memory)  # 2 modes x batch 1, 4
     for needles in (("analyze / bare forward+backward", "tiny slice"), ("analyze --no-grad / bare forward", "tiny slice"),
@@ -157,7 +165,7 @@ def _check(name, estimate, work=None):
 def test_checks_are_planned_in_the_order_of_their_value(tmp_path):
     ctx = bench_gpu.Ctx(tmp_path, torch.device("cpu"), bench_gpu.DRY, True, None, "no GPU")
     assert [c.name for c in bench_gpu.plan(ctx)] == [
-        "analyze-correctness", "memory", "analyze-speed", "train-eager", "train-compiled", "prune", "torchrun",
+        "analyze-correctness", "memory", "analyze-fused", "analyze-speed", "train-eager", "train-compiled", "prune", "torchrun",
         "offload", "resume", "train-twin", "analyze-speed-small"]
     assert [c.estimate_s for c in bench_gpu.plan(ctx)] == [v[1] for v in bench_gpu.ESTIMATES.values()]
     full = bench_gpu.Ctx(tmp_path, torch.device("cpu"), bench_gpu.FULL, False, None, "no GPU")
