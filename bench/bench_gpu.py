@@ -1246,7 +1246,7 @@ def check_resume(ctx: Ctx):
 
 # Seconds each check is expected to take: (on a GPU at full sizes, on a CPU at dry-run sizes). The GPU column is
 # an estimate that has not met a GPU yet (subprocess start-up, CUDA and NCCL init, model builds, a cold Inductor
-# compile included; a bf16 analyze on CUDA compiles the statistics kernel once per model width, ~10 s, in
+# compile included; a bf16 analyze on CUDA compiles the statistics kernel once per model width (guessed ~10 s) in
 # analyze-correctness and analyze-fused): the first eight add up to 390 s, which with ~10 s of imports fits 420 s on
 # an H100 (offload, ninth, needs ~460). The CPU column is what the dry run took on the 2-core build machine
 # (torchrun and resume: subprocess start-ups; analyze-fused: a cold Inductor C++ compile).
