@@ -7,7 +7,7 @@ rows, its attention and MLP outputs a and m, the per-token terms of Block Influe
 (update.update_terms) and the activation extremes (activation.activation_extremes), by calling those
 formulas on float32 values. Run eagerly, a bf16/fp16 x and y are upcast first: float32 copies of x, y,
 a and m, the update y − x (formed, not expanded: see update.py), the products inside each dot product,
-x + a: about ten B·T·H float32 temporaries per layer.
+x + a: eleven B·T·H float32 temporaries per layer, seven of them live at once (bench/bench_hook_bytes.py).
 
 `fused_layer_terms` runs the same function compiled by `torch.compile` (Inductor) where the tensors are
 bf16/fp16 on a device in `FUSED_DEVICES` (CUDA): the upcast, y − x and the products are fused into the
