@@ -55,7 +55,7 @@ class TotalTracker(StorageTracker):
         super()._track(t)
 
 
-def _inputs(shape, dtype, fake=False):
+def _inputs(shape, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dtype)
     return x, (x.float() + 0.1 * torch.randn(shape, generator=g)).to(dtype), \
