@@ -317,9 +317,9 @@ def _fit_problem(net, *, free: int, loaded: bool, device, batch_size: int, seq_l
                 f"free: use {spread}")
     stores_streams = metrics is None or bool({"angular", "lens"} & metrics)
     try:
+        anatomy = find_anatomy(net, layers_path)
+        L, layers_path, element = anatomy.num_layers, anatomy.layers_path, next(net.parameters()).element_size()
         key = (_structure(net), seq_len, grad, metrics, layers_path)
-        L = find_anatomy(net, layers_path).num_layers
-        element = next(net.parameters()).element_size()
     except Exception:  # a model we cannot read: no prediction, no refusal
         return None
 

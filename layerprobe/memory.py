@@ -158,16 +158,15 @@ def device_free_bytes(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
-# Per-layer attributes that make two layers of one class behave differently (sliding or full attention).
-_KIND_ATTRIBUTES = ("attention_type", "is_sliding", "sliding_window", "layer_type")
-
-
 def _layer_kind(layer: torch.nn.Module) -> tuple:
-    """What decides a layer's memory: its class, its parameters' shapes and dtypes, its attention kind."""
-    marks = tuple((name, getattr(m, a)) for name, m in [("", layer), *layer.named_children()]
-                  for a in _KIND_ATTRIBUTES if isinstance(getattr(m, a, None), (str, int, bool)))
-    return (type(layer).__name__, marks,
-            tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
+    """What decides a layer's memory: the classes, scalar settings (sliding or full attention, ...) and
+    parameter shapes and dtypes of its modules; its own index (layer_idx and the like) left out."""
+    settings = tuple((name, type(m).__name__, tuple(sorted(
+        (k, v) for k, v in vars(m).items()
+        if isinstance(v, (str, int, float, bool)) and not k.startswith("_") and "idx" not in k
+        and "index" not in k and k not in ("layer_id", "layer_number"))))
+        for name, m in layer.named_modules())
+    return settings, tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters())
 
 
 def depth_samples(layers) -> tuple[int, int] | None:
