@@ -304,17 +304,21 @@ _PREDICTED: dict[tuple, int] = {}
 
 
 def _fit_problem(net, *, free: int, loaded: bool, device, batch_size: int, seq_len: int, tokens: str, grad: bool,
-                 metrics: frozenset | None, layers_path: str | None) -> str | None:
+                 metrics: frozenset | None, layers_path: str | None, command: str = "analyze") -> str | None:
     """Why analyze on `net` will not fit `free` bytes of `device`, in one line naming what would (None: it fits,
     or there is no prediction). `loaded`: `net` is the real model, its weights already on the device (not in
-    `free`); else `net` is a fake model built from the config before loading, and its weights count."""
+    `free`); else `net` is a fake model built from the config before loading, and its weights count.
+    `command` "prune-sweep": the weights only (the sweep sizes its own working set by the free memory)."""
     weights = 0 if loaded else sum(weight_bytes(net).values())
-    what = f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
+    what = (f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
+            if command == "analyze" else command)
     if weights > free:
         spread = ("--device-map auto over several GPUs (offloading layers to the CPU needs --no-grad)" if grad else
                   "--device-map auto (it offloads to the CPU what does not fit)")
         return (f"{what}: the weights alone need {weights / GIB:.1f} GiB on {device}, which has {free / GIB:.1f} GiB "
                 f"free: use {spread}")
+    if command != "analyze":
+        return None
     stores_streams = metrics is None or bool({"angular", "lens"} & metrics)
     try:
         anatomy = find_anatomy(net, layers_path)
@@ -340,8 +344,9 @@ def _fit_problem(net, *, free: int, loaded: bool, device, batch_size: int, seq_l
         return None
     if fits == batch_size:
         return None
-    advice = (f"use --batch-size {fits}" if fits else
-              "even --batch-size 1 does not fit: use " + ("--no-grad or " if grad else "") + "a shorter --seq-len")
+    advice = (f"use --batch-size {fits}" if fits else "even --batch-size 1 does not fit: use "
+              + ("--no-grad, a shorter --seq-len or --device-map auto over several GPUs" if grad else
+                 "a shorter --seq-len or --device-map auto"))
     amount = (f"~{at_batch / GIB:.1f} GiB over the weights" if loaded else
               f"~{at_batch / GIB:.1f} GiB ({weights / GIB:.1f} of weights + {(at_batch - weights) / GIB:.1f} for the run)")
     return f"{what} needs {amount} on {device}, which has {free / GIB:.1f} GiB free: {advice}"
@@ -380,13 +385,13 @@ def check_fits_before_loading(spec, *, data: str = "builtin", seq_len: int = 256
                               metrics: frozenset | None = None, revision: str | None = None, dtype: str = "auto",
                               device: str = "auto", device_map=None, attn_implementation: str | None = None,
                               trust_remote_code: bool = False, layers_path: str | None = None,
-                              progress: bool = False) -> None:
+                              progress: bool = False, command: str = "analyze") -> None:
     """On one CUDA device, before any weight is read: the model built from its config alone (hub id, folder,
     .gguf metadata, layerprobe checkpoint) under FakeTensorMode, its weights and analyze's peak predicted,
     and a run that will not fit the device's free memory refused in one line naming the batch size that would.
     With `device_map` nothing is predicted here (the planner places the weights; `check_fits` runs after
     loading when they all landed on one GPU). Quantized checkpoints are not predicted (their weights are
-    smaller than the config's dtype says)."""
+    smaller than the config's dtype says). `command` "prune-sweep": only whether the weights fit."""
     if device_map is not None:
         return
     dev = resolve_device(device)
@@ -407,7 +412,7 @@ def check_fits_before_loading(spec, *, data: str = "builtin", seq_len: int = 256
         except Exception:  # loading reports what is wrong with the model; no prediction, no refusal
             return
         problem = _fit_problem(net, free=free, loaded=False, device=dev, batch_size=batch, seq_len=seq, tokens=tokens,
-                               grad=grad, metrics=metrics, layers_path=layers_path)
+                               grad=grad, metrics=metrics, layers_path=layers_path, command=command)
     if problem:
         raise LayerprobeError(problem)
 

@@ -5,6 +5,7 @@ made to fail if it is called."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_cli_refuses_before_loading_and_names_the_batch_that_fits(llama, need, t
 
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: int((need["weights"] + need[1]) / 2))
     result, text = run_cli("analyze", folder, "--data", npy, "--device", "cpu", "--dtype", "float32", "-q")
-    assert_one_line_error(result, text, "even --batch-size 1 does not fit: use --no-grad or a shorter --seq-len")
+    assert_one_line_error(result, text, "even --batch-size 1 does not fit: use --no-grad, a shorter --seq-len or --device-map auto")
 
 
 def test_weights_that_alone_do_not_fit_name_a_device_map(llama, need, monkeypatch):
@@ -191,3 +192,41 @@ def test_largest_batch_is_the_line_through_two_predictions():
     assert largest_batch(need, 20, 8) == (34, 3) and calls == [8, 1]
     assert largest_batch(need, 12, 8) == (34, None)
     assert largest_batch(need, 12, 1) == (13, None)
+
+
+def test_prune_sweep_refuses_weights_that_will_not_fit_before_loading(llama, need, tmp_path, monkeypatch):
+    folder, npy = llama
+    no_loading(monkeypatch)
+    monkeypatch.setattr(analysis, "predict_memory", lambda *a, **k: pytest.fail("the sweep's peak is not predicted"))
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: need["weights"] - 1)
+    result, text = run_cli("prune-sweep", folder, "--data", npy, "--device", "cpu", "--dtype", "float32",
+                           "--out", tmp_path / "out", "-q")
+    assert_one_line_error(result, text, "prune-sweep: the weights alone need", "use --device-map auto (it offloads")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the issue's other bad input: one line, before any weight is read, with the fit check on ---------------
+
+@pytest.mark.parametrize("command", ["analyze", "prune-sweep"])
+def test_an_attention_the_model_does_not_support_is_one_line_before_loading(command, llama, tmp_path, monkeypatch):
+    """The fit check builds the model with the attention asked for; when that fails it stays silent and the
+    loader's own check says what is wrong."""
+    folder, npy = llama
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    no_loading(monkeypatch)
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: 1 << 40)
+    result, text = run_cli(command, folder, "--data", npy, "--device", "cpu", "--attn-implementation",
+                           "flash_attention_2", "--out", tmp_path / "out", "-q")
+    assert_one_line_error(result, text, "--attn-implementation flash_attention_2 cannot be used")
+
+
+@pytest.mark.parametrize("command", ["analyze", "prune-sweep"])
+def test_max_memory_naming_mps_where_there_is_none(command, llama, tmp_path, monkeypatch):
+    folder, npy = llama
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    no_loading(monkeypatch)
+    result, text = run_cli(command, folder, "--data", npy, "--device-map", "auto", "--max-memory", "mps=1GiB,cpu=1GiB",
+                           "--out", tmp_path / "out", "-q")
+    assert_one_line_error(result, text, "--max-memory names mps, but MPS is not available here")
