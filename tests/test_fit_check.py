@@ -249,3 +249,22 @@ def test_a_gguf_is_predicted_from_its_metadata_before_loading(monkeypatch):
     with pytest.raises(LayerprobeError, match=r"^analyze with gradients at --batch-size 4 x 256 tokens needs ~[\d.]+ "
                                               r"GiB \(0\.5 of weights \+ [\d.]+ for the run\) on cpu"):
         analysis.check_fits_before_loading("smollm2", device="cpu", dtype="float32")
+
+
+def test_a_layerprobe_checkpoint_is_built_from_its_config_before_loading(tmp_path, monkeypatch):
+    from layerprobe.reference import LayerprobeConfig, LayerprobeForCausalLM
+
+    config = LayerprobeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, norm_scheme="mix", post_ln_layers=1)
+    model = LayerprobeForCausalLM(config)
+    model.save_pretrained(tmp_path / "ref")
+    weights = sum(weight_bytes(model).values())
+    no_loading(monkeypatch)
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: weights - 1)
+    with pytest.raises(LayerprobeError, match="the weights alone need"):
+        analysis.check_fits_before_loading(str(tmp_path / "ref"), device="cpu", dtype="float32", batch_size=1,
+                                           seq_len=16)
+    monkeypatch.setattr(analysis, "device_free_bytes", lambda device: weights)  # exactly the weights: no room to run
+    with pytest.raises(LayerprobeError, match="even --batch-size 1 does not fit"):
+        analysis.check_fits_before_loading(str(tmp_path / "ref"), device="cpu", dtype="float32", batch_size=1,
+                                           seq_len=16)
