@@ -184,7 +184,7 @@ def extrapolate(depths: tuple[int, int], values: tuple[int, int], depth: int) ->
     stored input and its gradients to the peak, and the largest transient (one layer's recompute and
     backward) is already in the shallower run."""
     (a, b), (va, vb) = depths, values
-    return max(vb, math.ceil(va + (vb - va) * (depth - a) / (b - a)))
+    return max(vb, math.ceil(va + (vb - va) * (depth - a) / (b - a)))  # never below the deeper run's own peak
 
 
 @contextlib.contextmanager

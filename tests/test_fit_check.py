@@ -147,7 +147,7 @@ def test_with_a_device_map_nothing_is_predicted_before_loading(llama, monkeypatc
 def test_off_a_gpu_nothing_is_predicted(llama, monkeypatch):
     folder, npy = llama
     monkeypatch.setattr(analysis, "predict_memory", lambda *a, **k: pytest.fail("predicted on the CPU"))
-    monkeypatch.setattr(loading, "read_config", lambda *a, **k: pytest.fail("config read twice"))
+    monkeypatch.setattr(analysis, "read_config", lambda *a, **k: pytest.fail("the config was read for nothing"))
     analysis.check_fits_before_loading(str(folder), data=str(npy), device="cpu")  # the real device_free_bytes
 
 
