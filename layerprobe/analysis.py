@@ -268,14 +268,17 @@ def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", 
         weights = sum(weight_bytes(model).values())
         run = dict(batch_size=batch_size, seq_len=seq_len, tokens=tokens, grad=grad, metrics=metrics)
         depths = depth_samples(anatomy.layers) if by_depth else None
-        if depths is None:
-            return Prediction(weights, _tracked_measure(model, anatomy.layers_path, **run))
-        parent, _, name = anatomy.layers_path.rpartition(".")
-        tracked = []
-        for k in depths:
-            with first_layers(model.get_submodule(parent), name, k):
-                tracked.append(_tracked_measure(model, anatomy.layers_path, **run))
-        return Prediction(weights, extrapolate(depths, tuple(tracked), anatomy.num_layers))
+        if depths is not None:
+            parent, _, name = anatomy.layers_path.rpartition(".")
+            try:
+                tracked = []
+                for k in depths:
+                    with first_layers(model.get_submodule(parent), name, k):
+                        tracked.append(_tracked_measure(model, anatomy.layers_path, **run))
+                return Prediction(weights, extrapolate(depths, tuple(tracked), anatomy.num_layers))
+            except Exception:  # a forward that needs every layer (indexes them by the config's count): track all
+                pass
+        return Prediction(weights, _tracked_measure(model, anatomy.layers_path, **run))
 
 
 def _tracked_measure(model, layers_path: str, *, batch_size: int, seq_len: int, tokens: str, grad: bool,

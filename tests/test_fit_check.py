@@ -268,3 +268,20 @@ def test_a_layerprobe_checkpoint_is_built_from_its_config_before_loading(tmp_pat
     with pytest.raises(LayerprobeError, match="even --batch-size 1 does not fit"):
         analysis.check_fits_before_loading(str(tmp_path / "ref"), device="cpu", dtype="float32", batch_size=1,
                                            seq_len=16)
+
+
+def test_a_forward_that_needs_every_layer_is_tracked_whole(monkeypatch):
+    """A model whose forward cannot run on its first layers alone falls back to tracking all of them."""
+    config = tiny_config("llama", num_hidden_layers=4)
+    with fake_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = fake_model(config, torch.float32)
+        full = analysis.predict_memory(net, batch_size=1, seq_len=8, grad=False, build=False, by_depth=False)
+        forward = type(net.model).forward
+
+        def needs_all(self, *a, **k):
+            assert len(self.layers) == config.num_hidden_layers, "cut"
+            return forward(self, *a, **k)
+
+        monkeypatch.setattr(type(net.model), "forward", needs_all)
+        assert analysis.predict_memory(net, batch_size=1, seq_len=8, grad=False, build=False) == full
