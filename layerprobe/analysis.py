@@ -6,6 +6,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -15,15 +16,16 @@ from .capture import LayerCapture
 from .errors import LayerprobeError
 from .defaults import METRICS, check_measure_options, check_metrics, takes_gradients
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
-from .loading import LoadedModel
-from .memory import CUDA_FACTOR, GIB, Prediction, fake_copy, fake_mode, track
+from .loading import LoadedModel, read_config, resolve_device, resolve_dtype
+from .memory import (CUDA_FACTOR, GIB, Prediction, depth_samples, device_free_bytes, extrapolate, fake_copy,
+                     fake_mode, fake_model, first_layers, largest_batch, track, weight_bytes)
 from .metrics.depth import quarter
 from .metrics.gradients import GRAM_HOST_BYTES, BatchGradientGram
 from .metrics.intervals import LEVEL, METHOD, RESAMPLES, layer_intervals
 from .metrics import (angular_long_table, chunked_loss_sum, lock_in_layer, grad_norms_by_group, next_token_labels,
                       next_token_loss_sum, perplexity, predicted_tokens)
 from .opening import Opening, eval_mode, open_model
-from .progress import make_progress
+from .progress import make_progress, status
 from .results import AnalysisResult
 
 GRAD_COLUMNS = ("grad_norm", "grad_norm_attention", "grad_norm_mlp", "grad_norm_norm")
@@ -252,25 +254,42 @@ def _gradient_gram(anatomy: Anatomy, batches: int) -> BatchGradientGram | None:
 
 
 def predict_memory(net, *, batch_size: int, seq_len: int, tokens: str = "last", grad: bool = True,
-                   layers_path: str | None = None, build: bool = True) -> Prediction:
+                   layers_path: str | None = None, build: bool = True, metrics: frozenset | None = None,
+                   by_depth: bool = True) -> Prediction:
     """Peak memory of `analyze` on `net`'s shapes, allocating nothing: `_measure` itself, on two
     batches (gradients are held from one to the next), run on a full-size copy of `net` under
-    FakeTensorMode with a storage tracker (memory.py). `build=False`: `net` is already fake."""
+    FakeTensorMode with a storage tracker (memory.py). `build=False`: `net` is already fake.
+    `by_depth`: a deep model is tracked on its first 2P and 3P layers and the peak extrapolated to its
+    depth (`memory.depth_samples`; Llama-3-70B with gradients: 6 s instead of 94 s on a slow CPU core, within
+    2e-6 of tracking every layer: BENCHMARKS.md)."""
     with fake_mode(None if build else net), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FakeTensor's data_ptr warning (norm placement reads identities)
         model = fake_copy(net) if build else net
         anatomy = find_anatomy(model, layers_path=layers_path)
-        blocks = torch.zeros((2 if grad else 1) * batch_size, seq_len, dtype=torch.long)
-        opening = type("FakeOpening", (), {"model": model, "anatomy": anatomy, "blocks": blocks})()
-        return track(lambda: _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=False,
-                                      checkpoint_layers=True), model, [blocks])
+        weights = sum(weight_bytes(model).values())
+        run = dict(batch_size=batch_size, seq_len=seq_len, tokens=tokens, grad=grad, metrics=metrics)
+        depths = depth_samples(anatomy.layers) if by_depth else None
+        if depths is not None:
+            parent, _, name = anatomy.layers_path.rpartition(".")
+            try:
+                tracked = []
+                for k in depths:
+                    with first_layers(model.get_submodule(parent), name, k):
+                        tracked.append(_tracked_measure(model, anatomy.layers_path, **run))
+                return Prediction(weights, extrapolate(depths, tuple(tracked), anatomy.num_layers))
+            except Exception:  # a forward that needs every layer (indexes them by the config's count): track all
+                pass
+        return Prediction(weights, _tracked_measure(model, anatomy.layers_path, **run))
 
 
-def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device (None elsewhere: the fit check is for GPUs)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.mem_get_info(device)[0]
+def _tracked_measure(model, layers_path: str, *, batch_size: int, seq_len: int, tokens: str, grad: bool,
+                     metrics: frozenset | None) -> int:
+    """The tracked peak over the weights of `_measure` on the fake `model` (its layer list as it is now)."""
+    anatomy = find_anatomy(model, layers_path=layers_path)
+    blocks = torch.zeros((2 if grad else 1) * batch_size, seq_len, dtype=torch.long)
+    opening = type("FakeOpening", (), {"model": model, "anatomy": anatomy, "blocks": blocks})()
+    return track(lambda: _measure(opening, batch_size=batch_size, tokens=tokens, grad=grad, progress=False,
+                                  checkpoint_layers=True, metrics=metrics), model, [blocks]).tracked
 
 
 def _hidden_size(net) -> int:
@@ -278,42 +297,128 @@ def _hidden_size(net) -> int:
     return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
 
 
-def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) -> None:
-    """On a GPU, before the run: refuse a batch whose predicted peak (predict_memory, x CUDA_FACTOR)
-    exceeds the device's free memory, naming the largest batch size that fits. The peak over the
-    weights is linear in the batch size (checked on the tracker), so two predictions give the line."""
-    net, anatomy = opening.model, opening.anatomy
-    devices = {p.device for p in net.parameters()}
-    free = device_free_bytes(anatomy.input_device) if len(devices) == 1 else None
-    if free is None:
-        return
-    seq_len = opening.blocks.shape[1]
+def _structure(net) -> tuple:
+    """What a prediction depends on in the model: its class, attention implementation, parameter shapes."""
+    return (type(net).__name__, getattr(net.config, "_attn_implementation", None),
+            tuple((n, tuple(p.shape), p.dtype) for n, p in net.named_parameters()))
+
+
+# Tracked peaks already predicted in this process: the check after loading reuses the one made before.
+_PREDICTED: dict[tuple, int] = {}
+
+
+def _fit_problem(net, *, free: int, loaded: bool, device, batch_size: int, seq_len: int, tokens: str, grad: bool,
+                 metrics: frozenset | None, layers_path: str | None, command: str = "analyze") -> str | None:
+    """Why analyze on `net` will not fit `free` bytes of `device`, in one line naming what would (None: it fits,
+    or there is no prediction). `loaded`: `net` is the real model, its weights already on the device (not in
+    `free`); else `net` is a fake model built from the config before loading, and its weights count.
+    `command` "prune-sweep": the weights only (the sweep sizes its own working set by the free memory)."""
+    weights = 0 if loaded else sum(weight_bytes(net).values())
+    what = (f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
+            if command == "analyze" else command)
+    if weights > free:
+        spread = ("--device-map auto over several GPUs (offloading layers to the CPU needs --no-grad)" if grad else
+                  "--device-map auto (it offloads to the CPU what does not fit)")
+        return (f"{what}: the weights alone need {weights / GIB:.1f} GiB on {device}, which has {free / GIB:.1f} GiB "
+                f"free: use {spread}")
+    if command != "analyze":
+        return None
+    stores_streams = metrics is None or bool({"angular", "lens"} & metrics)
+    try:
+        anatomy = find_anatomy(net, layers_path)
+        L, layers_path, element = anatomy.num_layers, anatomy.layers_path, next(net.parameters()).element_size()
+        key = (_structure(net), seq_len, grad, metrics, layers_path)
+    except Exception:  # a model we cannot read: no prediction, no refusal
+        return None
 
     def need(b: int) -> float:
         # Predicted at --tokens last: tracking the lens over every token takes minutes at 8B. With
         # gradients --tokens all adds nothing at the peak (its streams are the layer inputs the backward
         # keeps); without, it holds the streams: (L+1) x tokens x hidden in the model's dtype.
-        extra = 0
-        if tokens == "all" and not grad:
-            p = next(net.parameters())
-            extra = (anatomy.num_layers + 1) * b * seq_len * _hidden_size(net) * p.element_size()
-        return CUDA_FACTOR * (predict_memory(net, batch_size=b, seq_len=seq_len, tokens="last", grad=grad,
-                                             layers_path=anatomy.layers_path).tracked + extra)
+        extra = (L + 1) * b * seq_len * _hidden_size(net) * element if tokens == "all" and not grad and stores_streams \
+            else 0
+        if (key, b) not in _PREDICTED:
+            _PREDICTED[key, b] = predict_memory(net, batch_size=b, seq_len=seq_len, grad=grad, metrics=metrics,
+                                                layers_path=layers_path, build=loaded).tracked
+        return weights + CUDA_FACTOR * (_PREDICTED[key, b] + extra)
 
     try:
-        at_batch = need(batch_size)
-        if at_batch <= free:
-            return
-        at_one = need(1) if batch_size > 1 else at_batch
-    except Exception:  # a model we cannot rebuild from its config: no prediction, no refusal
+        at_batch, fits = largest_batch(need, free, batch_size)
+    except Exception:  # a model we cannot rebuild or run under FakeTensorMode: no prediction, no refusal
+        return None
+    if fits == batch_size:
+        return None
+    advice = (f"use --batch-size {fits}" if fits else "even --batch-size 1 does not fit: use "
+              + ("--no-grad, a shorter --seq-len or --device-map auto over several GPUs" if grad else
+                 "a shorter --seq-len or --device-map auto"))
+    amount = (f"~{at_batch / GIB:.1f} GiB over the weights" if loaded else
+              f"~{at_batch / GIB:.1f} GiB ({weights / GIB:.1f} of weights + {(at_batch - weights) / GIB:.1f} for the run)")
+    return f"{what} needs {amount} on {device}, which has {free / GIB:.1f} GiB free: {advice}"
+
+
+def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool, metrics: frozenset | None = None) -> None:
+    """On one CUDA device, with the model loaded: refuse a batch whose predicted peak over the weights
+    (predict_memory, x CUDA_FACTOR) exceeds the free memory, naming the largest batch size that fits.
+    For a model given as a spec the same check ran before loading (`check_fits_before_loading`); this
+    one reuses its prediction, and covers models handed over loaded and single-GPU device maps."""
+    net, anatomy = opening.model, opening.anatomy
+    devices = {p.device for p in net.parameters()}
+    free = device_free_bytes(anatomy.input_device) if len(devices) == 1 else None
+    if free is None:
         return
-    per_sample = (at_batch - at_one) / (batch_size - 1) if batch_size > 1 else at_batch
-    fits = [b for b in range(1, batch_size) if at_one + (b - 1) * per_sample <= free]
-    what = f"analyze {'with gradients' if grad else '--no-grad'} at --batch-size {batch_size} x {seq_len} tokens"
-    advice = (f"use --batch-size {max(fits)}" if fits else
-              "even --batch-size 1 does not fit: use " + ("--no-grad or " if grad else "") + "a shorter --seq-len")
-    raise LayerprobeError(f"{what} needs ~{at_batch / GIB:.1f} GiB over the weights on {anatomy.input_device}, "
-                          f"which has {free / GIB:.1f} GiB free: {advice}")
+    problem = _fit_problem(net, free=free, loaded=True, device=anatomy.input_device,
+                           batch_size=min(batch_size, len(opening.blocks)), seq_len=opening.blocks.shape[1],
+                           tokens=tokens, grad=grad, metrics=metrics, layers_path=anatomy.layers_path)
+    if problem:
+        raise LayerprobeError(problem)
+
+
+def _npy_shape(data) -> tuple[int, int] | None:
+    """(samples, tokens) of a .npy token file, read from its header; None for other data or a bad file."""
+    if not str(data).endswith(".npy"):
+        return None
+    try:
+        shape = np.load(str(data), mmap_mode="r", allow_pickle=False).shape
+    except Exception:  # the loader says what is wrong with it, later
+        return None
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
+
+
+def check_fits_before_loading(spec, *, data: str = "builtin", seq_len: int = 256, samples: int | None = 32,
+                              batch_size: int = 4, tokens: str = "last", grad: bool = True,
+                              metrics: frozenset | None = None, revision: str | None = None, dtype: str = "auto",
+                              device: str = "auto", device_map=None, attn_implementation: str | None = None,
+                              trust_remote_code: bool = False, layers_path: str | None = None,
+                              progress: bool = False, command: str = "analyze") -> None:
+    """On one CUDA device, before any weight is read: the model built from its config alone (hub id, folder,
+    .gguf metadata, layerprobe checkpoint) under FakeTensorMode, its weights and analyze's peak predicted,
+    and a run that will not fit the device's free memory refused in one line naming the batch size that would.
+    With `device_map` nothing is predicted here (the planner places the weights; `check_fits` runs after
+    loading when they all landed on one GPU). Quantized checkpoints are not predicted (their weights are
+    smaller than the config's dtype says). `command` "prune-sweep": only whether the weights fit."""
+    if device_map is not None:
+        return
+    dev = resolve_device(device)
+    free = device_free_bytes(dev)
+    if free is None:
+        return
+    config = read_config(spec, revision=revision, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    shape = _npy_shape(data)  # a .npy file brings its own length and number of samples
+    seq, rows = (shape[1], min(shape[0], samples or shape[0])) if shape is not None else (seq_len, samples)
+    batch = min(batch_size, rows) if rows else batch_size
+    with status("predicting GPU memory", progress), fake_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            net = fake_model(config, resolve_dtype(dtype, dev), attn_implementation=attn_implementation,
+                             trust_remote_code=trust_remote_code)
+        except Exception:  # loading reports what is wrong with the model; no prediction, no refusal
+            return
+        problem = _fit_problem(net, free=free, loaded=False, device=dev, batch_size=batch, seq_len=seq, tokens=tokens,
+                               grad=grad, metrics=metrics, layers_path=layers_path, command=command)
+    if problem:
+        raise LayerprobeError(problem)
 
 
 def _with_intervals(table: pd.DataFrame, bounds: dict) -> pd.DataFrame:
@@ -436,6 +541,11 @@ def analyze(
     progress = progress and env.is_main
     selected = check_metrics(metrics, grad)
     grad = takes_gradients(selected, grad)
+    if not isinstance(model, (LoadedModel, torch.nn.Module)):
+        check_fits_before_loading(model, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size,
+                                  tokens=tokens, grad=grad, metrics=selected, revision=revision, dtype=dtype,
+                                  device=device, device_map=device_map, attn_implementation=attn_implementation,
+                                  trust_remote_code=trust_remote_code, layers_path=layers_path, progress=progress)
     opening = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                          max_memory=max_memory, attn_implementation=attn_implementation,
                          offload_folder=offload_folder, grad=grad,
@@ -443,7 +553,7 @@ def analyze(
     opening.load_blocks(data, seq_len=seq_len, samples=samples, seed=seed, text_column=text_column,
                         progress=progress)
     check_processes(len(opening.blocks), env.world_size)
-    check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad)
+    check_fits(opening, batch_size=batch_size, tokens=tokens, grad=grad, metrics=selected)
     torch.manual_seed(seed)
     # The per-batch gradient Gram (compare's interval on the gradient ratio) needs every batch's gradients in
     # one process: it is not kept under data parallel.

@@ -8,14 +8,17 @@ inputs) are registered first, so views of them count nothing. Its running maximu
 the peak over what existed before. Kernel-internal buffers are not seen, so a CUDA peak is larger:
 `cuda_estimate` adds the allowance measured against real allocations (docs/design.md).
 
-The same prediction serves `analyze` before a long run on a GPU (`analysis.check_fits`): a batch that
-will not fit says so, with the batch size that would. `HostReadCounter` counts the other cost that hides
-from a CPU run: the host syncs a GPU run would make (the sweep's tests and bench_prune.py).
+The same prediction serves `analyze` on a GPU before any weight loads (`analysis.check_fits_before_loading`,
+on a model built here from the config alone, `fake_model`): a batch that will not fit says so, with the batch
+size that would. A deep model is tracked on its first 2P and 3P layers (P: the period of its layer kinds,
+`depth_samples`) and the peak extrapolated linearly in the depth. `HostReadCounter` counts the other cost that
+hides from a CPU run: the host syncs a GPU run would make (the sweep's tests and bench_prune.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -132,6 +135,83 @@ def fake_copy(model: torch.nn.Module) -> torch.nn.Module:
     if any(p.dtype != dtype for p in copy.parameters() if p.dtype.is_floating_point):
         copy = copy.to(dtype)
     return copy.eval()
+
+
+def fake_model(config, dtype: torch.dtype, *, attn_implementation: str | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM of `config` at full size in `dtype`, as `from_pretrained` would build it, but with
+    no weight read or allocated. (Call inside `fake_mode()`.)"""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with _default_dtype(dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (None elsewhere: the fit check is for GPUs)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _layer_kind(layer: torch.nn.Module) -> tuple:
+    """What decides a layer's memory: the classes, scalar settings (sliding or full attention, ...) and
+    parameter shapes and dtypes of its modules; its own index (layer_idx and the like) left out."""
+    settings = tuple((name, type(m).__name__, tuple(sorted(
+        (k, v) for k, v in vars(m).items()
+        if isinstance(v, (str, int, float, bool)) and not k.startswith("_") and "idx" not in k
+        and "index" not in k and k not in ("layer_id", "layer_number"))))
+        for name, m in layer.named_modules())
+    return settings, tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters())
+
+
+def depth_samples(layers) -> tuple[int, int] | None:
+    """The two depths a deep model is tracked at: 2P and 3P layers, P the smallest period of its layer
+    kinds (1 for most models, 2 for Gemma-2's sliding/full alternation); None when 3P layers are not
+    fewer than all of them (then track the whole model)."""
+    kinds = [_layer_kind(layer) for layer in layers]
+    n = len(kinds)
+    period = next(p for p in range(1, n + 1) if all(kinds[i] == kinds[i % p] for i in range(n)))
+    return (2 * period, 3 * period) if 3 * period < n else None
+
+
+def extrapolate(depths: tuple[int, int], values: tuple[int, int], depth: int) -> int:
+    """The line through (depths[i], values[i]) at `depth`: with checkpointed layers, each layer adds its
+    stored input and its gradients to the peak, and the largest transient (one layer's recompute and
+    backward) is already in the shallower run."""
+    (a, b), (va, vb) = depths, values
+    return max(vb, math.ceil(va + (vb - va) * (depth - a) / (b - a)))  # never below the deeper run's own peak
+
+
+@contextlib.contextmanager
+def first_layers(parent: torch.nn.Module, name: str, k: int):
+    """`parent.<name>` (the model's layer list) cut to its first `k` layers inside the block, put back after.
+    The model's forward loops over the list it holds (`self.layers[:num_hidden_layers]` in transformers)."""
+    layers = getattr(parent, name)
+    setattr(parent, name, torch.nn.ModuleList(list(layers)[:k]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, layers)
+
+
+def largest_batch(need: Callable[[int], float], free: float, batch_size: int) -> tuple[float, int | None]:
+    """(need at `batch_size`, the largest batch size up to it whose need fits `free`, None if not even 1).
+    The need is linear in the batch (checked on the tracker), so the predictions at `batch_size` and 1
+    give the line; the second is made only when the first does not fit."""
+    at_batch = need(batch_size)
+    if at_batch <= free:
+        return at_batch, batch_size
+    if batch_size == 1:
+        return at_batch, None
+    at_one = need(1)
+    per_sample = (at_batch - at_one) / (batch_size - 1)
+    fits = [b for b in range(1, batch_size) if at_one + (b - 1) * per_sample <= free]
+    return at_batch, (max(fits) if fits else None)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def analyze_command(
     selected = check_metrics(metrics, grad)
     if out is not None:
         check_manifest(check_output_dir(out))
-    from ..analysis import analyze
+    from ..analysis import analyze, check_fits_before_loading
     from ..opening import open_model
     from ..distributed import main_first
     from ..progress import status
@@ -65,7 +65,13 @@ def analyze_command(
 
     with data_parallel(device, samples, device_map) as env:
         quiet = quiet or not env.is_main  # one progress display: the main process's
-        # With gradients, a device map that offloads a layer is refused before any weight is read.
+        # On one GPU, a run that will not fit is refused from the config alone, before any weight is read;
+        # with gradients, a device map that offloads a layer likewise (open_model).
+        check_fits_before_loading(model, data=data, seq_len=seq_len, samples=samples, batch_size=batch_size,
+                                  tokens=tokens, grad=takes_gradients(selected, grad), metrics=selected,
+                                  revision=revision, dtype=dtype, device=device, device_map=device_map,
+                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                                  layers_path=layers_path, progress=not quiet)
         loaded = open_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                             max_memory=max_memory, attn_implementation=attn_implementation,
                             offload_folder=offload_folder, trust_remote_code=trust_remote_code,

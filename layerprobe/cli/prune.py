@@ -51,6 +51,7 @@ def prune_sweep_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove each layer, each block, greedily or by a ranking; loss, perplexity, KL and top-1 agreement against the full model."""
+    from ..analysis import check_fits_before_loading
     from ..errors import LayerprobeError
     from ..io import check_output_dir
     from ..loading import load_model
@@ -71,6 +72,10 @@ def prune_sweep_command(
                                               yes=yes, max_layer_calls=max_layer_calls))
     with data_parallel(device, samples, device_map) as env:
         quiet = quiet or not env.is_main  # one progress display: the main process's
+        # On one GPU, weights that will not fit are refused from the config alone, before any is read.
+        check_fits_before_loading(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
+                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                                  layers_path=layers_path, grad=False, command="prune-sweep")
         with status(f"loading {model}", not quiet):
             loaded = load_model(model, revision=revision, dtype=dtype, device=device, device_map=device_map,
                                 max_memory=max_memory, attn_implementation=attn_implementation,
