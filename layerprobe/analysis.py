@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .anatomy import Anatomy, find_anatomy
-from .capture import LayerCapture
+from .capture import LayerCapture, all_tokens_device_bytes
 from .errors import LayerprobeError
 from .defaults import METRICS, check_measure_options, check_metrics, takes_gradients
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
@@ -292,11 +292,11 @@ def check_fits(opening: Opening, *, batch_size: int, tokens: str, grad: bool) ->
     def need(b: int) -> float:
         # Predicted at --tokens last: tracking the lens over every token takes minutes at 8B. With
         # gradients --tokens all adds nothing at the peak (its streams are the layer inputs the backward
-        # keeps); without, it holds the streams: (L+1) x tokens x hidden in the model's dtype.
+        # keeps); without, one chunk of its streams (capture.all_tokens_device_bytes).
         extra = 0
         if tokens == "all" and not grad:
             p = next(net.parameters())
-            extra = (anatomy.num_layers + 1) * b * seq_len * _hidden_size(net) * p.element_size()
+            extra = all_tokens_device_bytes(anatomy.num_layers, b * seq_len, _hidden_size(net), p.element_size())
         return CUDA_FACTOR * (predict_memory(net, batch_size=b, seq_len=seq_len, tokens="last", grad=grad,
                                              layers_path=anatomy.layers_path).tracked + extra)
 

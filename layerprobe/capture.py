@@ -51,9 +51,9 @@ DECOMPOSITION_EPS = 16
 
 
 def all_tokens_device_bytes(num_layers: int, tokens: int, hidden: int, element_size: int) -> int:
-    """What `--tokens all` without a backward holds on the device over `--tokens last`, besides its lens
-    chunk: the batch's (L+1) x tokens x hidden streams where they fit one chunk, else one chunk of them
-    back from the host in end_batch (and one layer's copy in flight in the forward, which is smaller)."""
+    """What `--tokens all` without a backward adds on the device over `--tokens last`, at most: the batch's
+    (L+1) x tokens x hidden streams where they fit one chunk (they stay there), else one chunk of them,
+    brought back from the host in end_batch (which also bounds the one layer's copy in flight in the forward)."""
     return min((num_layers + 1) * tokens * hidden * element_size, STREAM_CHUNK_BYTES)
 
 
