@@ -181,7 +181,7 @@ class LayerCapture:
         self._units[depth] = vecs.clone() if home is None else self._to_host(vecs, home)
 
     def _stream_home(self, vecs: torch.Tensor) -> torch.device | None:
-        """Where a copied stream waits for end_batch when not on its own device: None to keep it there."""
+        """Where a copied stream waits for end_batch if not on the layer's device (None: it stays there)."""
         if self.tokens != "all":
             return None  # one token per sample: nothing worth moving
         if self.stream_host is not None:
@@ -516,8 +516,7 @@ class LayerCapture:
                 rows = [self._unit_rows(depth, start, stop) for depth in range(self.num_layers + 1)]
                 if lens:
                     lens_sums = self._lens(rows, start, n, lens_sums)
-                if "angular" in self.metrics:
-                    # on the first layer's device: no host copy
+                if "angular" in self.metrics:  # on the first layer's device
                     part = angular_distance_sums(rows, groups=B, first=start, group_size=n // B)
                     per_sample = part if per_sample is None else per_sample + part
                 del rows
