@@ -15,6 +15,9 @@ makes until it dies:
                            default batch 512 x 256 and default micro-batch), bf16 autocast, AdamW
 Printed per run: the weights, the tracked peak over them, and the predicted CUDA peak
 (weights + 1.1 x tracked + 0.7 GiB: allocator, kernel workspaces, context; see docs/design.md).
+The model's device ("cpu") stands for the GPU; what layerprobe keeps in host memory on a GPU run (`--tokens
+all`'s streams without gradients, capture.STREAM_HOST) is sent to the fake device HOST instead, tracked
+apart and printed as "host" (see HOST below for why not the other way round).
 Under inference_mode composite ops hide their internals from dispatch modes, so the no-grad runs are
 tracked under no_grad (the same memory).
 
@@ -61,6 +64,12 @@ MODELS = {
                                        max_position_embeddings=8192, tie_word_embeddings=False)),
 }
 MODES = ("analyze", "analyze-all", "no-grad", "no-grad-all", "prune-layer")
+# Where the faked runs put what a GPU run keeps on the host. The model stays on "cpu", standing for the GPU:
+# FakeTensorMode on a CPU-only torch cannot run a model on fake "cuda" tensors (indexing and copy_ need the
+# CUDA device guard), and a model on "meta" would take attention's math path (the [B, heads, T, T] scores),
+# not the fused kernels of the CPU and the GPU. So the host copies go to "meta": the same code path as a
+# GPU run's (capture._to_host: a device copy, then a copy to the host), on a device the tracker tells apart.
+HOST = "meta"
 TRAIN_PRESETS = ("71m", "130m")
 
 
@@ -91,16 +100,25 @@ def no_inference_mode():
 
 
 def tracked(run, model, inputs=(), scalar: float = 0) -> dict:
+    from layerprobe import capture
+
     tracker = StorageTracker(fake_scalars=True, scalar=scalar)
     tracker.register_module(model)
     tracker.register(inputs)
     started = time.perf_counter()
-    with no_inference_mode(), tracker:
-        run()
+    saved = getattr(capture, "STREAM_HOST", None)
+    if hasattr(capture, "STREAM_HOST"):  # code from before the host copies has no such setting
+        capture.STREAM_HOST = HOST
+    try:
+        with no_inference_mode(), tracker:
+            run()
+    finally:
+        if hasattr(capture, "STREAM_HOST"):
+            capture.STREAM_HOST = saved
     weights = sum(weight_bytes(model).values())
-    peak = max(tracker.peak.values(), default=0)
+    peak = max((v for d, v in tracker.peak.items() if d != HOST), default=0)  # the GPU's: the host's apart
     return {"weights_gib": weights / GIB, "tracked_gib": peak / GIB, "cuda_gib": cuda_estimate(weights, peak) / GIB,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "host_gib": tracker.peak.get(HOST, 0) / GIB, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def opening_for(model, blocks):
@@ -291,7 +309,8 @@ def main(argv=None) -> int:
                 r.update(model=name, mode=mode, attention=attn)
                 results.append(r)
                 print(f"{name:12s} {mode:12s} weights {r['weights_gib']:6.1f}  tracked {r['tracked_gib']:6.1f}  "
-                      f"CUDA {r['cuda_gib']:6.1f}   ({attn} attention, {r['seconds']} s)", flush=True)
+                      f"CUDA {r['cuda_gib']:6.1f}  host {r['host_gib']:5.1f}   ({attn} attention, {r['seconds']} s)",
+                      flush=True)
     if "train" in modes:
         for preset in TRAIN_PRESETS:
             with fake_mode():

@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .anatomy import Anatomy, find_anatomy
-from .capture import LayerCapture
+from .capture import LayerCapture, all_tokens_device_bytes
 from .errors import LayerprobeError
 from .defaults import METRICS, check_measure_options, check_metrics, takes_gradients
 from .distributed import DistEnv, all_reduce_gradients, check_processes, current, sample_shares, split_manifest
@@ -334,9 +334,9 @@ def _fit_problem(net, *, free: int, loaded: bool, device, batch_size: int, seq_l
     def need(b: int) -> float:
         # Predicted at --tokens last: tracking the lens over every token takes minutes at 8B. With
         # gradients --tokens all adds nothing at the peak (its streams are the layer inputs the backward
-        # keeps); without, it holds the streams: (L+1) x tokens x hidden in the model's dtype.
-        extra = (L + 1) * b * seq_len * _hidden_size(net) * element if tokens == "all" and not grad and stores_streams \
-            else 0
+        # keeps); without, one chunk of its streams (capture.all_tokens_device_bytes).
+        extra = (all_tokens_device_bytes(L, b * seq_len, _hidden_size(net), element)
+                 if tokens == "all" and not grad and stores_streams else 0)
         if (key, b) not in _PREDICTED:
             _PREDICTED[key, b] = predict_memory(net, batch_size=b, seq_len=seq_len, grad=grad, metrics=metrics,
                                                 layers_path=layers_path, build=loaded).tracked

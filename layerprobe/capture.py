@@ -10,6 +10,11 @@ float64 copy would add bytes and no precision. The lens reads the model's own re
 layer's output as the final distribution (`Anatomy.readout`: what the CausalLM does after its last
 layer), so it does not need the model's full logits, which `analyze` never forms (see analysis).
 Both run in chunks of tokens sized by a memory budget, every layer at once, on the layers' device.
+With `--tokens all` and no backward on a GPU, the streams ((L+1) x tokens x hidden) are copied to
+pinned host memory as the layers make them, on a side stream that overlaps the next layers, and come
+back to the device one token chunk at a time (STREAM_CHUNK_BYTES for all L+1 layers), so the device
+holds one chunk of them instead of all (`_store_unit`, `end_batch`). With a backward they stay: they
+are the layer inputs the backward keeps anyway.
 Under activation checkpointing the layers run again inside the backward: every hook returns at
 once there (`_recomputing`), so nothing is counted twice and no recomputed graph is kept.
 Sublayer updates come from forward hooks on each layer's attention and MLP children; they are
@@ -32,8 +37,24 @@ TOKENS = ("last", "all")
 # Logits per lens chunk (layers x tokens x vocabulary), whatever the batch size: 2^26, i.e. about
 # 1 GiB with the model-dtype logits, their float32 log-softmax and the KL terms (~16 bytes each).
 LENS_CHUNK_ELEMENTS = 1 << 26
+# Device memory for one token chunk of the stored streams, all L+1 layers together, when end_batch brings
+# them back from the host (`--tokens all` without a backward on an accelerator).
+STREAM_CHUNK_BYTES = 512 << 20
+# Where those streams wait for end_batch: None = on the host when they are made on an accelerator and
+# exceed one chunk, on the layers' device otherwise; a device forces it (the tests force "cpu" on the CPU).
+STREAM_HOST: str | None = None
+# Devices whose streams stay where they are: the host itself, and Apple's unified memory, where a host copy
+# saves nothing. ("meta" is an accelerator here: memory.py's faked runs stand it in for a GPU.)
+STREAM_STAYS_ON = ("cpu", "mps")
 # y = x + attention + MLP holds to rounding: |y - x - a - m| <= this many eps of the dtype x (|x|+|a|+|m|).
 DECOMPOSITION_EPS = 16
+
+
+def all_tokens_device_bytes(num_layers: int, tokens: int, hidden: int, element_size: int) -> int:
+    """What `--tokens all` without a backward adds on the device over `--tokens last`, at most: the batch's
+    (L+1) x tokens x hidden streams where they fit one chunk (they stay there), else one chunk of them,
+    brought back from the host in end_batch (which also bounds the one layer's copy in flight in the forward)."""
+    return min((num_layers + 1) * tokens * hidden * element_size, STREAM_CHUNK_BYTES)
 
 
 def _ratio_sums() -> list:
@@ -60,7 +81,8 @@ class LayerCapture:
     """
 
     def __init__(self, anatomy: Anatomy, tokens: str = "last", detect_placement: bool = True,
-                 lens: bool = True, lens_chunk: int | None = None, metrics=None):
+                 lens: bool = True, lens_chunk: int | None = None, metrics=None,
+                 stream_host: str | torch.device | None = None, stream_chunk_bytes: int | None = None):
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {TOKENS}")
         # Which statistics to take (defaults.METRICS; None: every one): a hook does only the work of these.
@@ -71,6 +93,15 @@ class LayerCapture:
         L = self.num_layers
         self._inputs: dict[int, torch.Tensor] = {}
         self._units: list[torch.Tensor | None] = [None] * (L + 1)
+        self._unit_devices: list[torch.device | None] = [None] * (L + 1)  # where each stream was made
+        # `--tokens all` without a backward: where the streams wait for end_batch (STREAM_HOST) and the
+        # device bytes of one chunk of them there.
+        host = stream_host if stream_host is not None else STREAM_HOST
+        self.stream_host = torch.device(host) if host is not None else None
+        self.stream_chunk_bytes = stream_chunk_bytes or STREAM_CHUNK_BYTES
+        self._copy_streams: dict = {}  # CUDA device -> the side stream of its host copies
+        self._in_flight: torch.Tensor | None = None  # the device copy whose host copy may still run
+        self._held = False  # this batch's streams went to stream_host: end_batch takes them in chunks
         self._handles: list = []
         self._placement_handles: list = []
         self.angular_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
@@ -133,15 +164,76 @@ class LayerCapture:
 
     # -- hooks -----------------------------------------------------------------------------
     def _store_unit(self, depth: int, h: torch.Tensor) -> None:
-        """Keep the stream at `depth` for end_batch, in the model's dtype, on the layer's device.
+        """Keep the stream at `depth` for end_batch, in the model's dtype.
 
         With gradients the layer's input is kept for the backward anyway: a view costs nothing (and
         a model that changed it in place would fail its own backward). Otherwise a copy, so that
-        nothing the model does to the tensor afterwards changes what was measured.
+        nothing the model does to the tensor afterwards changes what was measured: on the host where
+        every token's stream would hold device memory (`_stream_home`), else on the layer's device.
         """
         vecs = h[:, -1, :] if self.tokens == "last" else h.reshape(-1, h.shape[-1])
         vecs = vecs.detach()
-        self._units[depth] = vecs if h.requires_grad and self.tokens == "all" else vecs.clone()
+        self._unit_devices[depth] = vecs.device
+        if h.requires_grad and self.tokens == "all":
+            self._units[depth] = vecs
+            return
+        home = self._stream_home(vecs)
+        self._units[depth] = vecs.clone() if home is None else self._to_host(vecs, home)
+
+    def _stream_home(self, vecs: torch.Tensor) -> torch.device | None:
+        """Where a copied stream waits for end_batch if not on the layer's device (None: it stays there)."""
+        if self.tokens != "all":
+            return None  # one token per sample: nothing worth moving
+        if self.stream_host is not None:
+            return self.stream_host
+        if vecs.device.type in STREAM_STAYS_ON:
+            return None
+        whole = (self.num_layers + 1) * vecs.numel() * vecs.element_size()
+        return torch.device("cpu") if whole > self.stream_chunk_bytes else None
+
+    def _to_host(self, vecs: torch.Tensor, home: torch.device) -> torch.Tensor:
+        """A copy of `vecs` on `home`. From a GPU to the host: into pinned memory on a side stream, which
+        runs beside the next layers; it starts once the model's stream has made `vecs` (wait_stream), and
+        end_batch waits for it (`_wait_for_copies`)."""
+        self._held = True
+        if vecs.device == home:  # forced onto the device it is on (tests of the chunked path on the CPU)
+            return vecs.clone()
+        # Our own device copy first: the model may write its stream in place while the host copy runs.
+        # It is held until the next layer's copy starts (one in flight), as the allocator holds it on a GPU.
+        src = vecs.clone()
+        if src.device.type == "cuda" and home.type == "cpu":
+            side = self._copy_streams.get(src.device)
+            if side is None:
+                side = self._copy_streams[src.device] = torch.cuda.Stream(device=src.device)
+            side.wait_stream(torch.cuda.current_stream(src.device))
+            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            with torch.cuda.stream(side):
+                host.copy_(src, non_blocking=True)
+            src.record_stream(side)  # its memory is not reused before the copy has read it
+        else:  # other accelerators (a blocking copy), and memory.py's faked runs, where "meta" is the GPU
+            host = src.to(home)
+        self._in_flight = src
+        return host
+
+    def _wait_for_copies(self) -> None:
+        """The model's streams wait for the host copies (what reads the host copies runs on them)."""
+        for device, side in self._copy_streams.items():
+            torch.cuda.current_stream(device).wait_stream(side)
+        self._in_flight = None
+
+    def _unit_rows(self, depth: int, start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) of the stream at `depth`, on the device that made it."""
+        rows, device = self._units[depth][start:stop], self._unit_devices[depth]
+        return rows if rows.device == device else rows.to(device, non_blocking=device.type == "cuda")
+
+    def _token_chunks(self, n: int) -> list[tuple[int, int]]:
+        """[start, stop) ranges of the batch's n tokens that end_batch takes at a time: all of them where the
+        streams stayed on their devices, else as many as STREAM_CHUNK_BYTES holds for all L+1 layers."""
+        if not self._held:
+            return [(0, n)]
+        row = sum(u.shape[-1] * u.element_size() for u in self._units)
+        step = max(1, self.stream_chunk_bytes // row)
+        return [(start, min(start + step, n)) for start in range(0, n, step)]
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -264,54 +356,63 @@ class LayerCapture:
 
         return hook
 
-    def _lens(self) -> None:
-        """Every layer's lens for the batch's tokens, chunk by chunk, all layers in one readout: one
-        pass over the head's weights (vocabulary x hidden) per chunk, and one log-softmax, KL and
-        argmax over [layers, tokens, vocabulary]. The final distribution is the readout of the last
-        layer's output, the model's own logits for those tokens (the readout is checked to be the model's
-        own path on the first batch: `_choose_readout`)."""
-        L = self.num_layers
+    def _lens_ready(self) -> bool:
+        """The readout the lens reads (chosen on the first batch), False where none gives the model's logits."""
         if self._readout is None:
-            self._readout = self._choose_readout()
+            self._readout = self._choose_readout(self._unit_rows(self.num_layers, 0, 8))
             if self._readout is None:
                 self.lens = False  # no path gives the model's logits: no lens (NaN) rather than a wrong one
-                return
-        n_tokens = self._units[L].shape[0]
-        step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (self._vocab() * L))
-        kl_sum = agree_sum = None
-        device = self._units[L].device
+        return self.lens
+
+    def _lens(self, rows: list[torch.Tensor], first: int, n_tokens: int, sums: list | None) -> list:
+        """Every layer's lens for tokens [first, first + len) of the batch's n_tokens (`rows`: the L+1
+        streams there), in chunks, all layers in one readout: one pass over the head's weights
+        (vocabulary x hidden) per chunk, and one log-softmax, KL and argmax over [layers, tokens,
+        vocabulary]. The final distribution is the readout of the last layer's output, the model's own
+        logits for those tokens (the readout is checked to be the model's own path on the first batch:
+        `_choose_readout`). `sums`: what the earlier token ranges of the batch gave (None for the first);
+        returns it with these tokens added; `_lens_done` folds it in."""
+        L = self.num_layers
+        device = rows[L].device
+        step = self.lens_chunk or max(1, LENS_CHUNK_ELEMENTS // (self._vocab(rows[L]) * L))
         B = self._batch_samples
         per_sample = n_tokens // B  # tokens of one sample: 1 (last) or T (all), in sample order
-        kl_ps = torch.zeros(L, B, dtype=torch.float64, device=device)
-        agree_ps = torch.zeros(L, B, dtype=torch.float64, device=device)
-        for start in range(0, n_tokens, step):
+        if sums is None:
+            sums = [None, None, torch.zeros(L, B, dtype=torch.float64, device=device),
+                    torch.zeros(L, B, dtype=torch.float64, device=device)]
+        kl_ps, agree_ps = sums[2], sums[3]
+        for start in range(0, rows[L].shape[0], step):
             # y_layer = the input of the next layer, already held for the angular distance
-            h = torch.cat([self._units[layer + 1][start:start + step].to(device) for layer in range(L)])
+            h = torch.cat([rows[layer + 1][start:start + step].to(device) for layer in range(L)])
             lens_logits = self._readout(h).to(device).reshape(L, h.shape[0] // L, -1)
             kl_t, agree_t = lens_terms(final_distribution(lens_logits[-1]), lens_logits)
             kl, agree = kl_t.sum(-1, dtype=torch.float64), agree_t.sum(-1)
-            ids = torch.arange(start, start + kl_t.shape[-1], device=kl_t.device) // per_sample
+            ids = torch.arange(first + start, first + start + kl_t.shape[-1], device=kl_t.device) // per_sample
             kl_ps.index_add_(1, ids.to(device), kl_t.double().to(device))
             agree_ps.index_add_(1, ids.to(device), agree_t.double().to(device))
-            kl_sum = kl if kl_sum is None else kl_sum + kl
-            agree_sum = agree if agree_sum is None else agree_sum + agree
-        for layer in range(L):
+            sums[0] = kl if sums[0] is None else sums[0] + kl
+            sums[1] = agree if sums[1] is None else sums[1] + agree
+        return sums
+
+    def _lens_done(self, sums: list, n_tokens: int) -> None:
+        kl_sum, agree_sum, kl_ps, agree_ps = sums
+        for layer in range(self.num_layers):
             self.lens_kl_sum[layer] = self.lens_kl_sum[layer] + kl_sum[layer]
             self.lens_top1_sum[layer] = self.lens_top1_sum[layer] + agree_sum[layer]
         self.lens_count += n_tokens
-        self._lens_batch = (kl_ps.T, agree_ps.T, per_sample)
+        self._lens_batch = (kl_ps.T, agree_ps.T, n_tokens // self._batch_samples)
 
-    def _vocab(self) -> int:
+    def _vocab(self, last: torch.Tensor) -> int:
         if self._vocab_size is None:
             with torch.no_grad():
-                self._vocab_size = self._readout(self._units[-1][:1]).shape[-1]
+                self._vocab_size = self._readout(last[:1]).shape[-1]
         return self._vocab_size
 
-    def _choose_readout(self):
-        """The rebuilt readout (final norm, head, logit transform) if, on the first batch's last-layer outputs,
-        it gives what the model's own path gives (anatomy.own_path_logits: the model's forward with every layer
-        standing in for the given stream); else that own path; None when the own path cannot run."""
-        last = self._units[self.num_layers][:8]
+    def _choose_readout(self, last: torch.Tensor):
+        """The rebuilt readout (final norm, head, logit transform) if, on `last` (the first batch's first
+        last-layer outputs), it gives what the model's own path gives (anatomy.own_path_logits: the model's
+        forward with every layer standing in for the given stream); else that own path; None when the own
+        path cannot run."""
         if is_fake(last):  # memory.py sizes a faked run: values mean nothing there; size the common path
             return self.anatomy.readout
 
@@ -394,6 +495,7 @@ class LayerCapture:
         self._handles, self._placement_handles = [], []
         self._inputs.clear()
         self._sub_out.clear()
+        self._in_flight = None
         return False
 
     # -- per batch -------------------------------------------------------------------------
@@ -404,16 +506,27 @@ class LayerCapture:
         B = self._batch_samples
         per_sample = None
         with torch.no_grad():
-            if self.lens:
-                self._lens()
-            if "angular" in self.metrics:
-                # on the first layer's device: no host copy
-                per_sample = angular_distance_sums(self._units, groups=B)
+            self._wait_for_copies()
+            n = self._units[0].shape[0] if self._keep_units else 0
+            lens = self.lens and self._lens_ready()
+            lens_sums = None
+            for start, stop in self._token_chunks(n) if self._keep_units else ():
+                rows = [self._unit_rows(depth, start, stop) for depth in range(self.num_layers + 1)]
+                if lens:
+                    lens_sums = self._lens(rows, start, n, lens_sums)
+                if "angular" in self.metrics:  # on the first layer's device
+                    part = angular_distance_sums(rows, groups=B, first=start, group_size=n // B)
+                    per_sample = part if per_sample is None else per_sample + part
+                del rows
+            if lens:
+                self._lens_done(lens_sums, n)
+            if per_sample is not None:
                 sums = per_sample.sum(0)
                 self.angular_sum = self.angular_sum.to(sums.device) + sums
-                self.angular_count += self._units[0].shape[0]
+                self.angular_count += n
         self._keep_sample_sums(per_sample)
         self._units = [None] * (self.num_layers + 1)
+        self._held = False
         self._sub_out.clear()
         self._checking_decomposition = False
         if self._placement_handles:

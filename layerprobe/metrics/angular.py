@@ -42,22 +42,24 @@ GRAM_CHUNK_ELEMENTS = 1 << 25
 
 
 def angular_distance_sums(streams: list[torch.Tensor], chunk_elements: int | None = None,
-                          groups: int | None = None) -> torch.Tensor:
+                          groups: int | None = None, first: int = 0, group_size: int | None = None) -> torch.Tensor:
     """`angular_distance_matrix` of the L+1 streams [N, H] (any dtype, any devices), formed in chunks
     of tokens on the first stream's device: float64 copies of one chunk at a time, never of all N.
 
     `groups` = G: the N tokens are G samples of N/G consecutive tokens each; the sums come back per
-    sample, [G, L+1, L+1] (what the intervals resample: metrics/intervals.py)."""
+    sample, [G, L+1, L+1] (what the intervals resample: metrics/intervals.py). Where the streams are
+    tokens [first, first + N) of a longer batch (capture.py takes them from the host in pieces), the
+    samples are `group_size` tokens each and the rows of samples outside the piece are zero."""
     device, n, width = streams[0].device, streams[0].shape[0], streams[0].shape[-1]
     step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // (len(streams) * width))
     size = (groups or 1, len(streams), len(streams))
     total = torch.zeros(size, dtype=torch.float64, device=device)
-    per_group = n // groups if groups else n
+    per_group = group_size or (n // groups if groups else n)
     for start in range(0, n, step):
         u = torch.stack([s[start:start + step].to(device=device, dtype=torch.float64) for s in streams])
         per_vector = angular_distance_per_vector(unit_vectors(u))
         if groups:
-            ids = torch.arange(start, start + per_vector.shape[0], device=device) // per_group
+            ids = torch.arange(first + start, first + start + per_vector.shape[0], device=device) // per_group
             total.index_add_(0, ids, per_vector)
         else:
             total[0] += per_vector.sum(0)
