@@ -165,7 +165,9 @@ class LayerCapture:
             if index == self.num_layers - 1:
                 self._output_len = None if isinstance(output, torch.Tensor) else len(output)
             with torch.no_grad():
-                x, y = x.detach(), y.detach()
+                # Under a device map the input can still be on the previous layer's GPU (accelerate moves
+                # it inside forward, after this module's pre-hook): compare on the output's device.
+                x, y = x.detach().to(y.device), y.detach()
                 if y.dtype != torch.float32:  # bf16/fp16 models: statistics in float32
                     x, y = x.float(), y.float()
                 self._layers_run += 1
