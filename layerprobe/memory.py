@@ -16,6 +16,7 @@ from a CPU run: the host syncs a GPU run would make (the sweep's tests and bench
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -251,8 +252,13 @@ def dispatch_fake(model: torch.nn.Module, device_map: dict) -> torch.nn.Module:
                         moved[id(t)] = (torch.nn.Parameter(data, requires_grad=t.requires_grad)
                                         if isinstance(t, torch.nn.Parameter) else data)
                     table[key] = moved[id(t)]
-    kwargs = {"skip_keys": getattr(model, "_skip_keys_device_placement", None)}
-    return dispatch_model(model, device_map=fake, **kwargs)
+    # The main device (the top-level hook's) as accelerate picks it from the real map's set of GPU indices,
+    # not from the set of fake names (whose order varies with string hashing).
+    main = list(set(device_map.values()))[0]
+    kwargs = {"skip_keys": getattr(model, "_skip_keys_device_placement", None), "main_device": fake_gpu(main)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FakeTensor's data_ptr warning (accelerate's tied-weight bookkeeping)
+        return dispatch_model(model, device_map=fake, **kwargs)
 
 
 @dataclass
