@@ -66,6 +66,7 @@ def test_gradients_land_on_their_layers_devices():
     assert live.get("cpu", 0) == 0
 
 
+@pytest.mark.slow  # ~25 s under FakeTensorMode on a loaded 2-core machine
 def test_device_map_of_a_tiny_llama_runs_analyze_and_counts_weights_per_gpu():
     """analyze's own pass (with gradients, checkpointed, and --no-grad) on a Llama whose layers sit on two
     fake GPUs: every op would refuse operands on two devices, so this is the check that the hooks compare
