@@ -68,7 +68,7 @@ def test_gradients_land_on_their_layers_devices():
 
 @pytest.mark.slow  # ~25 s under FakeTensorMode on a loaded 2-core machine
 def test_device_map_of_a_tiny_llama_runs_analyze_and_counts_weights_per_gpu():
-    """analyze's own pass (with gradients, checkpointed, and --no-grad) on a Llama whose layers sit on two
+    """analyze's own pass (with gradients, checkpointed; --no-grad --tokens all) on a Llama whose layers sit on two
     fake GPUs: every op would refuse operands on two devices, so this is the check that the hooks compare
     a layer's input and output on one device (the input arrives from the previous GPU). The weights per
     GPU are the plan's modules' bytes (parameters and buffers)."""
@@ -85,8 +85,8 @@ def test_device_map_of_a_tiny_llama_runs_analyze_and_counts_weights_per_gpu():
         model = dispatch_fake(net, plan)
         blocks = torch.zeros(4, 12, dtype=torch.long)
         opening = type("O", (), {"model": model, "anatomy": find_anatomy(model), "blocks": blocks})()
-        for grad in (True, False):
-            pred = track_devices(lambda: analysis._measure(opening, batch_size=2, tokens="last", grad=grad,
+        for grad, tokens in ((True, "last"), (False, "all")):
+            pred = track_devices(lambda: analysis._measure(opening, batch_size=2, tokens=tokens, grad=grad,
                                                            progress=False, checkpoint_layers=True),
                                  model, [blocks])
             assert pred.tracked["GPU 0"] > 0 and pred.tracked["GPU 1"] > 0
