@@ -4,6 +4,8 @@
                                  [--modes analyze,analyze-all,no-grad,no-grad-all,prune-layer,train]
                                  [--dtype bfloat16] [--json out.json]
     python bench/bench_memory.py --validate      # the tracker against real allocations (CPU, fp32)
+    python bench/bench_memory.py --models llama3-70b --device-map balanced --gpus 8 --gpu-gib 80 \
+                                 [--max-memory 0=60GiB,...] [--modes analyze,no-grad] [--target-gib 60]
 
 Each model is built from its config (written below: no hub) under FakeTensorMode, and layerprobe's
 own calls run on it inside `layerprobe.memory.StorageTracker`, which follows every storage an aten op
@@ -17,6 +19,11 @@ Printed per run: the weights, the tracked peak over them, and the predicted CUDA
 (weights + 1.1 x tracked + 0.7 GiB: allocator, kernel workspaces, context; see docs/design.md).
 Under inference_mode composite ops hide their internals from dispatch modes, so the no-grad runs are
 tracked under no_grad (the same memory).
+
+--device-map: the analyze modes per GPU of the map `analyze --device-map ...` would plan on a machine with
+--gpus GPUs of --gpu-gib GiB free (layerprobe's own planner on the meta model), run on the fake model that
+accelerate's dispatch_model splits along it; GPU k is the fake device cpu:k+1 (layerprobe/memory.py says
+why). Maps that offload to cpu or disk are not predicted.
 
 --validate runs analyze with gradients and without on a real fp32 Llama of ~150 MB in a subprocess with
 malloc's mmap threshold fixed (so freed tensors leave the resident set) and compares the tracked peak
@@ -247,6 +254,7 @@ def device_map_table(name: str, dtype: torch.dtype, args) -> list[dict]:
     results = []
     for mode in args.modes.split(","):
         if mode not in MODES[:4]:
+            print(f"  {mode}: not predicted on a device map (analyze modes only)")
             continue
         r = run_map_mode(name, dtype, plan, mode, args.batch_size, args.seq_len)
         r.update(model=name, device_map=args.device_map, gpus=args.gpus, gpu_gib=args.gpu_gib)
