@@ -4,6 +4,8 @@
                                  [--modes analyze,analyze-all,no-grad,no-grad-all,prune-layer,train]
                                  [--dtype bfloat16] [--json out.json]
     python bench/bench_memory.py --validate      # the tracker against real allocations (CPU, fp32)
+    python bench/bench_memory.py --models llama3-70b --device-map balanced --gpus 8 --gpu-gib 80 \
+                                 [--max-memory 0=60GiB,...] [--modes analyze,no-grad] [--target-gib 60]
 
 Each model is built from its config (written below: no hub) under FakeTensorMode, and layerprobe's
 own calls run on it inside `layerprobe.memory.StorageTracker`, which follows every storage an aten op
@@ -20,6 +22,11 @@ all`'s streams without gradients, capture.STREAM_HOST) is sent to the fake devic
 apart and printed as "host" (see HOST below for why not the other way round).
 Under inference_mode composite ops hide their internals from dispatch modes, so the no-grad runs are
 tracked under no_grad (the same memory).
+
+--device-map: the analyze modes per GPU of the map `analyze --device-map ...` would plan on a machine with
+--gpus GPUs of --gpu-gib GiB free (layerprobe's own planner on the meta model), run on the fake model that
+accelerate's dispatch_model splits along it; GPU k is the fake device cpu:k+1 (layerprobe/memory.py says
+why). Maps that offload to cpu or disk are not predicted.
 
 --validate runs analyze with gradients and without on a real fp32 Llama of ~150 MB in a subprocess with
 malloc's mmap threshold fixed (so freed tensors leave the resident set) and compares the tracked peak
@@ -185,6 +192,117 @@ def predict_peak_bytes(config, *, batch: int, seq_len: int, mode: str, dtype: st
     return int(weights + CUDA_FACTOR * result["tracked_gib"] * GIB)
 
 
+# --- A device map over N GPUs of M GiB ------------------------------------------------------------------
+
+def emulated_free_memory(gpus: int, gpu_gib: float, host_gib: float):
+    """What accelerate's get_max_memory() reads on a machine with `gpus` GPUs of `gpu_gib` GiB free and
+    `host_gib` GiB of host memory available: the planner's budget when --max-memory is not given."""
+    def read(max_memory=None):
+        from accelerate.utils import get_max_memory
+
+        if max_memory is not None:
+            return get_max_memory(max_memory)
+        return {**{i: int(gpu_gib * GIB) for i in range(gpus)}, "cpu": int(host_gib * GIB)}
+    return read
+
+
+def plan_map(name: str, dtype: torch.dtype, device_map: str, gpus: int, gpu_gib: float, host_gib: float,
+             max_memory: str | None = None) -> dict:
+    """Module -> device as `layerprobe analyze --device-map DEVICE_MAP [--max-memory ...]` plans it on a
+    machine with `gpus` GPUs of `gpu_gib` GiB: layerprobe's own planner (loading.plan_device_map,
+    transformers' _get_device_map: get_balanced_memory, infer_auto_device_map, no_split modules) on the
+    model built from its config on the meta device."""
+    import transformers
+    import transformers.integrations.accelerate as hf_accelerate
+
+    from layerprobe.defaults import check_placement_options
+    from layerprobe.loading import plan_device_map
+
+    memory = check_placement_options(device_map, max_memory)
+    cls_name, kwargs = MODELS[name]
+    with torch.device("meta"), contextlib.redirect_stderr(open(os.devnull, "w")):
+        meta = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs), dtype=dtype)
+    saved = hf_accelerate.accelerate_max_memory
+    hf_accelerate.accelerate_max_memory = emulated_free_memory(gpus, gpu_gib, host_gib)
+    try:
+        return plan_device_map(meta, device_map, memory)
+    finally:
+        hf_accelerate.accelerate_max_memory = saved
+
+
+def run_map_mode(name: str, dtype: torch.dtype, plan: dict, mode: str, batch: int, seq_len: int) -> dict:
+    """analyze (`mode`: analyze, analyze-all, no-grad, no-grad-all) on the full-size fake model dispatched
+    along `plan` (memory.dispatch_fake: GPU k is the fake device cpu:k+1), tracked per device."""
+    from layerprobe import analysis
+    from layerprobe.memory import dispatch_fake, track_devices
+
+    grad = mode.startswith("analyze")
+    tokens = "all" if mode.endswith("-all") else "last"
+    with fake_mode():
+        model = dispatch_fake(build(name, dtype), plan)
+        blocks = torch.zeros(2 * batch, seq_len, dtype=torch.long)  # on the host, as analyze's data is
+        opening = opening_for(model, blocks)
+        started = time.perf_counter()
+        # On a GPU, analyze checkpoints every layer by default (its input device is not the CPU); the fake
+        # GPUs are CPU devices, so ask for it.
+        with no_inference_mode():
+            pred = track_devices(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad,
+                                                           progress=False, checkpoint_layers=True),
+                                 model, [blocks])
+    devices = sorted(set(pred.weights) | set(pred.tracked), key=_device_order)
+    return {"mode": mode, "seconds": round(time.perf_counter() - started, 1),
+            "devices": {d: {"weights_gib": pred.weights.get(d, 0) / GIB, "tracked_gib": pred.tracked.get(d, 0) / GIB,
+                            "cuda_gib": pred.cuda(d) / GIB} for d in devices}}
+
+
+def _device_order(label: str):
+    return (0, int(label.split()[1])) if label.startswith("GPU ") else (1, label)
+
+
+def device_map_table(name: str, dtype: torch.dtype, args) -> list[dict]:
+    plan = plan_map(name, dtype, args.device_map, args.gpus, args.gpu_gib, args.host_gib, args.max_memory)
+    placed = {}
+    for module, where in plan.items():
+        placed.setdefault(where, []).append(module)
+    print(f"{name}: --device-map {args.device_map}"
+          + (f" --max-memory {args.max_memory}" if args.max_memory else "")
+          + f" over {args.gpus} GPUs of {args.gpu_gib:g} GiB:")
+    for where, modules in placed.items():
+        print(f"  {where if not isinstance(where, int) else 'GPU %d' % where}: {_span(modules)}")
+    results = []
+    for mode in args.modes.split(","):
+        if mode not in MODES[:4]:
+            print(f"  {mode}: not predicted on a device map (analyze modes only)")
+            continue
+        r = run_map_mode(name, dtype, plan, mode, args.batch_size, args.seq_len)
+        r.update(model=name, device_map=args.device_map, gpus=args.gpus, gpu_gib=args.gpu_gib)
+        results.append(r)
+        print(f"  {mode} ({r['seconds']} s): device, weights, tracked peak over them, predicted CUDA peak (GiB)")
+        for device, d in r["devices"].items():
+            if not device.startswith("GPU "):  # the host holds the token ids only
+                continue
+            over = "  > target" if args.target_gib and d["cuda_gib"] > args.target_gib else ""
+            print(f"    {device:6s} {d['weights_gib']:6.1f} {d['tracked_gib']:6.1f} {d['cuda_gib']:6.1f}{over}",
+                  flush=True)
+    return results
+
+
+def _span(modules: list[str]) -> str:
+    """'model.layers.0', ..., 'model.layers.9' -> 'model.layers.0-9' (the rest as they are)."""
+    out, run = [], []
+    for m in modules + [None]:
+        head, _, tail = (m or "").rpartition(".")
+        if m is not None and tail.isdigit() and run and run[-1][0] == head and int(tail) == run[-1][1] + 1:
+            run.append((head, int(tail)))
+            continue
+        if run:
+            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
+            run = []
+        if m is not None:
+            (run.append((head, int(tail))) if tail.isdigit() else out.append(m))
+    return ", ".join(out)
+
+
 def run_train(preset: str) -> dict:
     """One optimizer step of train-reference at the preset's defaults on one GPU: the trainer's own
     micro-batch loop (model(ids, labels=ids).loss under bf16 autocast, backward), then AdamW."""
@@ -286,6 +404,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device-map", default=None, help="auto, balanced, balanced_low_0 or sequential: predict "
+                    "per GPU for this device map over --gpus GPUs of --gpu-gib GiB (analyze modes only)")
+    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpu-gib", type=float, default=80.0)
+    ap.add_argument("--host-gib", type=float, default=1024.0)
+    ap.add_argument("--max-memory", default=None, help="as layerprobe's --max-memory, e.g. 0=60GiB,1=60GiB,cpu=500GiB")
+    ap.add_argument("--target-gib", type=float, default=None, help="mark GPUs whose predicted peak exceeds it")
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--validate-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--validate-size", default="full", help=argparse.SUPPRESS)
@@ -297,6 +422,13 @@ def main(argv=None) -> int:
         return validate()
     modes = args.modes.split(",")
     dtype = getattr(torch, args.dtype)
+    if args.device_map:
+        print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}")
+        results = [r for name in args.models.split(",") for r in device_map_table(name, dtype, args)]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     results = []
     print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}; GiB: weights, tracked peak over them, "
           f"predicted CUDA peak")

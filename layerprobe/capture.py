@@ -257,7 +257,9 @@ class LayerCapture:
             if index == self.num_layers - 1:
                 self._output_len = None if isinstance(output, torch.Tensor) else len(output)
             with torch.no_grad():
-                x, y = x.detach(), y.detach()
+                # Under a device map the input can still be on the previous layer's GPU (accelerate moves
+                # it inside forward, after this module's pre-hook): compare on the output's device.
+                x, y = x.detach().to(y.device), y.detach()
                 self._layers_run += 1
                 self._sample_size = (y.numel() // (y.shape[0] * y.shape[-1]), y.numel() // y.shape[0])  # tokens, elements
                 m = self.metrics

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -284,3 +285,81 @@ class HostReadCounter:
         for name, original in self.saved.items():
             setattr(torch.Tensor, name, original)
         self.saved = {}
+
+
+# --- Device maps over GPUs, predicted on a CPU --------------------------------------------------------------
+# A CPU-only torch cannot run a backward on fake "cuda" tensors (the autograd engine asks for a CUDA device
+# guard and aborts), and fake "meta:k" tensors take SDPA's math path (an O(T²) attention matrix, not the
+# flash kernel a GPU runs). Fake "cpu:k" tensors do neither: ops, copies and the backward run as on one
+# device, every op still refuses operands on two devices, and SDPA takes the fused (flash) kernel as in the
+# one-device prediction. So GPU k of a device map is played by the fake device cpu:k+1; "cpu" stays the host.
+
+def fake_gpu(index: int) -> str:
+    """The fake device that stands in for GPU `index` of a device map."""
+    return f"cpu:{index + 1}"
+
+
+def device_label(device: str) -> str:
+    """'cpu:3' -> 'GPU 2', 'cpu' -> 'host'; anything else keeps its name."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return f"GPU {int(index) - 1}" if index else "host"
+    return str(device)
+
+
+def dispatch_fake(model: torch.nn.Module, device_map: dict) -> torch.nn.Module:
+    """accelerate's `dispatch_model` (what from_pretrained(device_map=...) ends with) on a fake model, each GPU
+    index k of `device_map` on `fake_gpu(k)`: the weights move there and the hooks that copy activations
+    between devices are attached as on a real multi-GPU load. Maps that offload to cpu or disk are refused.
+    (Call inside the model's fake mode.)"""
+    from accelerate import dispatch_model
+
+    if not all(isinstance(where, int) for where in device_map.values()):
+        raise ValueError("a fake model can be dispatched over GPUs only (offloading to cpu or disk rebuilds "
+                         "weights from a state dict)")
+    fake = {name: fake_gpu(where) for name, where in device_map.items()}
+    # Weights first, by hand: accelerate re-wraps a moved weight as type(weight)(...), which FakeTensor refuses;
+    # a weight already on its device is left as it is.
+    moved: dict[int, torch.Tensor] = {}
+    for name, where in fake.items():
+        for module in model.get_submodule(name).modules():
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is None:
+                        continue
+                    if id(t) not in moved:  # tied weights stay one tensor
+                        data = t.detach().to(where)
+                        moved[id(t)] = (torch.nn.Parameter(data, requires_grad=t.requires_grad)
+                                        if isinstance(t, torch.nn.Parameter) else data)
+                    table[key] = moved[id(t)]
+    # The main device (the top-level hook's) as accelerate picks it from the real map's set of GPU indices,
+    # not from the set of fake names (whose order varies with string hashing).
+    main = list(set(device_map.values()))[0]
+    kwargs = {"skip_keys": getattr(model, "_skip_keys_device_placement", None), "main_device": fake_gpu(main)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FakeTensor's data_ptr warning (accelerate's tied-weight bookkeeping)
+        return dispatch_model(model, device_map=fake, **kwargs)
+
+
+@dataclass
+class DevicePrediction:
+    """Per device (a name from `device_label`): the weights on it and the tracked peak over them (bytes)."""
+    weights: dict[str, int]
+    tracked: dict[str, int]
+
+    def cuda(self, device: str) -> int:
+        return cuda_estimate(self.weights.get(device, 0), self.tracked.get(device, 0))
+
+
+def track_devices(run: Callable[[], object], module: torch.nn.Module,
+                  inputs: Iterable[torch.Tensor] = ()) -> DevicePrediction:
+    """`track` per device: each device's own peak of what the run adds over its weights (devices peak at
+    different moments), labelled by `device_label`."""
+    tracker = StorageTracker(fake_scalars=True)
+    tracker.register_module(module)
+    tracker.register(inputs)
+    with tracker:
+        run()
+    weights = {device_label(d): b for d, b in weight_bytes(module).items()}
+    tracked = {device_label(d): b for d, b in tracker.peak.items()}
+    return DevicePrediction(weights, tracked)
