@@ -245,10 +245,17 @@ def run_map_mode(name: str, dtype: torch.dtype, plan: dict, mode: str, batch: in
         started = time.perf_counter()
         # On a GPU, analyze checkpoints every layer by default (its input device is not the CPU); the fake
         # GPUs are CPU devices, so ask for it.
-        with no_inference_mode():
-            pred = track_devices(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad,
-                                                           progress=False, checkpoint_layers=True),
-                                 model, [blocks])
+        # `--tokens all`'s streams go to the host as on a GPU (the fake GPUs are CPU devices, which keep
+        # them): to HOST, a device apart from every GPU.
+        from layerprobe import capture
+        saved, capture.STREAM_HOST = capture.STREAM_HOST, HOST
+        try:
+            with no_inference_mode():
+                pred = track_devices(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad,
+                                                               progress=False, checkpoint_layers=True),
+                                     model, [blocks])
+        finally:
+            capture.STREAM_HOST = saved
     devices = sorted(set(pred.weights) | set(pred.tracked), key=_device_order)
     return {"mode": mode, "seconds": round(time.perf_counter() - started, 1),
             "devices": {d: {"weights_gib": pred.weights.get(d, 0) / GIB, "tracked_gib": pred.tracked.get(d, 0) / GIB,
