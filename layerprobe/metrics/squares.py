@@ -10,7 +10,8 @@ Two precisions, chosen by what the number is for:
   measured on the 71m preset), enough to move a clip factor.
 - `squared_sums(float64=False)` and `change_and_size_sums`: weight-update sizes ‖Δθ‖/‖θ‖, a diagnostic
   nothing is computed from. Float32 sums of pieces of at most `CHUNK` entries, the pieces' sums added in
-  float64: ~2e-8 relative on the CPU (BLAS dot products; ~3e-7 with float32 norms on other devices).
+  float64: ~1e-7 relative at most (measured: 1.5e-8 on a 16M-entry tensor with BLAS dot products on the
+  CPU, 2e-7 with the float32 norms used for small tensors and on other devices).
 
 Cost on the CPU (one core, memory-bound, BENCHMARKS.md): `_foreach_norm(dtype=float64)` converts each
 whole tensor to a float64 temporary first (a model-sized allocation, 0.24 s for 71M entries). Here a
@@ -35,16 +36,24 @@ def _pieces(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _float32_piece_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """CPU: Σ x² of each tensor as float32 BLAS dot products per piece, the pieces' sums added in float64."""
-    return torch.stack([torch.stack([torch.dot(p, p) for p in _pieces(t)]).double().sum() if t.numel()
-                        else torch.zeros((), dtype=torch.float64) for t in tensors])
+    """CPU: Σ x² of each tensor in float32 per ≤ CHUNK-entry piece, the pieces' sums added in float64.
+    Tensors of at most CHUNK entries: one fused float32 `_foreach_norm` (a Python loop over many small
+    tensors costs more than their arithmetic); larger ones: a BLAS dot product per piece."""
+    out = torch.zeros(len(tensors), dtype=torch.float64)
+    small = [i for i, t in enumerate(tensors) if t.numel() <= CHUNK]
+    if small:
+        out[small] = torch.stack(torch._foreach_norm([tensors[i].detach() for i in small], 2)).double().square()
+    for i, t in enumerate(tensors):
+        if t.numel() > CHUNK:
+            out[i] = torch.stack([torch.dot(p, p) for p in _pieces(t)]).double().sum()
+    return out
 
 
 def squared_sums(tensors: list[torch.Tensor], *, float64: bool = True) -> torch.Tensor:
     """[len(tensors)] float64 on the tensors' device (all on one device): Σ x² of each; no host sync.
 
-    `float64=False`: float32 sums of ≤ CHUNK-entry pieces added in float64 (~2e-8 relative on the CPU,
-    ~3e-7 elsewhere), for weight-update sizes; gradient norms (they set the clip factor) keep float64.
+    `float64=False`: float32 sums of ≤ CHUNK-entry pieces added in float64 (~1e-7 relative at most), for
+    weight-update sizes; gradient norms (they set the clip factor) keep float64.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -96,19 +105,29 @@ def change_and_size_sums(before: list[torch.Tensor], after: list[torch.Tensor], 
     if not before:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     if before[0].device.type == "cpu" and all(t.dtype == torch.float32 for t in before + after):
-        buffer = torch.empty(CHUNK, dtype=torch.float32)
-        change, size = [], []
-        for b, a in zip(before, after):
+        change = torch.zeros(len(before), dtype=torch.float64)
+        size = torch.zeros(len(before), dtype=torch.float64)
+        # Tensors of at most CHUNK entries: fused float32 calls over all of them (small temporaries).
+        small = [i for i, b in enumerate(before) if b.numel() <= CHUNK]
+        if small:
+            held = [before[i].detach() for i in small]
+            size[small] = torch.stack(torch._foreach_norm(held, 2)).double().square()
+            diff = torch._foreach_sub(held, [after[i].detach() for i in small])
+            change[small] = torch.stack(torch._foreach_norm(diff, 2)).double().square()
+        # Larger ones piece by piece, reading each piece of both tensors once.
+        buffer = None
+        for i, (b, a) in enumerate(zip(before, after)):
+            if b.numel() <= CHUNK:
+                continue
+            buffer = torch.empty(CHUNK, dtype=torch.float32) if buffer is None else buffer
             dots = []  # per piece: ‖Δ‖², ‖θ‖²
             for pb, pa in zip(_pieces(b), _pieces(a)):
                 d = buffer[:pb.numel()]
                 torch.sub(pb, pa, out=d)
                 dots.append(torch.dot(d, d))
                 dots.append(torch.dot(pb, pb))
-            sums = torch.stack(dots).double().view(-1, 2).sum(0) if dots else torch.zeros(2, dtype=torch.float64)
-            change.append(sums[0])
-            size.append(sums[1])
-        return torch.stack(change), torch.stack(size)
+            change[i], size[i] = torch.stack(dots).double().view(-1, 2).sum(0)
+        return change, size
     size = squared_sums(before, float64=False)
     diff = before if in_place else [t.clone() for t in before]
     torch._foreach_sub_(diff, [a.detach() for a in after])
