@@ -87,8 +87,8 @@ def test_large_gradients_are_summed_in_float64_chunk_by_chunk():
 
 
 def test_weight_update_sums_in_float32_pieces_are_within_1e_6():
-    """`squared_sums(float64=False)` (weight-update ratios): float32 sums of ≤ CHUNK-entry pieces added in
-    float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
+    """`squared_sums(float64=False)` (weight-update sizes off the CPU): float32 norms of ≤ CHUNK-entry pieces,
+    squares added in float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
     from layerprobe.metrics.squares import squared_sums
 
     t = torch.randn(32000 * 512, generator=torch.Generator().manual_seed(3))
@@ -111,7 +111,8 @@ def test_change_and_size_sums_in_one_pass_equal_float64_loops():
     kept = [b.clone() for b in before]
     change, size = change_and_size_sums(before, after)
     for i, (b, a) in enumerate(zip(kept, after)):
-        exact_change = math.fsum(((x - y) ** 2 for x, y in zip(b.double().flatten().tolist(), a.double().flatten().tolist())))
+        pairs = zip(b.double().flatten().tolist(), a.double().flatten().tolist())
+        exact_change = math.fsum((x - y) ** 2 for x, y in pairs)
         exact_size = math.fsum(x * x for x in b.double().flatten().tolist())
         assert float(change[i]) == pytest.approx(exact_change, rel=1e-6, abs=0)
         assert float(size[i]) == pytest.approx(exact_size, rel=1e-6, abs=0)

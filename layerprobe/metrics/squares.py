@@ -10,8 +10,9 @@ Two precisions, chosen by what the number is for:
   measured on the 71m preset), enough to move a clip factor.
 - `squared_sums(float64=False)` and `change_and_size_sums`: weight-update sizes ‖Δθ‖/‖θ‖, a diagnostic
   nothing is computed from. Float32 sums of pieces of at most `CHUNK` entries, the pieces' sums added in
-  float64: ~1e-7 relative at most (measured: 1.5e-8 on a 16M-entry tensor with BLAS dot products on the
-  CPU, 2e-7 with the float32 norms used for small tensors and on other devices).
+  float64: ~3e-7 relative at most (measured on a 16M-entry tensor: 1.5e-8 with the BLAS dot products
+  `change_and_size_sums` takes on the CPU, 2e-7 with the float32 norms used for small tensors and on
+  other devices).
 
 Cost on the CPU (one core, memory-bound, BENCHMARKS.md): `_foreach_norm(dtype=float64)` converts each
 whole tensor to a float64 temporary first (a model-sized allocation, 0.24 s for 71M entries). Here a
@@ -35,32 +36,17 @@ def _pieces(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t.detach().reshape(-1).split(CHUNK)
 
 
-def _float32_piece_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """CPU: Σ x² of each tensor in float32 per ≤ CHUNK-entry piece, the pieces' sums added in float64.
-    Tensors of at most CHUNK entries: one fused float32 `_foreach_norm` (a Python loop over many small
-    tensors costs more than their arithmetic); larger ones: a BLAS dot product per piece."""
-    out = torch.zeros(len(tensors), dtype=torch.float64)
-    small = [i for i, t in enumerate(tensors) if t.numel() <= CHUNK]
-    if small:
-        out[small] = torch.stack(torch._foreach_norm([tensors[i].detach() for i in small], 2)).double().square()
-    for i, t in enumerate(tensors):
-        if t.numel() > CHUNK:
-            out[i] = torch.stack([torch.dot(p, p) for p in _pieces(t)]).double().sum()
-    return out
-
-
 def squared_sums(tensors: list[torch.Tensor], *, float64: bool = True) -> torch.Tensor:
     """[len(tensors)] float64 on the tensors' device (all on one device): Σ x² of each; no host sync.
 
-    `float64=False`: float32 sums of ≤ CHUNK-entry pieces added in float64 (~1e-7 relative at most), for
-    weight-update sizes; gradient norms (they set the clip factor) keep float64.
+    `float64=False`: float32 norms of ≤ CHUNK-entry pieces (one fused call over every piece of every
+    tensor), their squares added in float64 (~3e-7 relative), for weight-update sizes off the CPU; gradient
+    norms (they set the clip factor) keep float64.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     device = tensors[0].device
     if not float64:
-        if device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors):
-            return _float32_piece_sums(tensors)
         pieces, owner = [], []
         for i, t in enumerate(tensors):
             parts = _pieces(t)
