@@ -8,9 +8,11 @@ and update sizes, one JSON line); unlogged (the monitor called on a step between
 overhead reported is the median over rounds of (time / plain time) − 1, so load from other processes hits
 all alike; with `every=k` a run pays the logged overhead on one step in k. The time spent inside the two
 calls is also timed from within the loop ("calls"), as a share of the plain step: on a loaded machine the
-wall-clock ratios are noisy, that share is not.
+wall-clock ratios are noisy, that share is less so; `--clock cpu` times everything in this process's CPU
+time, which other processes taking the cores do not inflate.
 
     python bench/bench_monitor.py                       # tiny and 71m on the CPU
+    python bench/bench_monitor.py --threads 1 --rounds 3 --steps-per-round 1 --clock cpu   # as BENCHMARKS.md
     python bench/bench_monitor.py --presets tiny --rounds 9 --json bench/monitor.json
     python bench/bench_monitor.py --squares --presets 71m   # only the float64 sums of squares, two ways
 
