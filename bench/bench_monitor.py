@@ -8,9 +8,11 @@ and update sizes, one JSON line); unlogged (the monitor called on a step between
 overhead reported is the median over rounds of (time / plain time) − 1, so load from other processes hits
 all alike; with `every=k` a run pays the logged overhead on one step in k. The time spent inside the two
 calls is also timed from within the loop ("calls"), as a share of the plain step: on a loaded machine the
-wall-clock ratios are noisy, that share is not.
+wall-clock ratios are noisy, that share is less so; `--clock cpu` times everything in this process's CPU
+time, which other processes taking the cores do not inflate.
 
     python bench/bench_monitor.py                       # tiny and 71m on the CPU
+    python bench/bench_monitor.py --threads 1 --rounds 3 --steps-per-round 1 --clock cpu   # as BENCHMARKS.md
     python bench/bench_monitor.py --presets tiny --rounds 9 --json bench/monitor.json
     python bench/bench_monitor.py --squares --presets 71m   # only the float64 sums of squares, two ways
 
@@ -37,7 +39,7 @@ CPU_SHAPES = {"micro": (8, 32), "tiny": (16, 128), "71m": (4, 256)}  # as bench_
 PROBE_SHAPE = (4, 128)  # the probe batch: samples x tokens
 
 
-def bench(preset: str, rounds: int, steps_per_round: int, warmup: int, out: str) -> dict:
+def bench(preset: str, rounds: int, steps_per_round: int, warmup: int, out: str, clock=time.perf_counter) -> dict:
     b, s = CPU_SHAPES[preset]
     cfg = reference_config(preset, "pre", max_position_embeddings=max(s, PROBE_SHAPE[1]))
     torch.manual_seed(0)
@@ -53,23 +55,23 @@ def bench(preset: str, rounds: int, steps_per_round: int, warmup: int, out: str)
         m = {"logged": monitor, "unlogged": idle}.get(kind)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        t0 = time.perf_counter()
+        t0 = clock()
         if m:
             m.after_backward(max_norm=1.0)
-        t1 = time.perf_counter()
+        t1 = clock()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        t2 = time.perf_counter()
+        t2 = clock()
         if m:
             m.after_step(loss=loss)
-        inside[kind].append(t1 - t0 + time.perf_counter() - t2)
+        inside[kind].append(t1 - t0 + clock() - t2)
         opt.zero_grad(set_to_none=True)
 
     def timed(kind: str) -> float:
-        t = time.perf_counter()
+        t = clock()
         for _ in range(steps_per_round):
             step(kind)
-        return (time.perf_counter() - t) / steps_per_round
+        return (clock() - t) / steps_per_round
 
     kinds = ["plain", "logged", "unlogged"]
     inside = {k: [] for k in kinds}  # seconds spent in the monitor's two calls, per step
@@ -91,11 +93,11 @@ def bench(preset: str, rounds: int, steps_per_round: int, warmup: int, out: str)
 
     probe_ratios, probe_s = [], []
     for r in range(rounds):
-        t0 = time.perf_counter()
+        t0 = clock()
         monitor._probe_row()
-        t1 = time.perf_counter()
+        t1 = clock()
         forward()
-        t2 = time.perf_counter()
+        t2 = clock()
         probe_ratios.append((t1 - t0) / (t2 - t1))
         probe_s.append(t1 - t0)
     monitor.close()
@@ -142,6 +144,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--squares", action="store_true", help="only time the float64 sums of squares, two ways")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU time (time.process_time), not slowed by other processes "
+                         "taking the cores; wall: time.perf_counter")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +157,8 @@ def main() -> None:
                   f"_foreach_norm(float64) {r['foreach_norm_float64_s']:.4f} s, max relative difference "
                   f"{r['max_rel_diff']:.1e} (median of {args.rounds}, {torch.get_num_threads()} threads)")
         return
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print(f"# CPU fp32, forward+backward+clip+AdamW; logged: a step that records a row (gradient norms, weight "
           f"update); unlogged: the monitor called, no row; {info}")
@@ -162,7 +168,7 @@ def main() -> None:
     results = {"info": info, "cpu": []}
     with tempfile.TemporaryDirectory() as out:
         for preset in args.presets.split(","):
-            r = bench(preset.strip(), args.rounds, args.steps_per_round, args.warmup, out)
+            r = bench(preset.strip(), args.rounds, args.steps_per_round, args.warmup, out, clock)
             results["cpu"].append(r)
             print(f"{r['preset']:>6} {r['params']:>11,} {r['batch']:>5} x {r['seq_len']:<5} "
                   f"{r['plain_s_per_step']:>13.4f} {r['overhead_logged']:>+8.1%} "

@@ -87,8 +87,8 @@ def test_large_gradients_are_summed_in_float64_chunk_by_chunk():
 
 
 def test_weight_update_sums_in_float32_pieces_are_within_1e_6():
-    """`squared_sums(float64=False)` (weight-update ratios): float32 norms of ≤ CHUNK-entry pieces, squares summed
-    in float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
+    """`squared_sums(float64=False)` (weight-update sizes off the CPU): float32 norms of ≤ CHUNK-entry pieces,
+    squares added in float64, against a float64 sum over every entry of a tensor as large as a 71m-preset embedding."""
     from layerprobe.metrics.squares import squared_sums
 
     t = torch.randn(32000 * 512, generator=torch.Generator().manual_seed(3))
@@ -96,3 +96,24 @@ def test_weight_update_sums_in_float32_pieces_are_within_1e_6():
     got = squared_sums([t, t[:100]], float64=False).tolist()
     assert got[0] == pytest.approx(exact, rel=1e-6) and got[0] != exact
     assert got[1] == pytest.approx(float((t[:100].double() ** 2).sum()), rel=1e-6)
+
+
+def test_change_and_size_sums_in_one_pass_equal_float64_loops():
+    """`change_and_size_sums` (the monitor's ‖Δθ‖² and ‖θ‖²): one pass over pieces of both tensors, against
+    float64 loops over every entry; tensors several CHUNKs long (a partial last piece), one of a single piece,
+    an empty one; `before` is left unchanged."""
+    from layerprobe.metrics.squares import CHUNK, change_and_size_sums
+
+    g = torch.Generator().manual_seed(4)
+    before = [torch.randn(3 * CHUNK + 17, generator=g) * torch.logspace(-2, 1, 3 * CHUNK + 17),
+              torch.randn(40, 25, generator=g), torch.zeros(0)]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
+    kept = [b.clone() for b in before]
+    change, size = change_and_size_sums(before, after)
+    for i, (b, a) in enumerate(zip(kept, after)):
+        pairs = zip(b.double().flatten().tolist(), a.double().flatten().tolist())
+        exact_change = math.fsum((x - y) ** 2 for x, y in pairs)
+        exact_size = math.fsum(x * x for x in b.double().flatten().tolist())
+        assert float(change[i]) == pytest.approx(exact_change, rel=1e-6, abs=0)
+        assert float(size[i]) == pytest.approx(exact_size, rel=1e-6, abs=0)
+    assert all(torch.equal(b, k) for b, k in zip(before, kept))

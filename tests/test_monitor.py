@@ -73,6 +73,29 @@ def test_probe_statistics_equal_analyze(tiny_dir, tmp_path, arch, tokens):
     assert _rows(tmp_path / "run") == [json.loads(json.dumps(row))]
 
 
+def test_probe_over_several_batches_equals_analyze_over_them(tiny_dir, tmp_path):
+    """`probe_statistics` over several batches (a tensor split by batch_size, or a list of tensors) equals
+    analyze over the same samples in the same batches; a metrics selection gives only its columns."""
+    from layerprobe import analyze
+    from layerprobe.anatomy import find_anatomy
+    from layerprobe.monitor.probe import probe_statistics
+
+    model = _model(tiny_dir)
+    model.eval()
+    ids = random_ids(5, 12, seed=6)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    result = analyze(model, data=str(tmp_path / "ids.npy"), samples=None, batch_size=2, grad=False, progress=False)
+    anatomy = find_anatomy(model)
+    for batches in (ids, [ids[:2], ids[2:4], ids[4:]]):
+        stats = probe_statistics(anatomy, batches, batch_size=2 if isinstance(batches, torch.Tensor) else None)
+        for column, values in stats["columns"].items():
+            _close(values, result.layers[column].to_numpy())
+        _close(stats["loss"], result.summary["loss"])
+    only = probe_statistics(anatomy, ids, batch_size=2, metrics={"variance"})
+    assert set(only["columns"]) == {"output_variance", "update_variance"} and "angular" not in only
+    _close(only["columns"]["output_variance"], result.layers["output_variance"].to_numpy())
+
+
 # ---- gradient norms and weight updates equal plain loops ---------------------------------------------
 
 def _plain_norm(params) -> float:

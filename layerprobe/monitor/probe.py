@@ -1,4 +1,4 @@
-"""The monitor's probe: analyze's hooked forward on one fixed batch, in the middle of someone's training.
+"""The monitor's probe: analyze's hooked forward on a fixed batch (or several), in the middle of someone's training.
 
 The statistics come from `LayerCapture.per_layer()` and `angular_mean()`, the same code that fills
 analyze's layers.csv and angular.csv, so a probe at step s and `analyze` of the step-s checkpoint on the
@@ -69,18 +69,36 @@ def model_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def probe_statistics(anatomy: Anatomy, ids: torch.Tensor, tokens: str = "last",
-                     forward_model: torch.nn.Module | None = None) -> dict:
-    """Per-layer statistics of one hooked forward over `ids`: capture's columns (one list each), the
-    (L+1)×(L+1) mean angular-distance matrix, and the probe batch's mean next-token loss.
+def probe_statistics(anatomy: Anatomy, ids, tokens: str = "last",
+                     forward_model: torch.nn.Module | None = None, *, batch_size: int | None = None,
+                     metrics=None) -> dict:
+    """Per-layer statistics of hooked forwards over `ids`: capture's columns (one list each), the
+    (L+1)×(L+1) mean angular-distance matrix (when angular distance is among `metrics`), and the mean
+    next-token loss over every predicted token.
 
+    `ids`: one [batch, tokens] tensor, or a sequence of them; one `LayerCapture` accumulates over all of
+    them, so several batches give the statistics of their union, as `analyze` over the same batches does.
+    `batch_size`: split each tensor into forwards of at most this many samples (None: one forward each).
+    `metrics`: the statistics to take (`LayerCapture`'s selection; None: every one).
     `forward_model`: the module to call when it is not `anatomy.model` itself (a wrapper sharing its layers).
     """
     model = forward_model if forward_model is not None else anatomy.model
-    capture = LayerCapture(anatomy, tokens=tokens, detect_placement=False)
+    capture = LayerCapture(anatomy, tokens=tokens, detect_placement=False, metrics=metrics)
+    loss_sum, predicted = torch.zeros((), dtype=torch.float64), 0
     with untouched(model), capture:
-        ids = ids.to(anatomy.input_device)
-        logits = model_logits(model, ids)
-        loss = float(next_token_loss_sum(logits, ids)) / predicted_tokens(ids)
-        capture.end_batch()
-    return {"columns": capture.per_layer(), "angular": capture.angular_mean().tolist(), "loss": loss}
+        for batch in _forwards(ids, batch_size):
+            batch = batch.to(anatomy.input_device)
+            logits = model_logits(model, batch)
+            loss_sum = loss_sum + next_token_loss_sum(logits, batch).double().cpu()
+            predicted += predicted_tokens(batch)
+            capture.end_batch()
+    out = {"columns": capture.per_layer(), "loss": float(loss_sum) / predicted}
+    if "angular" in capture.metrics:
+        out["angular"] = capture.angular_mean().tolist()
+    return out
+
+
+def _forwards(ids, batch_size: int | None):
+    """The [b, tokens] batches to run: each tensor of `ids` (one tensor or several) in `batch_size` pieces."""
+    for t in [ids] if isinstance(ids, torch.Tensor) else ids:
+        yield from (t,) if batch_size is None else t.split(batch_size)
