@@ -114,6 +114,10 @@ def fused_layer_terms(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None =
             torch._dynamo.maybe_mark_dynamic(t, 0)
     try:
         if _compiled is None:
+            with warnings.catch_warnings():  # Inductor's imports touch torch.jit.script_method, deprecated by torch
+                warnings.filterwarnings("ignore", message=".torch.jit.script_method. is deprecated",
+                                        category=DeprecationWarning)
+                import torch._inductor.compile_fx  # noqa: F401
             _compiled = torch.compile(layer_terms, fullgraph=True)
         out = _compiled(*flat, parallel=options.get("parallel"))
     except torch._dynamo.exc.FailOnRecompileLimitHit:  # many models in one process: this call eagerly
