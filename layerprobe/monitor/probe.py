@@ -5,7 +5,8 @@ analyze's layers.csv and angular.csv, so a probe at step s and `analyze` of the 
 same batch agree; train-reference's held-out statistics are these forwards too (`probe_sums`, summed over
 processes before the ratios: training/layer_stats.py). The run must not notice: the forward is under
 no_grad (no graph, `.grad` untouched), every module is put in eval mode and back into the mode it was in,
-and the CPU and CUDA random states are restored, so the next training step draws the same dropout masks as it would have without a probe.
+and the CPU and CUDA random states are restored, so the next training step draws the same dropout masks
+as it would have without a probe.
 """
 
 from __future__ import annotations
