@@ -58,7 +58,7 @@ def token_variance(row_sum: torch.Tensor, row_norm: torch.Tensor, width: int) ->
     the capture already forms (metrics/token_terms.py): ‖y‖²/H − (Σy/H)², clamped at 0 against rounding.
 
     The subtraction cancels only as far as a token's mean is large next to its spread; on residual streams
-    it moved train-reference's layer_token_var by ≤ 3.4e-9 relative from a per-token float32 var (docs/design.md).
+    it moved train-reference's layer_token_var by ≤ 5e-9 relative from a per-token float32 var (docs/design.md).
     """
     mean = row_sum.double() / width
     return (row_norm.double().square() / width - mean.square()).clamp_min(0.0)
