@@ -31,7 +31,7 @@ from .anatomy import Anatomy, layer_input, one_stream, own_path_logits, residual
 from .defaults import FORWARD_METRICS
 from .errors import LayerprobeError
 from .metrics import (RunningMoments, angular_distance_sums, block_influence, final_distribution,
-                      fused_layer_terms, lens_terms)
+                      fused_layer_terms, lens_terms, token_variance)
 
 TOKENS = ("last", "all")
 # Logits per lens chunk (layers x tokens x vocabulary), whatever the batch size: 2^26, i.e. about
@@ -82,7 +82,8 @@ class LayerCapture:
 
     def __init__(self, anatomy: Anatomy, tokens: str = "last", detect_placement: bool = True,
                  lens: bool = True, lens_chunk: int | None = None, metrics=None,
-                 stream_host: str | torch.device | None = None, stream_chunk_bytes: int | None = None):
+                 stream_host: str | torch.device | None = None, stream_chunk_bytes: int | None = None,
+                 token_variance: bool = False):
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {TOKENS}")
         # Which statistics to take (defaults.METRICS; None: every one): a hook does only the work of these.
@@ -109,6 +110,10 @@ class LayerCapture:
         self.cos_sum = [0.0] * L  # per layer: sum over tokens of cos(input, output), float64 on device
         self.cos_count = [0] * L
         self.output_moments = [RunningMoments() for _ in range(L)]
+        # train-reference's token variance (metrics/variance.py), only when asked: analyze does not log it.
+        self.token_variance = token_variance and "variance" in self.metrics
+        self.token_var_sum = [0.0] * L  # per layer: Σ over tokens of the variance over hidden units, float64
+        self.token_var_count = [0] * L
         self.update_moments = [RunningMoments() for _ in range(L)]
         self.detect_placement = detect_placement
         self.placement: list[str] | None = None
@@ -282,6 +287,10 @@ class LayerCapture:
                     self.output_moments[index].add_sums(y.numel(), ps["out_s1"].sum(), ps["out_s2"].sum())
                     ps = self._sample_sums(index, upd_s1=t["d_sum"].double(), upd_s2=t["d_norm"].double().square())
                     self.update_moments[index].add_sums(y.numel(), ps["upd_s1"].sum(), ps["upd_s2"].sum())
+                    if self.token_variance:
+                        tv = token_variance(t["y_sum"], t["y_norm"], y.shape[-1])
+                        self.token_var_sum[index] = self.token_var_sum[index] + tv.sum()
+                        self.token_var_count[index] += tv.numel()
                 if "updates" in m:
                     seen = t["seen"]
                     ps = self._sample_sums(index, upd_ratio=t["ratio"].double(), upd_cos=t["cos_update"].double(),
@@ -575,7 +584,8 @@ class LayerCapture:
     # How the processes of a data-parallel run combine this state (all_reduce below): per-layer lists and
     # totals that add up, and extremes that take the largest. Placement is the architecture's: each has it.
     SUMMED = ("angular_sum", "angular_count", "cos_sum", "cos_count", "lens_kl_sum", "lens_top1_sum", "lens_count",
-              "update_ratio_sum", "update_cos_sum", "update_count", "act_abs_sum", "act_count")
+              "update_ratio_sum", "update_cos_sum", "update_count", "act_abs_sum", "act_count", "token_var_sum",
+              "token_var_count")
     MAXED = ("act_max", "decomposition_error")
 
     def all_reduce(self, env, start: int, total: int, extra=()) -> list[float]:
@@ -625,6 +635,9 @@ class LayerCapture:
         if "variance" in m:
             out["output_variance"] = [mo.variance for mo in self.output_moments]
             out["update_variance"] = [mo.variance for mo in self.update_moments]
+            if self.token_variance:
+                out["token_variance"] = [float(s) / n if n else float("nan")
+                                         for s, n in zip(self.token_var_sum, self.token_var_count)]
         if "lens" in m:  # NaN where the model has no head: asked for, not measurable
             out.update(lens_kl=self.lens_kl(), lens_top1=self.lens_top1())
         if "updates" in m:

@@ -3,13 +3,15 @@
 The expected numbers are not committed values: the plain loop below re-runs the recipe train-reference ran before
 it moved onto the monitor (main's loop: accumulate, measure the norm before clipping, clip, AdamW, evaluate every
 k steps), with its own gradient norms, clip factor and weight updates (loops over `p.grad` and the weights in
-float64). Committed values would break on any change to the model's loss arithmetic, which is not what this
-test is about. The data, the initial weights, the learning-rate schedule and the held-out statistics
-(`layer_stats.evaluate`, checked against plain loops in test_training.py) are the trainer's own: they did not move.
+float64), and its own held-out pass (main's evaluate: the same loss sum, and the layers' outputs kept and
+reduced in float64), since the trainer's held-out statistics moved onto the monitor's capture too. Committed
+values would break on any change to the model's loss arithmetic, which is not what this test is about. The
+data, the initial weights and the learning-rate schedule are the trainer's own: they did not move.
 
-Losses, learning rates, token counts and the held-out statistics must be bit-identical; the gradient norms and
+Losses, learning rates, token counts and the held-out loss must be bit-identical; the gradient norms and
 clip factor equal the float64 loop to 1e-12 (the same float64 squares, summed in another order); weight updates
-to 1e-6 (float32 norms per tensor).
+and the held-out output and token variances to 1e-6 (float32 norms per tensor; the capture's float32
+per-token sums).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from fixtures_reference import read_metrics
 from layerprobe.training.data import BlockBatches
 from layerprobe.training.distributed import DistEnv
-from layerprobe.training.layer_stats import evaluate
+from layerprobe.metrics import next_token_loss_sum, predicted_tokens
 from layerprobe.training.model import init_model
 from layerprobe.training.schedule import lr_at
 from layerprobe.training.settings import TrainSettings, model_config, resolve_plan
@@ -35,6 +37,38 @@ KINDS = {"self_attn": "attention", "mlp": "mlp", "attn_norm": "norm", "mlp_norm"
 
 def _squares(params) -> float:
     return math.fsum(math.fsum(x * x for x in p.grad.double().flatten().tolist()) for p in params if p.grad is not None)
+
+
+def _plain_eval(model, blocks: torch.Tensor, micro_batch_size: int) -> dict:
+    """main's held-out pass: the loss sum over micro-batches in eval mode; each layer's outputs kept, their
+    population variance over every element and their mean per-token variance over hidden units in float64."""
+    layers = model.model.layers
+    outputs = {i: [] for i in range(len(layers))}
+
+    def keep(index):
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            outputs[index].append(h.double().reshape(-1, h.shape[-1]))  # one row per token
+        return hook
+
+    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    model.eval()
+    loss_sum, n_pred = torch.zeros(1, dtype=torch.float64), 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(blocks), micro_batch_size):
+                ids = blocks[i:i + micro_batch_size]
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss_sum += next_token_loss_sum(logits, ids).double()
+                n_pred += predicted_tokens(ids)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    rows = [torch.cat(outputs[i]) for i in range(len(layers))]
+    return {"eval_loss": (loss_sum / n_pred).item(),
+            "layer_output_var": [r.var(unbiased=False).item() for r in rows],
+            "layer_token_var": [r.var(dim=-1, unbiased=False).mean().item() for r in rows]}
 
 
 def _plain_run(settings: TrainSettings, scheme: str) -> list[dict]:
@@ -85,16 +119,15 @@ def _plain_run(settings: TrainSettings, scheme: str) -> list[dict]:
             record["layer_weight_update"] = [
                 math.sqrt(math.fsum(((p.detach().double() - b) ** 2).sum().item() for p, b in zip(layer.parameters(), bs)))
                 / math.sqrt(math.fsum((b ** 2).sum().item() for b in bs)) for layer, bs in zip(layers, before)]
-            stats = evaluate(model, data.eval, plan.micro_batch_size, env)
-            record.update(eval_loss=stats.loss, layer_output_var=stats.output_variance,
-                          layer_token_var=stats.token_variance)
+            record.update(_plain_eval(model, data.eval, plan.micro_batch_size))
         records.append(record)
     return records
 
 
 SETTINGS = dict(preset="micro", device="cpu", progress=False, norm="mix", steps=4, batch_size=4,
                 micro_batch_size=2, eval_every=2, eval_samples=8, grad_clip=0.1)
-EXACT = ("loss", "lr", "tokens", "eval_loss", "layer_output_var", "layer_token_var")
+EXACT = ("loss", "lr", "tokens", "eval_loss")
+HELD_OUT = ("layer_output_var", "layer_token_var")
 FLOAT64 = ("grad_norm", "clip_coef", "layer_grad_norm", "layer_grad_norm_attention", "layer_grad_norm_mlp",
            "layer_grad_norm_norm")
 
@@ -115,6 +148,10 @@ def test_train_reference_metrics_equal_a_plain_training_loop(tmp_path):
         for key in FLOAT64:
             if key in e:
                 assert g[key] == pytest.approx(e[key], rel=1e-12, abs=0), (g["step"], key)
+        for key in HELD_OUT:
+            assert (key in g) == (key in e), (g["step"], key)
+            if key in e:
+                assert g[key] == pytest.approx(e[key], rel=1e-6, abs=0), (g["step"], key)
         if "layer_weight_update" in e:
             assert g["layer_weight_update"] == pytest.approx(e["layer_weight_update"], rel=1e-6), g["step"]
         assert g["grad_norm"] > 0.1  # every step was clipped: the clip is part of what is compared

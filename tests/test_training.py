@@ -152,6 +152,51 @@ def test_layer_statistics_match_plain_loops():
     assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))
 
 
+def test_held_out_variances_come_from_the_capture_and_equal_float64_over_the_layer_outputs():
+    """train-reference's held-out statistics run on the monitor's capture (analyze's code): over several
+    micro-batches, each layer's output variance and mean token variance equal float64 reductions of the
+    layers' outputs (1e-6); the capture sums token variance only when asked (analyze's columns unchanged)."""
+    from layerprobe.anatomy import find_anatomy
+    from layerprobe.capture import LayerCapture
+    from layerprobe.training.distributed import DistEnv
+    from layerprobe.training.layer_stats import evaluate
+
+    model = init_model(reference_config("micro", "mix"), seed=11)
+    blocks = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(4))
+    stats = evaluate(model, blocks, micro_batch_size=2, env=DistEnv())  # forwards of 2, 2 and 1 samples
+    assert model.training  # handed back in the mode it came in
+
+    outputs = {i: [] for i in range(len(model.model.layers))}
+
+    def keep(index):
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            outputs[index].append(h.detach().double().reshape(-1, h.shape[-1]))  # one row per token
+        return hook
+
+    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=blocks, use_cache=False)
+    for h in handles:
+        h.remove()
+    for layer, outs in outputs.items():
+        rows = torch.cat(outs)
+        assert rows.shape[0] == 5 * 16
+        mean = rows.sum() / rows.numel()
+        population = (((rows - mean) ** 2).sum() / rows.numel()).item()
+        per_token = (((rows - rows.mean(-1, keepdim=True)) ** 2).mean(-1)).mean().item()
+        assert stats.output_variance[layer] == pytest.approx(population, rel=1e-6, abs=0), layer
+        assert stats.token_variance[layer] == pytest.approx(per_token, rel=1e-6, abs=0), layer
+    assert stats.token_variance != stats.output_variance
+
+    with LayerCapture(find_anatomy(model), metrics={"variance"}) as plain:
+        with torch.no_grad():
+            model(input_ids=blocks, use_cache=False)
+        plain.end_batch()
+    assert set(plain.per_layer()) == {"output_variance", "update_variance"}
+
+
 def test_block_batches_split_the_global_batch_over_processes():
     from layerprobe.training.data import BatchSource, BlockBatches
 
@@ -428,6 +473,8 @@ def test_two_processes_ddp_and_fsdp_match_one_process_at_the_same_global_batch(t
             assert b["lr"] == a["lr"] and b["tokens"] == a["tokens"]
         assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5), name
         assert two[-1]["layer_grad_norm"] == pytest.approx(one[-1]["layer_grad_norm"], rel=1e-4), name
+        for key in ("layer_output_var", "layer_token_var"):  # the held-out capture's sums, reduced over processes
+            assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-5), (name, key)
         assert read_json(tmp_path / name / "mix" / "run.json")["world_size"] == 2
         # The checkpoint is whole (gathered from the shards under FSDP) and equals the single-process one.
         from safetensors.torch import load_file

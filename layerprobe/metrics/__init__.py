@@ -11,7 +11,7 @@ from .token_terms import fused_layer_terms, layer_terms
 from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lens_terms, lock_in_layer
 from .loss import chunked_loss_sum, cross_entropy_rows, next_token_labels, next_token_loss_sum, perplexity, predicted_tokens
 from .update import second_half_ratio, update_sums, update_terms
-from .variance import RunningMoments
+from .variance import RunningMoments, token_variance
 from .weights import weight_change_sums, weight_update_ratio
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "perplexity",
     "predicted_tokens",
     "RunningMoments",
+    "token_variance",
     "weight_change_sums",
     "weight_update_ratio",
 ]

@@ -3,8 +3,9 @@
 Var_l = population variance of every element of the layer's output h^l ∈ R^{N×T×H}, taken over
 samples, positions and hidden units together: (1/NTH) Σ h² − ((1/NTH) Σ h)². This is the quantity
 whose growth with depth the Curse of Depth paper (Sun et al., arXiv 2502.05795, §3) bounds for
-Pre-LN and LayerNorm Scaling. Any other spread (e.g. per-token variance over hidden units, averaged
-over tokens) is a different quantity and must carry a different name.
+Pre-LN and LayerNorm Scaling. Any other spread is a different quantity and carries a different name:
+train-reference also logs the token variance (`token_variance`), each token's variance over its hidden
+units, averaged over tokens, which leaves out the spread between tokens' means.
 
 Streamed from float64 running sums, so memory does not grow with samples.
 """
@@ -50,3 +51,14 @@ class RunningMoments:
             return float("nan")
         mean = float(self.s1) / self.count
         return max(float(self.s2) / self.count - mean * mean, 0.0)
+
+
+def token_variance(row_sum: torch.Tensor, row_norm: torch.Tensor, width: int) -> torch.Tensor:
+    """Each token's population variance over its `width` hidden units, float64, from the per-token Σy and ‖y‖
+    the capture already forms (metrics/token_terms.py): ‖y‖²/H − (Σy/H)², clamped at 0 against rounding.
+
+    The subtraction cancels only as far as a token's mean is large next to its spread; on residual streams
+    it moved train-reference's layer_token_var by ≤ 5e-9 relative from a per-token float32 var (docs/design.md).
+    """
+    mean = row_sum.double() / width
+    return (row_norm.double().square() / width - mean.square()).clamp_min(0.0)

@@ -2,9 +2,11 @@
 
 The statistics come from `LayerCapture.per_layer()` and `angular_mean()`, the same code that fills
 analyze's layers.csv and angular.csv, so a probe at step s and `analyze` of the step-s checkpoint on the
-same batch agree. The run must not notice: the forward is under no_grad (no graph, `.grad` untouched),
-every module is put in eval mode and back into the mode it was in, and the CPU and CUDA random states
-are restored, so the next training step draws the same dropout masks as it would have without a probe.
+same batch agree; train-reference's held-out statistics are these forwards too (`probe_sums`, summed over
+processes before the ratios: training/layer_stats.py). The run must not notice: the forward is under
+no_grad (no graph, `.grad` untouched), every module is put in eval mode and back into the mode it was in,
+and the CPU and CUDA random states are restored, so the next training step draws the same dropout masks
+as it would have without a probe.
 """
 
 from __future__ import annotations
@@ -82,20 +84,39 @@ def probe_statistics(anatomy: Anatomy, ids, tokens: str = "last",
     `metrics`: the statistics to take (`LayerCapture`'s selection; None: every one).
     `forward_model`: the module to call when it is not `anatomy.model` itself (a wrapper sharing its layers).
     """
-    model = forward_model if forward_model is not None else anatomy.model
-    capture = LayerCapture(anatomy, tokens=tokens, detect_placement=False, metrics=metrics)
-    loss_sum, predicted = torch.zeros((), dtype=torch.float64), 0
-    with untouched(model), capture:
-        for batch in _forwards(ids, batch_size):
-            batch = batch.to(anatomy.input_device)
-            logits = model_logits(model, batch)
-            loss_sum = loss_sum + next_token_loss_sum(logits, batch).double().cpu()
-            predicted += predicted_tokens(batch)
-            capture.end_batch()
+    capture, loss_sum, predicted = probe_sums(anatomy, ids, tokens, forward_model, batch_size=batch_size,
+                                              metrics=metrics)
     out = {"columns": capture.per_layer(), "loss": float(loss_sum) / predicted}
     if "angular" in capture.metrics:
         out["angular"] = capture.angular_mean().tolist()
     return out
+
+
+def probe_sums(anatomy: Anatomy, ids, tokens: str = "last", forward_model: torch.nn.Module | None = None, *,
+               batch_size: int | None = None, metrics=None, token_variance: bool = False,
+               autocast_dtype: torch.dtype | None = None) -> tuple[LayerCapture, torch.Tensor, int]:
+    """The forwards of `probe_statistics` before any ratio: (the capture, holding its running sums; the
+    next-token loss sum, float64; the predicted tokens), for a caller that adds them over processes first
+    (`LayerCapture.all_reduce`: train-reference's held-out statistics).
+
+    `token_variance`: the capture also sums each token's variance over hidden units (its "token_variance"
+    column). `autocast_dtype`: each forward (not the loss) under torch.autocast to that dtype, on the
+    inputs' device, as the training step runs.
+    """
+    model = forward_model if forward_model is not None else anatomy.model
+    capture = LayerCapture(anatomy, tokens=tokens, detect_placement=False, metrics=metrics,
+                           token_variance=token_variance)
+    loss_sum, predicted = torch.zeros((), dtype=torch.float64), 0
+    with untouched(model), capture:
+        for batch in _forwards(ids, batch_size):
+            batch = batch.to(anatomy.input_device)
+            with (torch.autocast(batch.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                  else contextlib.nullcontext()):
+                logits = model_logits(model, batch)
+            loss_sum = loss_sum + next_token_loss_sum(logits, batch).double().cpu()
+            predicted += predicted_tokens(batch)
+            capture.end_batch()
+    return capture, loss_sum, predicted
 
 
 def _forwards(ids, batch_size: int | None):
