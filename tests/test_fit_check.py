@@ -102,13 +102,19 @@ def test_the_python_api_refuses_before_loading_too(llama, need, monkeypatch):
                            progress=False)
 
 
-def test_a_run_that_fits_is_predicted_once_before_loading(llama, monkeypatch):
-    """The check after loading (a model handed over loaded, or this one) reuses the prediction made before."""
-    folder, npy = llama
+def record_predict_and_load(monkeypatch) -> list:
+    """A list that receives "predict" and "load", in the order analyze predicts memory and loads weights."""
     order = []
     predict, load = analysis.predict_memory, loading._load_weights
     monkeypatch.setattr(analysis, "predict_memory", lambda *a, **k: order.append("predict") or predict(*a, **k))
     monkeypatch.setattr(loading, "_load_weights", lambda *a, **k: order.append("load") or load(*a, **k))
+    return order
+
+
+def test_a_run_that_fits_is_predicted_once_before_loading(llama, monkeypatch):
+    """The check after loading (a model handed over loaded, or this one) reuses the prediction made before."""
+    folder, npy = llama
+    order = record_predict_and_load(monkeypatch)
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: 1 << 40)
     result = layerprobe.analyze(str(folder), data=str(npy), device="cpu", dtype="float32", batch_size=2,
                                 progress=False)
@@ -134,10 +140,7 @@ def test_a_loaded_model_that_will_not_fit_is_refused_after_loading(llama, need, 
 def test_with_a_device_map_nothing_is_predicted_before_loading(llama, monkeypatch):
     """The planner places the weights; the check after loading applies when they all landed on one device."""
     folder, npy = llama
-    order = []
-    predict, load = analysis.predict_memory, loading._load_weights
-    monkeypatch.setattr(analysis, "predict_memory", lambda *a, **k: order.append("predict") or predict(*a, **k))
-    monkeypatch.setattr(loading, "_load_weights", lambda *a, **k: order.append("load") or load(*a, **k))
+    order = record_predict_and_load(monkeypatch)
     monkeypatch.setattr(analysis, "device_free_bytes", lambda device: 1)
     with pytest.raises(LayerprobeError, match="over the weights on cpu"):
         layerprobe.analyze(str(folder), data=str(npy), device_map="auto", dtype="float32", progress=False)
