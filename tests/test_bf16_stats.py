@@ -144,13 +144,22 @@ def test_a_selection_forms_only_its_terms():
                            parallel=None, check=False)) == {"x_norm", "ratio", "cos_update", "seen", "attention"}
 
 
+def fuse_on_cpu(monkeypatch, compile=None, fresh: bool = True) -> None:
+    """The fused path on for CPU tensors (Inductor's C++ backend), an earlier failure forgotten. `fresh`: no
+    kernel compiled yet; `compile`: stands in for torch.compile."""
+    monkeypatch.setattr(token_terms, "FUSED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(token_terms, "_broken", None)
+    if fresh:
+        monkeypatch.setattr(token_terms, "_compiled", None)
+    if compile is not None:
+        monkeypatch.setattr(torch, "compile", compile)
+
+
 def test_float32_and_fake_streams_never_compile(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("torch.compile called")
 
-    monkeypatch.setattr(token_terms, "FUSED_DEVICES", frozenset({"cpu"}))
-    monkeypatch.setattr(token_terms, "_compiled", None)
-    monkeypatch.setattr(torch, "compile", refuse)
+    fuse_on_cpu(monkeypatch, compile=refuse)
     x, y, a, m = (t.float() for t in _stream(torch.bfloat16))
     assert not fusable(y)
     got, want = fused_layer_terms(x, y, a, m, parallel=False, **ALL), layer_terms(x, y, a, m, parallel=False, **ALL)
@@ -169,10 +178,7 @@ def test_a_failing_compiler_warns_once_and_gives_the_eager_numbers(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler\nsecond line")
 
-    monkeypatch.setattr(token_terms, "FUSED_DEVICES", frozenset({"cpu"}))
-    monkeypatch.setattr(token_terms, "_compiled", None)
-    monkeypatch.setattr(token_terms, "_broken", None)
-    monkeypatch.setattr(torch, "compile", broken)
+    fuse_on_cpu(monkeypatch, compile=broken)
     x, y, a, m = _stream(torch.bfloat16)
     with pytest.warns(UserWarning, match="could not be compiled .RuntimeError: no C.. compiler.; using float32"):
         got = fused_layer_terms(x, y, a, m, parallel=False, **ALL)
@@ -193,8 +199,7 @@ def _compile_count():
 @pytest.mark.slow  # compiles a kernel with Inductor's C++ backend (~20-40 s the first time)
 @pytest.mark.parametrize("dtype,parallel", [(torch.bfloat16, False), (torch.float16, True)])
 def test_compiled_terms_equal_the_eager_path_and_a_float64_loop(monkeypatch, dtype, parallel):
-    monkeypatch.setattr(token_terms, "FUSED_DEVICES", frozenset({"cpu"}))
-    monkeypatch.setattr(token_terms, "_broken", None)
+    fuse_on_cpu(monkeypatch, fresh=False)  # a kernel the tests compiled before serves
     assert token_terms.fusable(_stream(dtype)[1])
     compiled_before = None
     for rows in [(2, 7), (3, 5), (1, 9)]:  # other batch sizes and lengths: no new compilation
@@ -224,9 +229,7 @@ def test_analyze_of_a_bf16_model_with_the_fused_kernel_equals_the_eager_path(mon
         return layerprobe.analyze(loaded, data=str(npy), samples=5, batch_size=2, grad=False, progress=False)
 
     eager = run()
-    monkeypatch.setattr(token_terms, "FUSED_DEVICES", frozenset({"cpu"}))
-    monkeypatch.setattr(token_terms, "_broken", None)
-    monkeypatch.setattr(token_terms, "_compiled", None)
+    fuse_on_cpu(monkeypatch)
     fused = run()
     assert token_terms._compiled is not None and token_terms._broken is None
     tol = 4 * H * U
