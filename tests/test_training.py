@@ -152,6 +152,51 @@ def test_layer_statistics_match_plain_loops():
     assert all(torch.allclose(p.grad, b / 4, rtol=1e-5) for p, b in zip(model.parameters(), before))
 
 
+def _evaluate_in_process(rank: int, world: int, port: int, out) -> None:
+    """One of `world` gloo processes: evaluate on 5 held-out blocks (shares of 3 and 2), rank 0 saves the stats."""
+    import json
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from layerprobe.training.distributed import DistEnv
+    from layerprobe.training.layer_stats import evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        model = init_model(reference_config("micro", "mix"), seed=11)
+        blocks = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(4))
+        stats = evaluate(model, blocks, micro_batch_size=2, env=DistEnv(rank=rank, world_size=world))
+        if rank == 0:
+            out.write_text(json.dumps([stats.loss, stats.output_variance, stats.token_variance]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_held_out_statistics_of_uneven_shares_over_two_processes_equal_one_process(tmp_path):
+    """5 blocks over 2 processes (3 + 2): every process must describe the same packed collective, and the
+    sums over both shares give one process's numbers."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _evaluate_in_process(0, 1, port, tmp_path / "one.json")
+    mp.spawn(_evaluate_in_process, args=(2, port + 1 if port < 65535 else port - 1, tmp_path / "two.json"),
+             nprocs=2, join=True)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two[0] == pytest.approx(one[0], rel=1e-6)  # float32 loss sums of other micro-batches
+    for a, b in zip(one[1:], two[1:]):
+        np.testing.assert_allclose(b, a, rtol=1e-9)
+
+
 def test_held_out_variances_come_from_the_capture_and_equal_float64_over_the_layer_outputs():
     """train-reference's held-out statistics run on the monitor's capture (analyze's code): over several
     micro-batches, each layer's output variance and mean token variance equal float64 reductions of the

@@ -54,8 +54,9 @@ def evaluate(model, blocks: torch.Tensor, micro_batch_size: int, env: DistEnv,
                                               batch_size=micro_batch_size, metrics={"variance"},
                                               token_variance=True, autocast_dtype=autocast_dtype)
     # The per-sample rows land rank by rank, not in data order (blocks are dealt out strided): unused here.
-    loss_total, predicted_total = capture.all_reduce(env, env.rank * len(mine), len(mine) * env.world_size,
-                                                     extra=[loss_sum, predicted])
+    # Every process must describe the same [total] block even when the shares differ by one.
+    start = sum(len(blocks[rank::env.world_size]) for rank in range(env.rank))
+    loss_total, predicted_total = capture.all_reduce(env, start, len(blocks), extra=[loss_sum, predicted])
     columns = capture.per_layer()
     return EvalStats(loss=loss_total / predicted_total, output_variance=columns["output_variance"],
                      token_variance=columns["token_variance"])
