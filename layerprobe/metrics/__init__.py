@@ -10,7 +10,7 @@ from .influence import block_influence, cosine_and_norms, cosine_per_token
 from .token_terms import fused_layer_terms, layer_terms
 from .lens import LOCK_IN_TOP1, final_distribution, lens_sums, lens_terms, lock_in_layer
 from .loss import chunked_loss_sum, cross_entropy_rows, next_token_labels, next_token_loss_sum, perplexity, predicted_tokens
-from .update import second_half_ratio, update_sums, update_terms
+from .update import second_half_ratio, update_terms
 from .variance import RunningMoments, token_variance
 from .weights import weight_change_sums, weight_update_ratio
 
@@ -27,7 +27,6 @@ __all__ = [
     "fused_layer_terms",
     "lock_in_layer",
     "second_half_ratio",
-    "update_sums",
     "angular_distance_matrix",
     "angular_distance_sums",
     "angular_long_table",

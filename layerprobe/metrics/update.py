@@ -21,20 +21,10 @@ import torch
 _EPS = 1e-30  # guards 0/0 for an all-zero stream only
 
 
-def update_sums(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = None,
-                d_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σ ‖d‖/‖x‖, Σ cos(d, x), number of tokens summed) over the tokens of [..., H] tensors whose
-    x is not all zero; float64 sums on their device (no host sync).
-
-    `x_norm`, `d_norm` ([...], optional) save a pass each when the caller already has them per token.
-    """
-    ratio, cos, seen = update_terms(x, d, x_norm, d_norm)
-    return ratio.sum(dtype=torch.float64), cos.sum(dtype=torch.float64), seen.sum()
-
-
 def update_terms(x: torch.Tensor, d: torch.Tensor, x_norm: torch.Tensor | None = None,
                  d_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token [...]: (‖d‖/‖x‖, cos(d, x), x not all zero), 0 where x is all zero; `update_sums` sums them."""
+    """Per token [...]: (‖d‖/‖x‖, cos(d, x), x not all zero), 0 where x is all zero; capture.py sums them per
+    sample and layer."""
     if x_norm is None:
         x_norm = torch.linalg.vector_norm(x, dim=-1)
     if d_norm is None:
