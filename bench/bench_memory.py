@@ -106,22 +106,30 @@ def no_inference_mode():
         torch.inference_mode = saved
 
 
-def tracked(run, model, inputs=(), scalar: float = 0) -> dict:
+@contextlib.contextmanager
+def streams_to_host():
+    """`--tokens all`'s streams without a backward sent to HOST (a device the tracker counts apart from the
+    GPU's) while the block runs, as a GPU run sends them to host memory; a no-op on code from before the
+    host copies (it has no such setting)."""
     from layerprobe import capture
 
+    if not hasattr(capture, "STREAM_HOST"):
+        yield
+        return
+    saved, capture.STREAM_HOST = capture.STREAM_HOST, HOST
+    try:
+        yield
+    finally:
+        capture.STREAM_HOST = saved
+
+
+def tracked(run, model, inputs=(), scalar: float = 0) -> dict:
     tracker = StorageTracker(fake_scalars=True, scalar=scalar)
     tracker.register_module(model)
     tracker.register(inputs)
     started = time.perf_counter()
-    saved = getattr(capture, "STREAM_HOST", None)
-    if hasattr(capture, "STREAM_HOST"):  # code from before the host copies has no such setting
-        capture.STREAM_HOST = HOST
-    try:
-        with no_inference_mode(), tracker:
-            run()
-    finally:
-        if hasattr(capture, "STREAM_HOST"):
-            capture.STREAM_HOST = saved
+    with streams_to_host(), no_inference_mode(), tracker:
+        run()
     weights = sum(weight_bytes(model).values())
     peak = max((v for d, v in tracker.peak.items() if d != HOST), default=0)  # the GPU's: the host's apart
     return {"weights_gib": weights / GIB, "tracked_gib": peak / GIB, "cuda_gib": cuda_estimate(weights, peak) / GIB,
@@ -245,17 +253,11 @@ def run_map_mode(name: str, dtype: torch.dtype, plan: dict, mode: str, batch: in
         started = time.perf_counter()
         # On a GPU, analyze checkpoints every layer by default (its input device is not the CPU); the fake
         # GPUs are CPU devices, so ask for it.
-        # `--tokens all`'s streams go to the host as on a GPU (the fake GPUs are CPU devices, which keep
-        # them): to HOST, a device apart from every GPU.
-        from layerprobe import capture
-        saved, capture.STREAM_HOST = capture.STREAM_HOST, HOST
-        try:
-            with no_inference_mode():
-                pred = track_devices(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad,
-                                                               progress=False, checkpoint_layers=True),
-                                     model, [blocks])
-        finally:
-            capture.STREAM_HOST = saved
+        # `--tokens all`'s streams go to the host as on a GPU (the fake GPUs are CPU devices, which keep them).
+        with streams_to_host(), no_inference_mode():
+            pred = track_devices(lambda: analysis._measure(opening, batch_size=batch, tokens=tokens, grad=grad,
+                                                           progress=False, checkpoint_layers=True),
+                                 model, [blocks])
     devices = sorted(set(pred.weights) | set(pred.tracked), key=_device_order)
     return {"mode": mode, "seconds": round(time.perf_counter() - started, 1),
             "devices": {d: {"weights_gib": pred.weights.get(d, 0) / GIB, "tracked_gib": pred.tracked.get(d, 0) / GIB,
